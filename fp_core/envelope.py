@@ -1,0 +1,66 @@
+"""Open Client Response bodies: recognise them, never raise on anything else.
+
+v3: ``{"v": "2", "requestId": ..., "sealedResult": ..., "products": {...}}``
+v4: ``{"event_id": ..., "sealed_result": ...}``. Extra keys are tolerated; the outer
+JSON is not authenticated, so only the sealed part is trusted later.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from fp_core.events import Api
+
+_MARKERS = (b"sealedResult", b"sealed_result")
+_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
+
+
+@dataclass(frozen=True, slots=True)
+class OpenResponse:
+    """What the outer (unauthenticated) JSON says: api, request id, sealed base64."""
+
+    api: Api
+    request_id: str
+    sealed: str
+    version: str | None = None
+
+
+def parse_open_response(body: bytes | bytearray | memoryview | str) -> OpenResponse | None:
+    """Return the open response in ``body``, or ``None`` for any other content."""
+    try:
+        data = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+    except (UnicodeEncodeError, TypeError):
+        return None
+    # Cheap rejection first: most traffic is not JSON with a sealed result in it.
+    if not _OBJECT_START.match(data) or not any(m in data for m in _MARKERS):
+        return None
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    return _from_object(obj)
+
+
+def _from_object(obj: dict[str, object]) -> OpenResponse | None:
+    sealed = obj.get("sealedResult")
+    if not isinstance(sealed, str):
+        sealed = obj.get("sealed_result")
+    if not isinstance(sealed, str):
+        return None
+    request_id = obj.get("requestId")
+    api: Api = "v3"
+    if not isinstance(request_id, str):
+        request_id, api = obj.get("event_id"), "v4"
+    if not isinstance(request_id, str):
+        return None
+    version = obj.get("v")
+    return OpenResponse(
+        api=api,
+        request_id=request_id,
+        sealed=sealed,
+        version=version if isinstance(version, str) else None,
+    )

@@ -1,0 +1,215 @@
+"""Sealed results: ``base64(9E 85 DC ED | nonce 12 | AES-256-GCM ciphertext | tag 16)``.
+
+The plaintext is raw DEFLATE (RFC 1951) of UTF-8 JSON. Unsealing is a pure function
+of the payload and the keys; every failure is an :class:`~fp_core.errors.UnsealError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from fp_core.errors import (
+    BadBase64,
+    DecompressFailed,
+    DecryptFailed,
+    InvalidHeader,
+    InvalidJson,
+    KeyFailure,
+    NoKeys,
+    NotAnEvent,
+    TooLarge,
+    TooShort,
+)
+from fp_core.events import event_api
+from fp_core.keys import KEY_SIZE, DecryptionKey, decode_base64_lenient, key_id
+
+HEADER = bytes.fromhex("9e85dced")
+NONCE_SIZE = 12
+TAG_SIZE = 16
+MIN_SIZE = len(HEADER) + NONCE_SIZE + TAG_SIZE
+#: Default cap on the inflated JSON. Real events are a few KB; 4 MiB leaves room for
+#: unusual ones while a decompression bomb stops after at most this much output.
+DEFAULT_MAX_SIZE = 4 * 1024 * 1024
+
+KeyLike = DecryptionKey | bytes
+
+
+class UnsealedEvent(dict[str, Any]):
+    """The event JSON object, plus how it was unsealed (``api``, ``key_id``, ``key_index``)."""
+
+    __slots__ = ("api", "key_id", "key_index")
+
+    api: str
+    key_id: str
+    key_index: int
+
+
+def unseal_event(
+    sealed: str | bytes | bytearray | memoryview,
+    keys: Sequence[KeyLike],
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+) -> UnsealedEvent:
+    """Unseal ``sealed`` (base64 text or raw bytes) with the first key that works.
+
+    The header is checked before any key. Keys are tried in order; the first one that
+    authenticates and inflates wins. The inflated JSON may not exceed ``max_size`` bytes.
+    Raises only :class:`~fp_core.errors.UnsealError` subclasses.
+    """
+    data = _sealed_bytes(sealed)
+    if data[: len(HEADER)] != HEADER:
+        raise InvalidHeader(f"sealed data does not start with {HEADER.hex()}")
+    if len(data) < MIN_SIZE:
+        raise TooShort(f"sealed data is {len(data)} bytes, the minimum is {MIN_SIZE}")
+    plaintext, index, kid = _open(data, keys, max_size)
+    obj = parse_event_json(plaintext)
+    api = event_api(obj)
+    if api is None:
+        raise NotAnEvent(
+            "valid JSON, but neither a v3 event (a 'products' object) "
+            "nor a v4 event ('event_id' and 'timestamp')"
+        )
+    event = UnsealedEvent(obj)
+    event.api, event.key_id, event.key_index = api, kid, index
+    return event
+
+
+def _sealed_bytes(sealed: object) -> bytes:
+    if isinstance(sealed, str):
+        try:
+            return decode_base64_lenient(sealed)
+        except ValueError as exc:
+            raise BadBase64(f"sealed result is not base64: {exc}") from None
+    if isinstance(sealed, bytes | bytearray | memoryview):
+        return bytes(sealed)
+    raise BadBase64(f"sealed result must be base64 text or bytes, not {type(sealed).__name__}")
+
+
+def _cipher(key: object) -> tuple[AESGCM | None, str | None]:
+    if isinstance(key, DecryptionKey):
+        return key.aead, key.key_id
+    if isinstance(key, bytes | bytearray) and len(key) == KEY_SIZE:
+        return AESGCM(bytes(key)), key_id(bytes(key))
+    if isinstance(key, bytes | bytearray):
+        return None, key_id(bytes(key))
+    return None, None
+
+
+def _open(data: bytes, keys: Sequence[KeyLike], max_size: int) -> tuple[bytes, int, str]:
+    """Decrypt and inflate with the first key that does both; else raise the aggregate."""
+    if not keys:
+        raise NoKeys("no decryption keys are configured")
+    nonce = data[len(HEADER) : len(HEADER) + NONCE_SIZE]
+    body = data[len(HEADER) + NONCE_SIZE :]
+    failures: list[KeyFailure] = []
+    # After a key authenticates, the reason the payload still failed matters more than
+    # the other keys' plain authentication failures.
+    worst: type[DecompressFailed | TooLarge | DecryptFailed] = DecryptFailed
+    for index, key in enumerate(keys):
+        aead, kid = _cipher(key)
+        if aead is None or kid is None:
+            failures.append(KeyFailure(index, kid, "key_size"))
+            continue
+        try:
+            compressed = aead.decrypt(nonce, body, None)
+        except InvalidTag:
+            failures.append(KeyFailure(index, kid, "auth"))
+            continue
+        except (ValueError, OverflowError):
+            failures.append(KeyFailure(index, kid, "cipher_error"))
+            continue
+        try:
+            return inflate_raw(compressed, max_size), index, kid
+        except TooLarge:
+            failures.append(KeyFailure(index, kid, "too_large"))
+            worst = TooLarge
+        except DecompressFailed:
+            failures.append(KeyFailure(index, kid, "not_deflate"))
+            if worst is DecryptFailed:
+                worst = DecompressFailed
+    raise worst(_aggregate_message(worst, max_size, len(failures)), tuple(failures))
+
+
+def _aggregate_message(
+    kind: type[DecryptFailed | DecompressFailed | TooLarge], max_size: int, tried: int
+) -> str:
+    if kind is TooLarge:
+        return f"the event inflates to more than {max_size} bytes (decompression bomb?)"
+    if kind is DecompressFailed:
+        return "a key authenticated, but the plaintext is not raw DEFLATE data"
+    return f"none of the {tried} key(s) authenticates this payload (wrong or rotated key?)"
+
+
+def inflate_raw(data: bytes, max_size: int) -> bytes:
+    """Inflate raw DEFLATE, stopping as soon as the output would exceed ``max_size``."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, max_size + 1)
+    except zlib.error:
+        raise DecompressFailed("plaintext is not raw DEFLATE data") from None
+    if len(out) > max_size:
+        raise TooLarge(f"inflated event exceeds {max_size} bytes")
+    if not inflater.eof:
+        raise DecompressFailed("raw DEFLATE stream is truncated")
+    return out
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_event_json(plaintext: bytes) -> Any:
+    """Decode strict UTF-8 JSON (no NaN/Infinity, no overflowing numbers)."""
+    try:
+        text = plaintext.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidJson(f"plaintext is not UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text, parse_float=_finite_float, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidJson("plaintext JSON is nested too deeply to parse") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidJson(f"plaintext is not JSON: {exc.msg} at char {exc.pos}") from None
+    except ValueError as exc:
+        raise InvalidJson(f"plaintext JSON has an unusable value: {_short(exc)}") from None
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).split(":", 1)[0][:80]
+
+
+def deflate_raw(data: bytes, level: int = 6) -> bytes:
+    """Raw DEFLATE (no zlib or gzip wrapper), as Fingerprint seals."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+def seal_raw(payload: bytes, key: KeyLike, *, nonce: bytes | None = None) -> bytes:
+    """Encrypt ``payload`` as-is (no compression) into sealed bytes."""
+    aead = key.aead if isinstance(key, DecryptionKey) else AESGCM(bytes(key))
+    if nonce is None:
+        nonce = os.urandom(NONCE_SIZE)
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
+    return HEADER + nonce + aead.encrypt(nonce, payload, None)
+
+
+def seal_event(event: object, key: KeyLike, *, nonce: bytes | None = None) -> str:
+    """Seal a JSON value exactly as Fingerprint does; the inverse of :func:`unseal_event`."""
+    plaintext = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return base64.b64encode(seal_raw(deflate_raw(plaintext), key, nonce=nonce)).decode("ascii")

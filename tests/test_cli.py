@@ -1,0 +1,128 @@
+"""The CLI through a real interpreter, as a user runs it from a fresh clone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fp_core import seal_event
+from fp_core.generate import generate_event, open_response_body
+from fp_core.keys import ENV_VAR, DecryptionKey
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(
+    args: list[str], stdin: bytes = b"", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    base = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    base["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "fp_core", *args],
+        input=stdin,
+        capture_output=True,
+        env={**base, **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path) -> tuple[Path, DecryptionKey]:
+    key = DecryptionKey.generate()
+    path = tmp_path / "keys"
+    path.write_text(key.to_base64() + "\n")
+    return path, key
+
+
+def test_readme_pipeline(tmp_path: Path) -> None:
+    """keygen -> generate -> seal -> unseal, exactly as the README shows."""
+    path = tmp_path / "demo.key"
+    assert run(["keygen", str(path)]).returncode == 0
+    assert path.stat().st_mode & 0o777 == 0o600
+    event = run(["generate", "--api", "v3", "--bot", "bad", "--seed", "4"]).stdout
+    sealed = run(["seal", "--keys-file", str(path), "--open-response"], event)
+    assert sealed.returncode == 0
+    body = json.loads(sealed.stdout)
+    assert set(body) >= {"v", "requestId", "sealedResult"}
+    out = run(["unseal", "--keys-file", str(path), "--pretty"], sealed.stdout)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == json.loads(event)
+    assert out.stdout.startswith(b"{\n  ")
+
+
+def test_bare_base64_with_env_keys(keyfile: tuple[Path, DecryptionKey]) -> None:
+    _, key = keyfile
+    event = generate_event("v4", rng=1)
+    out = run(["unseal"], seal_event(event, key).encode() + b"\n", env={ENV_VAR: key.to_base64()})
+    assert out.returncode == 0
+    assert json.loads(out.stdout) == event
+
+
+def test_raw_sealed_bytes_on_stdin(keyfile: tuple[Path, DecryptionKey]) -> None:
+    import base64
+
+    path, key = keyfile
+    event = generate_event("v4", rng=1)
+    raw = base64.b64decode(seal_event(event, key))
+    assert json.loads(run(["unseal", "--keys-file", str(path)], raw).stdout) == event
+
+
+def test_open_response_body_on_stdin(keyfile: tuple[Path, DecryptionKey]) -> None:
+    path, key = keyfile
+    event = generate_event("v4", rng=2)
+    body = open_response_body("v4", event["event_id"], seal_event(event, key))
+    out = run(["unseal", "--keys-file", str(path)], json.dumps(body).encode())
+    assert json.loads(out.stdout) == event
+
+
+@pytest.mark.parametrize(
+    ("stdin", "kind"),
+    [(b"not base64 !", "bad_base64"), (b"AAAAAAAA", "invalid_header"), (b"", "invalid_header")],
+)
+def test_failures_exit_2_with_kind(
+    keyfile: tuple[Path, DecryptionKey], stdin: bytes, kind: str
+) -> None:
+    out = run(["unseal", "--keys-file", str(keyfile[0])], stdin)
+    assert out.returncode == 2
+    assert out.stdout == b""
+    assert out.stderr.decode().startswith(f"error: {kind}: ")
+
+
+def test_wrong_key_and_no_key(keyfile: tuple[Path, DecryptionKey]) -> None:
+    sealed = seal_event(generate_event("v4", rng=1), DecryptionKey.generate()).encode()
+    out = run(["unseal", "--keys-file", str(keyfile[0])], sealed)
+    assert (out.returncode, out.stderr.split(b":")[0:2]) == (2, [b"error", b" decrypt_failed"])
+    out = run(["unseal"], sealed)
+    assert out.returncode == 2
+    assert out.stderr.startswith(b"error: no_keys: ")
+
+
+def test_usage_errors_exit_64(tmp_path: Path) -> None:
+    assert run([]).returncode == 64
+    assert run(["unseal", "--nope"]).returncode == 64
+    bad = tmp_path / "bad"
+    bad.write_text("AAAA\n")
+    out = run(["unseal", "--keys-file", str(bad)], b"x")
+    assert out.returncode == 64
+    assert b"bad_key" in out.stderr
+    assert b"line 1" in out.stderr
+    assert run(["unseal", "--keys-file", str(tmp_path / "missing")]).returncode == 64
+    assert run(["seal"], b"{}").returncode == 64
+
+
+def test_keygen_refuses_to_overwrite(keyfile: tuple[Path, DecryptionKey]) -> None:
+    path, key = keyfile
+    assert run(["keygen", str(path)]).returncode == 64
+    assert key.to_base64() in path.read_text()
+
+
+def test_errors_never_echo_keys(keyfile: tuple[Path, DecryptionKey]) -> None:
+    path, key = keyfile
+    out = run(["unseal", "--keys-file", str(path)], b"AAAA" * 20)
+    assert key.to_base64().encode() not in out.stdout + out.stderr
