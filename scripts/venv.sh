@@ -41,12 +41,14 @@ MSG
         rm -rf "$VENV"
         "$python" -m venv "$VENV" || return 1
     fi
-    # Reinstall only when the dependency list (or the wanted extras) changed.
-    want="$(cat "$ROOT/pyproject.toml" <(echo "extras=$extras") | sha256sum | cut -c1-16)"
-    stamp="$VENV/.fp-tap-deps"
+    # Reinstall only when the dependency list changed; one stamp per set of extras, so
+    # running the demo after the tests (or the other way round) installs nothing.
+    want="$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16)"
+    stamp="$VENV/.fp-tap-deps${extras:+-$extras}"
     if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return 0; fi
     echo "installing dependencies into $VENV ..." >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2 || return 1
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip \
+        2> >(grep -v "is ignored: it is neither" >&2) >&2 || return 1
     "$VENV/bin/python" - "$extras" <<'PY' > "$VENV/.fp-tap-requirements.txt" || return 1
 import sys, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]

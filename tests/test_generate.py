@@ -19,7 +19,7 @@ def compact_size(obj: object) -> int:
 def test_shape_and_ids(api: Api) -> None:
     event = generate_event(
         api, rng=1, request_id="1700000000000.AbCdEf", timestamp_ms=1700000000000
-    )  # type: ignore[arg-type]
+    )
     assert event_api(event) == api
     assert inner_request_id(event) == "1700000000000.AbCdEf"
     assert summarize(event)["timestamp"] == 1700000000000

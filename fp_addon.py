@@ -1,0 +1,442 @@
+"""fp-tap: a mitmproxy addon that unseals Fingerprint Open Client Responses in flight.
+
+    mitmdump -s fp_addon.py --set fp_keys_file=keys.txt --set fp_jsonl=events.jsonl
+
+It reads responses and never changes what the client receives. This is the only module
+that speaks mitmproxy; the work is done by ``fp_core`` (found beside this file, so a
+stock or standalone mitmproxy runs it without installing anything). The README lists
+every option, the record format and the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from mitmproxy import command, contentviews, ctx, exceptions, flowfilter, http, types
+from mitmproxy import flow as mflow
+from mitmproxy.addonmanager import Loader
+
+from fp_core.checks import CheckConfig, parse_origins
+from fp_core.content import ContentError, decode_content
+from fp_core.envelope import parse_open_response
+from fp_core.errors import KeyConfigError, UnsealError
+from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
+from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
+from fp_core.stats import Stats
+from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
+from fp_core.writer import JsonlSink, RecordWriter, Sink, dumps, open_private
+
+log = logging.getLogger(__name__)
+
+PROXY_SECRET_HEADER = "FPJS-Proxy-Secret"  # noqa: S105 (a header name, not a secret)
+CLIENT_IP_HEADER = "FPJS-Proxy-Client-IP"
+MASK = "[redacted]"
+MARK_SUSPICIOUS = ":warning:"
+MARK_ERROR = ":x:"
+METADATA_KEY = "fp"
+
+# Options whose change means a new record writer (its sinks are opened once).
+_WRITER_OPTIONS = {"fp_jsonl", "fp_queue_size"}
+# Options whose change means a new tap configuration.
+_TAP_OPTIONS = {
+    "fp_keys_file",
+    "fp_include_event",
+    "fp_max_age",
+    "fp_replay_ttl",
+    "fp_origins",
+    "fp_max_event",
+}
+
+
+class FingerprintTap:
+    """Options, hooks and commands; each a few lines calling into fp_core."""
+
+    def __init__(self) -> None:
+        self.stats = Stats()
+        self.keys: list[DecryptionKey] = []
+        self.tap = Tap(TapConfig(), self.stats)
+        self.filter: flowfilter.TFilter | None = None
+        self.max_body = 1024 * 1024
+        self.writer: RecordWriter | None = None
+        self.view = FingerprintView(self)
+        self._background: list[threading.Thread] = []
+
+    # -- options ---------------------------------------------------------------------
+
+    def load(self, loader: Loader) -> None:
+        # mitmproxy's option parser understands typing.Optional, not "str | None".
+        loader.add_option(
+            "fp_keys_file",
+            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
+            None,
+            f"File of base64 decryption keys, one per line, tried in order after those in "
+            f"the {ENV_VAR} environment variable. Keys are never taken as option values.",
+        )
+        loader.add_option(
+            "fp_filter",
+            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
+            None,
+            "Only inspect responses matching this mitmproxy filter expression "
+            "(e.g. '~d fp.example.com'). Default: every response.",
+        )
+        loader.add_option(
+            "fp_jsonl",
+            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
+            None,
+            "Append one JSON record per open response to this file (created with mode "
+            "0600); '-' writes to stdout.",
+        )
+        loader.add_option(
+            "fp_include_event",
+            bool,
+            True,
+            "Put the full unsealed event in exported records (the summary is always there).",
+        )
+        loader.add_option(
+            "fp_max_age",
+            int,
+            10,
+            "Seconds after which an event is stale (not fresh) at the time of the response.",
+        )
+        loader.add_option(
+            "fp_replay_ttl",
+            int,
+            3600,
+            "Seconds a request id is remembered to flag a second sighting as a duplicate.",
+        )
+        loader.add_option(
+            "fp_origins",
+            Sequence[str],
+            [],
+            "Origins (scheme://host[:port]) the event's URL must have; empty: no check.",
+        )
+        loader.add_option(
+            "fp_max_body",
+            int,
+            1024 * 1024,
+            "Response bodies larger than this many bytes (after decoding) are not parsed.",
+        )
+        loader.add_option(
+            "fp_max_event",
+            int,
+            DEFAULT_MAX_SIZE,
+            "Largest unsealed event JSON in bytes; larger ones fail with too_large.",
+        )
+        loader.add_option(
+            "fp_queue_size",
+            int,
+            10_000,
+            "Records waiting for the background writer; beyond this they are dropped "
+            "(counted and warned about) rather than slowing the proxy.",
+        )
+        contentviews.add(self.view)
+
+    def configure(self, updated: set[str]) -> None:
+        opts = _options()
+        if "fp_filter" in updated:
+            self.filter = _parse_filter(opts.fp_filter)
+        if "fp_max_body" in updated:
+            self.max_body = _positive(opts, "fp_max_body")
+        if updated & _TAP_OPTIONS:
+            self._configure_tap(opts, reload_keys="fp_keys_file" in updated)
+        if updated & _WRITER_OPTIONS:
+            self._configure_writer(opts)
+
+    def _configure_tap(self, opts: Any, reload_keys: bool) -> None:
+        if reload_keys:
+            self.keys = _load_keys(opts.fp_keys_file)
+        try:
+            origins = parse_origins(opts.fp_origins)
+        except ValueError as exc:
+            raise exceptions.OptionsError(f"fp_origins: {exc}") from None
+        config = TapConfig(
+            keys=self.keys,
+            include_event=opts.fp_include_event,
+            max_event=_positive(opts, "fp_max_event"),
+            checks=CheckConfig(max_age_ms=_positive(opts, "fp_max_age") * 1000, origins=origins),
+            replay_ttl=_positive(opts, "fp_replay_ttl"),
+        )
+        replay = self.tap.replay
+        self.tap = Tap(config, self.stats)
+        if replay.ttl == config.replay_ttl:
+            self.tap.replay = replay  # keep what was seen across unrelated option changes
+
+    def _configure_writer(self, opts: Any) -> None:
+        sinks: list[Sink] = []
+        if opts.fp_jsonl:
+            try:
+                sinks.append(JsonlSink(opts.fp_jsonl))
+            except OSError as exc:
+                raise exceptions.OptionsError(
+                    f"fp_jsonl: cannot open {opts.fp_jsonl}: {exc.strerror}"
+                ) from None
+        old, self.writer = self.writer, None
+        if old is not None:
+            self._in_background(old.close)
+        if sinks:
+            self.writer = RecordWriter(
+                sinks, self.stats, max_queue=_positive(opts, "fp_queue_size")
+            )
+            self.writer.start()
+
+    # -- hooks -----------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        _mask_proxy_secret(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        _mask_proxy_secret(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        _mask_proxy_secret(flow)
+        try:
+            self._inspect(flow)
+        except Exception as exc:  # an escaping exception would skip later addons' hooks
+            self.stats.incr_group("errors", "internal")
+            log.warning("fp-tap: internal error on flow %s: %s", flow.id, type(exc).__name__)
+
+    def done(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        for thread in self._background:
+            thread.join(timeout=10)
+        log.info("fp-tap summary: %s", json.dumps(self.snapshot(), sort_keys=True))
+
+    # -- commands --------------------------------------------------------------------
+
+    @command.command("fp.stats")
+    def stats_command(self) -> str:
+        """Counters: responses, open responses, unsealed, errors by kind, skipped, dropped."""
+        return json.dumps(self.snapshot(), sort_keys=True)
+
+    @command.command("fp.export")
+    def export_command(self, flows: Sequence[mflow.Flow], path: types.Path) -> None:
+        """Write the records of the selected flows to a JSONL file (mode 0600)."""
+        records = [r for f in flows if (r := self.record_for(f)) is not None]
+
+        def write() -> None:
+            with open_private(str(path), "w") as handle:
+                handle.write("".join(dumps(r) + "\n" for r in records))
+            log.info("fp.export: wrote %d record(s) to %s", len(records), path)
+
+        self._in_background(write)
+
+    # -- the work --------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        out = self.tap.snapshot()
+        out["queued"] = self.writer.pending() if self.writer else 0
+        return out
+
+    def _inspect(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None or (self.filter is not None and not self.filter(flow)):
+            return
+        self.stats.incr("responses")
+        info = self._response_info(flow, count=True)
+        if info is None:
+            return
+        record = self.tap.inspect(info)
+        if record is None:
+            return
+        _annotate(flow, record)
+        _log_record(record)
+        if self.writer is not None:
+            self.writer.submit(record)
+
+    def _response_info(self, flow: http.HTTPFlow, count: bool) -> ResponseInfo | None:
+        response = flow.response
+        assert response is not None
+        raw = response.raw_content
+        if raw is None:  # streamed: the body never passes through the addon
+            if count:
+                self.stats.incr_group("skipped", "streamed")
+            return None
+        try:
+            if len(raw) > self.max_body:
+                raise ContentError("too_big", "raw body too big")
+            body = decode_content(raw, response.headers.get("content-encoding"), self.max_body)
+        except ContentError as exc:
+            if count:
+                self.stats.incr_group("skipped", exc.reason)
+            return None
+        peer = flow.client_conn.peername
+        return ResponseInfo(
+            flow_id=flow.id,
+            time=response.timestamp_end or response.timestamp_start,
+            host=flow.request.pretty_host,
+            path=flow.request.path.split("?", 1)[0],
+            method=flow.request.method,
+            status_code=response.status_code,
+            body=body,
+            peer_ip=peer[0] if peer else None,
+            header_client_ip=flow.request.headers.get(CLIENT_IP_HEADER),
+        )
+
+    def record_for(self, flow: mflow.Flow) -> dict[str, Any] | None:
+        """The record of an already inspected flow, with the verdict seen at the time."""
+        if not isinstance(flow, http.HTTPFlow) or flow.response is None:
+            return None
+        info = self._response_info(flow, count=False)
+        record = self.tap.inspect(info, remember=False) if info else None
+        stored = flow.metadata.get(METADATA_KEY)
+        if record is not None and isinstance(stored, dict):
+            record.update({k: stored[k] for k in ("checks", "verdict", "reasons") if k in stored})
+        return record
+
+    def _in_background(self, fn: Any) -> None:
+        thread = threading.Thread(target=fn, name="fp-tap-background", daemon=True)
+        self._background = [t for t in self._background if t.is_alive()] + [thread]
+        thread.start()
+
+
+class FingerprintView(contentviews.Contentview):
+    """Read-only view of an open response: the unsealed event and the tap's checks."""
+
+    syntax_highlight = "yaml"  # JSON is YAML; the header lines are YAML comments
+
+    def __init__(self, addon: FingerprintTap) -> None:
+        self.addon = addon
+
+    @property
+    def name(self) -> str:
+        return "fingerprint"
+
+    def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:
+        if not isinstance(metadata.http_message, http.Response):
+            return -1
+        # Above the JSON view (1), so open responses open here by default.
+        return 2 if parse_open_response(data) is not None else -1
+
+    def prettify(self, data: bytes, metadata: contentviews.Metadata) -> str:
+        opened = parse_open_response(data)
+        if opened is None:
+            raise ValueError("not a Fingerprint open response")
+        lines = [f"# Fingerprint open response ({opened.api}), request id {opened.request_id}"]
+        stored = metadata.flow.metadata.get(METADATA_KEY) if metadata.flow else None
+        if isinstance(stored, dict):
+            reasons = ", ".join(stored.get("reasons") or [])
+            lines.append(
+                f"# verdict: {stored.get('verdict')}" + (f" ({reasons})" if reasons else "")
+            )
+            checks = stored.get("checks") or {}
+            lines.append("# checks: " + " ".join(f"{k}={json.dumps(v)}" for k, v in checks.items()))
+        try:
+            event = unseal_event(
+                opened.sealed, self.addon.keys, max_size=self.addon.tap.config.max_event
+            )
+        except UnsealError as exc:
+            lines.append(f"# cannot unseal: {exc}")
+            return "\n".join(lines) + "\n" + json.dumps(json.loads(data), indent=2)
+        lines.append(f"# unsealed with key {event.key_id} (#{event.key_index + 1})")
+        return "\n".join(lines) + "\n" + json.dumps(event, indent=2, ensure_ascii=False)
+
+
+def _options() -> Any:
+    return ctx.options
+
+
+def _positive(opts: Any, name: str) -> int:
+    value = getattr(opts, name)
+    if value <= 0:
+        raise exceptions.OptionsError(f"{name} must be a positive number, got {value}")
+    return int(value)
+
+
+def _parse_filter(expression: str | None) -> flowfilter.TFilter | None:
+    if not expression:
+        return None
+    try:
+        return flowfilter.parse(expression)
+    except ValueError as exc:
+        raise exceptions.OptionsError(f"fp_filter: invalid filter expression: {exc}") from None
+
+
+def _load_keys(keys_file: str | None) -> list[DecryptionKey]:
+    try:
+        keys = load_keys(keys_file)
+    except KeyConfigError as exc:
+        raise exceptions.OptionsError(f"fp-tap: {exc.message}") from None
+    if keys_file and key_file_too_open(keys_file):
+        log.warning("fp-tap: key file %s is readable by group or others; chmod 600 it", keys_file)
+    if keys:
+        log.info("fp-tap: %d decryption key(s): %s", len(keys), ", ".join(k.key_id for k in keys))
+    else:
+        log.warning(
+            "fp-tap: no decryption keys (set %s or fp_keys_file): open responses will be "
+            "recorded with error no_keys",
+            ENV_VAR,
+        )
+    return keys
+
+
+def _mask_proxy_secret(flow: http.HTTPFlow) -> None:
+    """Blank the proxy secret once the request has gone upstream.
+
+    By then the value has done its job; what stays in the flow is what mitmproxy
+    shows in its UIs and writes to saved flow files (``-w``), where a credential has
+    no business. What the client and the upstream see is unaffected.
+    """
+    headers = flow.request.headers
+    if PROXY_SECRET_HEADER in headers and headers[PROXY_SECRET_HEADER] != MASK:
+        headers[PROXY_SECRET_HEADER] = MASK
+
+
+def _annotate(flow: http.HTTPFlow, record: dict[str, Any]) -> None:
+    flow.metadata[METADATA_KEY] = metadata_of(record)
+    comment = _comment(record)
+    flow.comment = f"{flow.comment}\n{comment}" if flow.comment else comment
+    if not flow.marked and record["verdict"] != "trusted":
+        flow.marked = MARK_ERROR if record["verdict"] == "error" else MARK_SUSPICIOUS
+
+
+def _comment(record: dict[str, Any]) -> str:
+    if not record["ok"]:
+        return f"fp error: {record['error']['kind']}"
+    summary = record["summary"]
+    reasons = f" ({', '.join(record['reasons'])})" if record["reasons"] else ""
+    return (
+        f"fp {record['verdict']}{reasons} · visitor {summary['visitor_id']} · bot {summary['bot']}"
+    )
+
+
+def _log_record(record: dict[str, Any]) -> None:
+    if not record["ok"]:
+        log.warning(
+            "fp %s %s error %s: %s [flow %s]",
+            record["api"],
+            record["request_id"],
+            record["error"]["kind"],
+            record["error"]["message"],
+            record["flow_id"],
+        )
+        return
+    summary, checks = record["summary"], record["checks"]
+    reasons = f" ({','.join(record['reasons'])})" if record["reasons"] else ""
+    log.info(
+        "fp %s %s %s%s visitor=%s bot=%s id_match=%s fresh=%s duplicate=%s key=%s [flow %s]",
+        record["api"],
+        record["request_id"],
+        record["verdict"],
+        reasons,
+        summary["visitor_id"],
+        summary["bot"],
+        _word(checks["id_match"]),
+        _word(checks["fresh"]),
+        _word(checks["duplicate"]),
+        record["key_id"],
+        record["flow_id"],
+    )
+
+
+def _word(value: object) -> str:
+    if value is None:
+        return "-"
+    return "yes" if value is True else "no" if value is False else str(value)
+
+
+addons = [FingerprintTap()]

@@ -1,0 +1,128 @@
+"""HTTP content decoding with a hard cap on the output size.
+
+mitmproxy's own decoder inflates without limit, so a tiny gzip/br/zstd bomb could
+exhaust the proxy's memory the moment an addon asks for the decoded body. This one
+stops as soon as the output would exceed the cap. ``br`` and ``zstd`` use the modules
+mitmproxy itself depends on (``brotli``; ``compression.zstd`` or ``backports.zstd``);
+they are imported lazily, so fp_core itself needs only the standard library.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+
+class ContentError(Exception):
+    """The body cannot be decoded within the limit; ``reason`` is a stable word."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_content(raw: bytes, encoding: str | None, limit: int) -> bytes:
+    """Decode ``raw`` per a Content-Encoding header value; at most ``limit`` bytes out.
+
+    Raises :class:`ContentError` with reason ``too_big``, ``undecodable`` or
+    ``unsupported_encoding``.
+    """
+    codings = [c.strip().lower() for c in (encoding or "").split(",") if c.strip()]
+    data = raw
+    if not data:
+        # HEAD, 204 and 304 responses carry a Content-Encoding but no body.
+        return data
+    # Codings are listed in the order they were applied: undo them in reverse.
+    for coding in reversed(codings):
+        if coding in ("identity", "none"):
+            continue
+        decoder = _DECODERS.get(coding)
+        if decoder is None:
+            raise ContentError("unsupported_encoding", f"unsupported content encoding {coding!r}")
+        data = decoder(data, limit)
+    if len(data) > limit:
+        raise ContentError("too_big", f"body exceeds {limit} bytes")
+    return data
+
+
+def _zlib(data: bytes, limit: int, wbits: int) -> bytes:
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error:
+        raise ContentError("undecodable", "body is not valid compressed data") from None
+    if len(out) > limit:
+        raise ContentError("too_big", f"decoded body exceeds {limit} bytes")
+    if not inflater.eof:
+        raise ContentError("undecodable", "compressed body is truncated")
+    return out
+
+
+def _gzip(data: bytes, limit: int) -> bytes:
+    return _zlib(data, limit, 16 + zlib.MAX_WBITS)
+
+
+def _deflate(data: bytes, limit: int) -> bytes:
+    # "deflate" is meant to be zlib-wrapped, but many servers send raw DEFLATE.
+    try:
+        return _zlib(data, limit, zlib.MAX_WBITS)
+    except ContentError as exc:
+        if exc.reason == "too_big":
+            raise
+        return _zlib(data, limit, -zlib.MAX_WBITS)
+
+
+def _brotli(data: bytes, limit: int) -> bytes:
+    try:
+        import brotli  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        raise ContentError("unsupported_encoding", "brotli is not installed") from None
+    decompressor = brotli.Decompressor()
+    try:
+        out: bytes = decompressor.process(data, output_buffer_limit=limit + 1)
+    except brotli.error:
+        raise ContentError("undecodable", "body is not valid brotli data") from None
+    if len(out) > limit:
+        raise ContentError("too_big", f"decoded body exceeds {limit} bytes")
+    if not decompressor.is_finished():
+        raise ContentError("undecodable", "brotli body is truncated")
+    return out
+
+
+def _zstd_module() -> Any:
+    try:
+        from compression import zstd  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        try:
+            from backports import zstd  # type: ignore[import-not-found,no-redef,unused-ignore]
+        except ImportError:
+            raise ContentError("unsupported_encoding", "no zstd module is installed") from None
+    return zstd
+
+
+def _zstd(data: bytes, limit: int) -> bytes:
+    zstd = _zstd_module()
+    out = bytearray()
+    # A zstd body may be several frames; the content is all of them joined (RFC 8878).
+    while data:
+        decompressor = zstd.ZstdDecompressor()
+        try:
+            out += decompressor.decompress(data, max_length=limit + 1 - len(out))
+        except zstd.ZstdError:
+            raise ContentError("undecodable", "body is not valid zstd data") from None
+        if len(out) > limit:
+            raise ContentError("too_big", f"decoded body exceeds {limit} bytes")
+        if not decompressor.eof:
+            raise ContentError("undecodable", "zstd body is truncated")
+        data = decompressor.unused_data
+    return bytes(out)
+
+
+_DECODERS: dict[str, Callable[[bytes, int], bytes]] = {
+    "gzip": _gzip,
+    "x-gzip": _gzip,
+    "deflate": _deflate,
+    "br": _brotli,
+    "zstd": _zstd,
+}

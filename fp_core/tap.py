@@ -1,0 +1,171 @@
+"""The tap: one HTTP response in, at most one record out. No mitmproxy here.
+
+The addon turns a flow into a :class:`ResponseInfo`; :meth:`Tap.inspect` recognises an
+open response, unseals it, runs the trust checks and returns the export record (see
+the README's "Record format"), counting everything in :class:`~fp_core.stats.Stats`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fp_core.checks import CheckConfig, comparable_client_ip, evaluate, verdict
+from fp_core.envelope import OpenResponse, parse_open_response
+from fp_core.errors import UnsealError
+from fp_core.events import summarize
+from fp_core.keys import DecryptionKey
+from fp_core.replay import ReplayCache
+from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
+from fp_core.stats import Stats
+
+#: What the addon may keep on the flow (saved with it): no event, no plaintext.
+METADATA_FIELDS = (
+    "api",
+    "request_id",
+    "ok",
+    "error",
+    "key_id",
+    "checks",
+    "verdict",
+    "reasons",
+    "summary",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseInfo:
+    """The parts of one HTTP exchange the tap looks at."""
+
+    flow_id: str
+    time: float
+    host: str
+    path: str
+    method: str
+    status_code: int
+    body: bytes
+    peer_ip: str | None = None
+    header_client_ip: str | None = None
+
+
+@dataclass
+class TapConfig:
+    keys: Sequence[DecryptionKey] = ()
+    include_event: bool = True
+    max_event: int = DEFAULT_MAX_SIZE
+    checks: CheckConfig = field(default_factory=CheckConfig)
+    replay_ttl: float = 3600.0
+    replay_max_entries: int = 100_000
+
+
+def iso_time(epoch: float) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-26T21:45:23.123Z``."""
+    return (
+        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+class Tap:
+    """Recognise, unseal and judge open responses; keeps the replay memory and counters."""
+
+    def __init__(self, config: TapConfig, stats: Stats | None = None) -> None:
+        self.config = config
+        self.stats = stats or Stats()
+        self.replay = ReplayCache(config.replay_ttl, config.replay_max_entries)
+
+    def inspect(self, info: ResponseInfo, *, remember: bool = True) -> dict[str, Any] | None:
+        """The record for ``info``, or None when it is not an open response.
+
+        ``remember=False`` re-reads a response already inspected (exports, the content
+        view): no counters change and the replay memory is neither consulted nor updated.
+        """
+        opened = parse_open_response(info.body)
+        if opened is None:
+            return None
+        if remember:
+            self.stats.incr("open_responses")
+        try:
+            event = unseal_event(opened.sealed, self.config.keys, max_size=self.config.max_event)
+        except UnsealError as exc:
+            if remember:
+                self.stats.incr_group("errors", exc.kind)
+            return self._error_record(info, opened, exc)
+        return self._event_record(info, opened, event, remember)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters plus the replay memory's size and losses."""
+        return self.stats.snapshot() | {
+            "replay_ids": len(self.replay),
+            "replay_evicted": self.replay.evicted,
+        }
+
+    def _base(self, info: ResponseInfo, opened: OpenResponse) -> dict[str, Any]:
+        return {
+            "time": iso_time(info.time),
+            "flow_id": info.flow_id,
+            "host": info.host,
+            "path": info.path,
+            "method": info.method,
+            "status_code": info.status_code,
+            "client_ip": info.header_client_ip or info.peer_ip,
+            "api": opened.api,
+            "request_id": opened.request_id,
+        }
+
+    def _error_record(
+        self, info: ResponseInfo, opened: OpenResponse, exc: UnsealError
+    ) -> dict[str, Any]:
+        record = self._base(info, opened)
+        record.update(
+            ok=False,
+            error=exc.to_dict(),
+            key_id=None,
+            checks=dict.fromkeys(
+                ("id_match", "fresh", "age_ms", "duplicate", "replayed", "ip_match", "origin_ok")
+            ),
+            verdict="error",
+            reasons=[exc.kind],
+            summary=summarize(None) | {"api": opened.api},
+        )
+        return record
+
+    def _event_record(
+        self, info: ResponseInfo, opened: OpenResponse, event: Any, remember: bool
+    ) -> dict[str, Any]:
+        summary = summarize(event)
+        seen_id = summary["request_id"] or opened.request_id
+        duplicate = self.replay.check_and_add(seen_id, info.time) if remember else None
+        checks = evaluate(
+            summary,
+            opened.request_id,
+            int(info.time * 1000),
+            duplicate=duplicate,
+            client_ip=comparable_client_ip(info.header_client_ip, info.peer_ip),
+            config=self.config.checks,
+        )
+        judged, reasons = verdict(checks, summary["bot"])
+        if remember:
+            self.stats.incr("unsealed")
+            self.stats.incr_group("verdicts", judged)
+            for reason in reasons:
+                self.stats.incr_group("reasons", reason)
+        record = self._base(info, opened)
+        record.update(
+            ok=True,
+            error=None,
+            key_id=event.key_id,
+            checks=checks,
+            verdict=judged,
+            reasons=reasons,
+            summary=summary,
+        )
+        if self.config.include_event:
+            record["event"] = dict(event)
+        return record
+
+
+def metadata_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-safe part of a record kept on the flow (never the event itself)."""
+    return {name: record[name] for name in METADATA_FIELDS}

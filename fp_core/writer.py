@@ -1,0 +1,158 @@
+"""The background writer: records leave the proxy thread through a bounded queue.
+
+The proxy's hooks call :meth:`RecordWriter.submit`, which never blocks: when the queue
+is full the record is dropped and counted. One thread drains the queue in batches and
+hands each batch to every sink (JSONL file, SQLite store, webhook spool). A sink that
+fails is logged and counted; the others keep going.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import IO, Any, Protocol
+
+from fp_core.stats import Stats
+
+log = logging.getLogger(__name__)
+
+BATCH = 256
+
+
+class Sink(Protocol):
+    """Where records end up. Called only from the writer thread."""
+
+    name: str
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def dumps(record: dict[str, Any]) -> str:
+    """The one JSON form of a record (JSONL line, SQLite column, webhook body)."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def open_private(path: str, mode: str = "a") -> IO[str]:
+    """Open for appending/writing text; a file created here gets mode 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
+class JsonlSink:
+    """One JSON object per line, appended to a file (mode 0600) or written to stdout."""
+
+    name = "jsonl"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._handle: IO[str] = sys.stdout if path == "-" else open_private(path)
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        self._handle.write("".join(dumps(r) + "\n" for r in records))
+        self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not sys.stdout:
+            self._handle.close()
+
+
+class RecordWriter:
+    """A thread that writes records to sinks; ``submit`` never blocks."""
+
+    def __init__(self, sinks: Sequence[Sink], stats: Stats, max_queue: int = 10_000) -> None:
+        self.sinks = list(sinks)
+        self.stats = stats
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name="fp-tap-writer", daemon=True)
+        self._stopping = threading.Event()
+        self._closed = False
+        self._drop_warned_at = float("-inf")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, record: dict[str, Any]) -> bool:
+        """Queue a record; False (and counted as dropped) when full or closed."""
+        if self._closed:
+            self.stats.incr("dropped")
+            return False
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.stats.incr("dropped")
+            now = time.monotonic()
+            # One warning per 10 s at most: a flood of drops must not flood the log too.
+            if now - self._drop_warned_at > 10:
+                self._drop_warned_at = now
+                log.warning(
+                    "fp-tap: record queue full (%d), dropping records; %d dropped so far",
+                    self._queue.maxsize,
+                    self.stats.get("dropped"),
+                )
+            return False
+        return True
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop taking records, write what is queued (for up to ``timeout`` seconds), then
+        close the sinks. False when records were still queued at the deadline: the thread
+        keeps writing them in the background until the process ends.
+        """
+        self._closed = True
+        self._stopping.set()
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._run()  # never started: write the queue here rather than lose it
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning(
+                "fp-tap: writer did not drain in %.0f s; %d records left", timeout, self.pending()
+            )
+            return False
+        return True
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = [self._queue.get(timeout=0.1)]
+            except queue.Empty:
+                if self._stopping.is_set():
+                    break
+                continue
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._write(batch)
+        self._close_sinks()
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        for sink in self.sinks:
+            try:
+                sink.write(batch)
+            except Exception as exc:  # a broken sink must not stop the others
+                self.stats.incr_group("sink_errors", sink.name, len(batch))
+                log.warning(
+                    "fp-tap: %s sink failed to write %d records: %s", sink.name, len(batch), exc
+                )
+            else:
+                self.stats.incr_group("written", sink.name, len(batch))
+
+    def _close_sinks(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                log.warning("fp-tap: closing the %s sink failed: %s", sink.name, exc)

@@ -1,0 +1,89 @@
+"""Fixtures for end-to-end tests: real processes, real sockets, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fp_core.keys import DecryptionKey
+from scripts.harness import Service, start_endpoint
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class Keys:
+    key: DecryptionKey
+    file: Path
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    key = DecryptionKey.generate()
+    path = tmp_path / "keys.txt"
+    path.write_text(f"# test key\n{key.to_base64()}\n")
+    path.chmod(0o600)
+    return Keys(key, path)
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path, keys: Keys) -> Iterator[Service]:
+    service = start_endpoint(tmp_path, keys.file, log=tmp_path / "answers.jsonl")
+    yield service
+    service.kill()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def fetch(
+    url: str,
+    *,
+    data: bytes | None = b"{}",
+    headers: dict[str, str] | None = None,
+    opener: Any = None,
+) -> Reply:
+    """One request, with the raw (undecoded) body and every header as received."""
+    request = urllib.request.Request(
+        url, data=data, headers=headers or {}, method="POST" if data is not None else "GET"
+    )
+    open_ = opener.open if opener is not None else urllib.request.urlopen
+    try:
+        with open_(request, timeout=30) as response:
+            return Reply(response.status, list(response.headers.items()), response.read())
+    except urllib.error.HTTPError as exc:
+        return Reply(exc.code, list(exc.headers.items()), exc.read())
+
+
+def comparable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Headers minus Date, which the endpoint stamps per response."""
+    return [(k.lower(), v) for k, v in headers if k.lower() != "date"]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def secret_forms(secret: bytes) -> list[bytes]:
+    """The ways a secret could leak into output: raw, base64 (std and url), hex."""
+    import base64
+
+    forms = [
+        secret,
+        base64.b64encode(secret),
+        base64.urlsafe_b64encode(secret),
+        secret.hex().encode(),
+    ]
+    return [f.rstrip(b"=") for f in forms]

@@ -1,0 +1,238 @@
+"""A real mitmdump with the addon between a real HTTP client and the stand-in endpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import http
+from mitmproxy import io as mitmio
+
+from scripts.harness import (
+    MitmdumpConfig,
+    Service,
+    make_tls_files,
+    mitmproxy_ca,
+    start_endpoint,
+    start_mitmdump,
+)
+from tests.e2e.conftest import Keys, comparable_headers, fetch, read_jsonl, secret_forms
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "e2e-proxy-secret-3c1d9a"
+
+# (case, api, encoding) -> what the record must say: a verdict with reasons, or an error kind.
+EXPECTED: list[tuple[str, str, str, str]] = [
+    ("ok", "v4", "identity", "trusted"),
+    ("ok", "v3", "gzip", "trusted"),
+    ("good_bot", "v4", "br", "trusted"),
+    ("bad_bot", "v3", "zstd", "suspicious:bad_bot"),
+    ("mismatch", "v4", "deflate", "suspicious:id_mismatch"),
+    ("stale", "v4", "gzip", "suspicious:stale"),
+    ("replayed", "v3", "identity", "suspicious:replayed"),
+    ("wrong_key", "v4", "identity", "error:decrypt_failed"),
+    ("bad_base64", "v3", "identity", "error:bad_base64"),
+    ("bad_header", "v4", "br", "error:invalid_header"),
+    ("truncated", "v4", "identity", "error:decrypt_failed"),
+    ("not_deflate", "v3", "identity", "error:decompress_failed"),
+    ("not_json", "v4", "zstd", "error:invalid_json"),
+    ("not_event", "v4", "identity", "error:not_an_event"),
+    ("bomb", "v4", "gzip", "error:too_large"),
+    ("plain", "v4", "identity", "-"),
+    ("html", "v4", "gzip", "-"),
+    ("empty", "v4", "identity", "-"),
+    ("huge", "v4", "gzip", "-"),
+    ("garbage", "v4", "identity", "-"),
+]
+
+
+def expectation(record: dict[str, Any]) -> str:
+    if not record["ok"]:
+        return f"error:{record['error']['kind']}"
+    reasons = ",".join(record["reasons"])
+    return f"{record['verdict']}:{reasons}" if reasons else record["verdict"]
+
+
+def no_secrets_in(paths: list[Path], keys: Keys) -> None:
+    forms = [SECRET.encode(), *secret_forms(keys.key.raw())]
+    for path in paths:
+        data = path.read_bytes()
+        for form in forms:
+            assert form not in data, f"a secret leaked into {path.name}"
+
+
+def run_batch(
+    proxy_url: str, endpoint_url: str, opener: Any = None, direct_opener: Any = None
+) -> dict[str, str]:
+    """Every case direct and through the proxy; the client must get identical bytes."""
+    expected_by_request_id: dict[str, str] = {}
+    for seed, (case, api, enc, want) in enumerate(EXPECTED):
+        now = int(time.time() * 1000)
+        query = f"/agent/v4?case={case}&api={api}&encoding={enc}&seed={seed}&ts={now}&ii=x"
+        direct = fetch(endpoint_url + query, opener=direct_opener)
+        proxied = fetch(proxy_url + query, headers={"FPJS-Proxy-Secret": SECRET}, opener=opener)
+        assert proxied.status == direct.status, case
+        assert proxied.body == direct.body, f"{case}: the body changed in transit"
+        assert comparable_headers(proxied.headers) == comparable_headers(direct.headers), case
+        request_id = {k.lower(): v for k, v in direct.headers}.get("x-stand-in-request-id", "")
+        if want != "-":
+            assert request_id
+            expected_by_request_id[request_id] = want
+    return expected_by_request_id
+
+
+def check_records(records: list[dict[str, Any]], expected: dict[str, str]) -> None:
+    assert len(records) == len(expected)
+    got = {r["request_id"]: expectation(r) for r in records}
+    assert got == expected
+
+
+def summary_of(log: str) -> dict[str, Any]:
+    line = next(x for x in log.splitlines() if "fp-tap summary: " in x)
+    return json.loads(line.split("fp-tap summary: ", 1)[1])
+
+
+def test_reverse_proxy_end_to_end(tmp_path: Path, keys: Keys, endpoint: Service) -> None:
+    jsonl, flows = tmp_path / "events.jsonl", tmp_path / "flows.mitm"
+    proxy = start_mitmdump(
+        tmp_path,
+        MitmdumpConfig(
+            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
+            options={
+                "fp_keys_file": str(keys.file),
+                "fp_jsonl": str(jsonl),
+                "termlog_verbosity": "debug",
+            },
+            save_flows=flows,
+        ),
+    )
+    try:
+        expected = run_batch(f"http://127.0.0.1:{proxy.port}", f"http://127.0.0.1:{endpoint.port}")
+    finally:
+        assert proxy.stop(signal.SIGTERM) == 0
+    check_records(read_jsonl(jsonl), expected)
+    assert jsonl.stat().st_mode & 0o777 == 0o600
+
+    log = proxy.output()
+    summary = summary_of(log)
+    assert summary["open_responses"] == len(expected)
+    assert summary["written"] == {"jsonl": len(expected)}
+    assert summary["errors"]["decrypt_failed"] == 2
+    assert summary["responses"] == len(EXPECTED)
+    for request_id, want in expected.items():
+        assert sum(request_id in line and "fp " in line for line in log.splitlines()) == 1, want
+
+    # The endpoint got the proxy secret (the upstream request was untouched) ...
+    answers = read_jsonl(tmp_path / "answers.jsonl")
+    assert sum(a["proxy_secret_present"] for a in answers) == len(EXPECTED)
+    # ... while nothing the tap or mitmproxy wrote holds it, or the key.
+    no_secrets_in([jsonl, flows, proxy.log], keys)
+
+    with flows.open("rb") as handle:
+        saved = [f for f in mitmio.FlowReader(handle).stream() if isinstance(f, http.HTTPFlow)]
+    assert len(saved) == len(EXPECTED)
+    annotated = [f for f in saved if "fp" in f.metadata]
+    assert len(annotated) == len(expected)
+    assert all(f.request.headers["FPJS-Proxy-Secret"] == "[redacted]" for f in saved)
+    assert all("event" not in f.metadata["fp"] for f in annotated)
+
+
+def test_https_interception_in_regular_proxy_mode(tmp_path: Path, keys: Keys) -> None:
+    ca, cert, key = make_tls_files(tmp_path / "tls")
+    endpoint = start_endpoint(tmp_path, keys.file, tls=(cert, key), log=tmp_path / "answers.jsonl")
+    jsonl = tmp_path / "events.jsonl"
+    proxy = start_mitmdump(
+        tmp_path,
+        MitmdumpConfig(
+            mode="regular",
+            options={
+                "fp_keys_file": str(keys.file),
+                "fp_jsonl": str(jsonl),
+                "ssl_verify_upstream_trusted_ca": str(ca),
+            },
+        ),
+    )
+    try:
+        through_proxy = urllib.request.build_opener(
+            urllib.request.ProxyHandler({"https": f"http://127.0.0.1:{proxy.port}"}),
+            urllib.request.HTTPSHandler(
+                context=ssl.create_default_context(cafile=mitmproxy_ca(tmp_path))
+            ),
+        )
+        direct = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}),
+            urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca)),
+        )
+        url = f"https://127.0.0.1:{endpoint.port}"
+        expected = run_batch(url, url, opener=through_proxy, direct_opener=direct)
+    finally:
+        assert proxy.stop() == 0
+        endpoint.kill()
+    check_records(read_jsonl(jsonl), expected)
+    no_secrets_in([jsonl, proxy.log], keys)
+
+
+def test_keys_from_environment_and_jsonl_on_stdout(
+    tmp_path: Path, keys: Keys, endpoint: Service
+) -> None:
+    proxy = start_mitmdump(
+        tmp_path,
+        MitmdumpConfig(
+            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
+            options={"fp_jsonl": "-", "fp_include_event": False},
+            keys_env=keys.key.to_base64(),
+        ),
+    )
+    try:
+        reply = fetch(f"http://127.0.0.1:{proxy.port}/?case=ok&api=v3")
+        assert reply.status == 200
+    finally:
+        assert proxy.stop() == 0
+    lines = [json.loads(x) for x in proxy.output().splitlines() if x.startswith('{"time"')]
+    assert len(lines) == 1
+    assert lines[0]["ok"] is True
+    assert lines[0]["key_id"] == keys.key.key_id
+    assert "event" not in lines[0]
+    no_secrets_in([proxy.log], keys)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"fp_filter": "~d ("}, "fp_filter"),
+        ({"fp_max_age": "0"}, "fp_max_age"),
+        ({"fp_origins": "ftp:/nope"}, "fp_origins"),
+    ],
+)
+def test_bad_options_stop_mitmdump_at_start(
+    tmp_path: Path, options: dict[str, str], message: str
+) -> None:
+    assert failed_start(tmp_path, options).count(message) >= 1
+
+
+def failed_start(tmp_path: Path, options: dict[str, str]) -> str:
+    """Start mitmdump with bad options: it must exit non-zero on its own; its output."""
+    proxy = start_mitmdump(tmp_path, MitmdumpConfig(mode="regular", options=options), wait=False)
+    try:
+        assert proxy.wait_exit(60) != 0
+    finally:
+        proxy.kill()
+    return proxy.output()
+
+
+def test_bad_key_file_stops_mitmdump_without_showing_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "keys.txt"
+    bad.write_text(
+        "# one good, one short\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\nc2hvcnQta2V5\n"
+    )
+    text = failed_start(tmp_path, {"fp_keys_file": str(bad)})
+    assert "line 3" in text
+    assert "c2hvcnQta2V5" not in text
+    assert "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8" not in text

@@ -1,0 +1,122 @@
+"""Interactive use: mitmweb with the addon, driven through its REST API as the UI does."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy.utils.emoji import emoji
+
+from scripts.harness import MitmdumpConfig, Service, start_mitmweb
+from tests.e2e.conftest import Keys, fetch
+
+pytestmark = pytest.mark.e2e
+
+
+class WebClient:
+    """The REST calls the web UI makes: a bearer token on every request, and for POSTs the
+    double-submit XSRF pair (a cookie and the same value in a header), as the UI sends."""
+
+    XSRF = "fp-tap-e2e-xsrf"
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self.token = url, token
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def _call(self, path: str, data: bytes | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if data is not None:
+            headers |= {
+                "Cookie": f"_mitmproxy_xsrf={self.XSRF}",
+                "X-XSRFToken": self.XSRF,
+                "Content-Type": "application/json",
+            }
+        request = urllib.request.Request(self.url + path, data=data, headers=headers)
+        with self.opener.open(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def get(self, path: str) -> Any:
+        return self._call(path)
+
+    def command(self, name: str, *arguments: str) -> Any:
+        reply = self._call(f"/commands/{name}", json.dumps({"arguments": list(arguments)}).encode())
+        assert "error" not in reply, reply
+        return reply["value"]
+
+
+def test_content_view_comments_marks_and_commands(
+    tmp_path: Path, keys: Keys, endpoint: Service
+) -> None:
+    web, url, token = start_mitmweb(
+        tmp_path,
+        MitmdumpConfig(
+            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
+            options={"fp_keys_file": str(keys.file)},
+        ),
+    )
+    try:
+        proxy = f"http://127.0.0.1:{web.port}"
+        for query in (
+            "case=ok&api=v4",
+            "case=bad_bot&api=v3&encoding=gzip",
+            "case=wrong_key",
+            "case=html",
+        ):
+            assert fetch(f"{proxy}/agent?{query}").status == 200
+        client = WebClient(url, token)
+        flows = wait_for_flows(client, 4)
+        by_comment = {f["comment"].split(" ")[1] if f["comment"] else "": f for f in flows}
+        assert set(by_comment) == {"trusted", "suspicious", "error:", ""}
+        assert by_comment["trusted"]["marked"] == ""
+        # The web API shows markers as the emoji they name.
+        assert by_comment["suspicious"]["marked"] == emoji[":warning:"]
+        assert by_comment["error:"]["marked"] == emoji[":x:"]
+        assert by_comment[""]["marked"] == ""  # ordinary traffic is left alone
+
+        # The fingerprint view is picked automatically and shows the unsealed event.
+        flow_id = by_comment["suspicious"]["id"]
+        view = client.get(f"/flows/{flow_id}/response/content/auto.json")
+        assert view["view_name"] == "fingerprint"
+        assert "verdict: suspicious (bad_bot)" in view["text"]
+        event = json.loads(view["text"].split("\n", 4)[-1])
+        assert event["products"]["botd"]["data"]["bot"]["result"] == "bad"
+        html = client.get(f"/flows/{by_comment['']['id']}/response/content/auto.json")
+        assert html["view_name"] != "fingerprint"
+
+        stats = json.loads(client.command("fp.stats"))
+        assert (stats["open_responses"], stats["unsealed"]) == (3, 2)
+        assert stats["errors"] == {"decrypt_failed": 1}
+
+        out = tmp_path / "marked.jsonl"
+        client.command("fp.export", "~marked", str(out))
+        records = wait_for_lines(out, 2)
+        assert sorted(r["verdict"] for r in records) == ["error", "suspicious"]
+        assert out.stat().st_mode & 0o777 == 0o600
+    finally:
+        assert web.stop() == 0
+    assert keys.key.to_base64() not in web.output()
+
+
+def wait_for_flows(client: WebClient, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        flows: list[dict[str, Any]] = client.get("/flows")
+        if len(flows) >= count and all(f.get("response") for f in flows):
+            return flows
+        time.sleep(0.1)
+    raise AssertionError(f"mitmweb did not show {count} finished flows")
+
+
+def wait_for_lines(path: Path, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if path.exists():
+            lines = path.read_text().splitlines()
+            if len(lines) >= count:
+                return [json.loads(x) for x in lines]
+        time.sleep(0.1)
+    raise AssertionError(f"{path.name} did not get {count} lines")

@@ -1,0 +1,503 @@
+"""fp_addon.FingerprintTap inside mitmproxy's test harness (taddons / tflow)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import contentviews, exceptions, http
+from mitmproxy.net import encoding
+from mitmproxy.test import taddons, tflow, tutils
+
+import fp_addon
+from fp_core import seal_event
+from fp_core.generate import generate_event, open_response_body
+from fp_core.keys import ENV_VAR, DecryptionKey
+from fp_core.sealed import deflate_raw, seal_raw
+
+KEY = DecryptionKey.generate()
+SECRET = "proxy-secret-value-9f8e7d"
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path) -> Path:
+    path = tmp_path / "keys.txt"
+    path.write_text(KEY.to_base64() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def addon(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[fp_addon.FingerprintTap, taddons.context]]:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(tmp_path / "out.jsonl"))
+        yield tap, tctx
+        if tap.writer is not None:
+            tap.writer.close()
+
+
+def fp_body(
+    api: str = "v4", *, key: DecryptionKey = KEY, **kw: Any
+) -> tuple[bytes, dict[str, Any]]:
+    event = generate_event(api, rng=kw.pop("rng", None), **kw)  # type: ignore[arg-type]
+    rid = event["event_id"] if api == "v4" else event["products"]["botd"]["data"]["requestId"]
+    return json.dumps(open_response_body(api, rid, seal_event(event, key))).encode(), event  # type: ignore[arg-type]
+
+
+def make_flow(
+    body: bytes,
+    *,
+    content_encoding: str | None = None,
+    status: int = 200,
+    request_headers: Sequence[tuple[bytes, bytes]] = (),
+    when: float | None = None,
+) -> http.HTTPFlow:
+    raw = encoding.encode(body, content_encoding) if content_encoding else body
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    if content_encoding:
+        headers.append((b"content-encoding", content_encoding.encode()))
+    t = time.time() if when is None else when
+    response = tutils.tresp(
+        status_code=status,
+        headers=http.Headers(headers),
+        content=b"",
+        timestamp_start=t,
+        timestamp_end=t,
+    )
+    response.raw_content = raw
+    request = tutils.treq(
+        method=b"POST",
+        host="fp.shop.example",
+        port=443,
+        scheme=b"https",
+        path=b"/agent/v4?ii=fingerprint-pro-cloudflare%2F2.0.0",
+        headers=http.Headers([(b"host", b"fp.shop.example"), *request_headers]),
+    )
+    return tflow.tflow(req=request, resp=response)
+
+
+def response(flow: http.HTTPFlow) -> http.Response:
+    assert flow.response is not None
+    return flow.response
+
+
+def state(flow: http.HTTPFlow) -> dict[str, Any]:
+    """Everything about the flow except what the addon may set."""
+    s = copy.deepcopy(flow.get_state())
+    s["metadata"].pop("fp", None)
+    s.pop("comment")
+    s.pop("marked")
+    return s
+
+
+def run(tap: fp_addon.FingerprintTap, flow: http.HTTPFlow) -> http.HTTPFlow:
+    before = state(flow)
+    tap.responseheaders(flow)
+    tap.response(flow)
+    assert state(flow) == before, "the addon changed the flow"
+    return flow
+
+
+def records(tap: fp_addon.FingerprintTap, path: Path) -> list[dict[str, Any]]:
+    assert tap.writer is not None
+    tap.writer.close()
+    tap.writer = None
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("content_encoding", [None, "gzip", "deflate", "br", "zstd"])
+@pytest.mark.parametrize("api", ["v3", "v4"])
+def test_unseals_in_every_encoding(
+    addon, tmp_path: Path, content_encoding: str | None, api: str
+) -> None:
+    tap, _ = addon
+    body, event = fp_body(api)
+    flow = run(tap, make_flow(body, content_encoding=content_encoding))
+    meta = flow.metadata["fp"]
+    assert (meta["ok"], meta["verdict"], meta["key_id"]) == (True, "trusted", KEY.key_id)
+    assert "event" not in meta  # saved flow files must not carry the plaintext
+    assert flow.comment.startswith("fp trusted")
+    assert flow.marked == ""
+    (record,) = records(tap, tmp_path / "out.jsonl")
+    assert record["event"] == event
+    assert record["api"] == api
+    assert (record["host"], record["path"], record["method"]) == (
+        "fp.shop.example",
+        "/agent/v4",
+        "POST",
+    )
+    assert record["checks"]["id_match"] is True
+
+
+@pytest.mark.parametrize("status", [200, 400, 403, 500])
+def test_any_status(addon, status: int) -> None:
+    tap, _ = addon
+    flow = run(tap, make_flow(fp_body()[0], status=status))
+    assert flow.metadata["fp"]["ok"] is True
+
+
+def hostile_bodies() -> dict[str, bytes]:
+    event = generate_event("v4", rng=1)
+    rid = event["event_id"]
+
+    def wrap(sealed: str) -> bytes:
+        return json.dumps({"event_id": rid, "sealed_result": sealed}).encode()
+
+    import base64
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return {
+        "bad_base64": wrap("%%%not base64%%%"),
+        "invalid_header": wrap(b64(b"\x00" * 64)),
+        "too_short": wrap(b64(bytes.fromhex("9e85dced") + b"\x00" * 8)),
+        "decrypt_failed": wrap(seal_event(event, DecryptionKey.generate())),
+        "decompress_failed": wrap(b64(seal_raw(b"not deflate", KEY))),
+        "invalid_json": wrap(b64(seal_raw(deflate_raw(b"{nope"), KEY))),
+        "not_an_event": wrap(b64(seal_raw(deflate_raw(b"[1,2,3]"), KEY))),
+        "too_large": wrap(b64(seal_raw(deflate_raw(b" " * (5 * 1024 * 1024)), KEY))),
+    }
+
+
+@pytest.mark.parametrize("kind", list(hostile_bodies()))
+def test_every_error_kind_is_recorded_logged_once_and_marked(
+    addon, tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    tap, _ = addon
+    caplog.set_level(logging.INFO)
+    flow = run(tap, make_flow(hostile_bodies()[kind], content_encoding="gzip"))
+    meta = flow.metadata["fp"]
+    assert (meta["ok"], meta["verdict"], meta["error"]["kind"]) == (False, "error", kind)
+    assert flow.marked == fp_addon.MARK_ERROR
+    assert flow.comment == f"fp error: {kind}"
+    warnings = [
+        r for r in caplog.records if r.levelno == logging.WARNING and flow.id in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert kind in warnings[0].getMessage()
+    assert tap.stats.group("errors") == {kind: 1}
+    (record,) = records(tap, tmp_path / "out.jsonl")
+    assert record["error"]["kind"] == kind
+    assert "event" not in record
+
+
+def test_no_keys_warns_once_and_records_no_keys(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    caplog.set_level(logging.INFO)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_jsonl=str(tmp_path / "out.jsonl"))
+        flow = run(tap, make_flow(fp_body()[0]))
+        assert flow.metadata["fp"]["error"]["kind"] == "no_keys"
+        assert len([r for r in caplog.records if "no decryption keys" in r.getMessage()]) == 1
+        tap.done()
+
+
+def test_keys_from_environment(monkeypatch, tmp_path: Path) -> None:
+    other = DecryptionKey.generate()
+    monkeypatch.setenv(ENV_VAR, f"{other.to_base64()},{KEY.to_base64()}")
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file="")  # as at startup: keys come from the environment
+        flow = run(tap, make_flow(fp_body()[0]))
+        assert flow.metadata["fp"]["key_id"] == KEY.key_id
+        tap.done()
+
+
+def test_ordinary_traffic_is_ignored_silently(addon, tmp_path: Path, caplog) -> None:
+    tap, _ = addon
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    for body, enc in [
+        (b'{"ok": true}', None),
+        (b"<html>sealedResult</html>", "gzip"),
+        (b"\xff\xfe\x00garbage", None),
+        (b"", None),
+        (b'{"requestId": "x"}', "br"),
+        (b"not gzip at all", None),
+    ]:
+        flow = run(tap, make_flow(body, content_encoding=enc))
+        assert "fp" not in flow.metadata
+        assert (flow.comment, flow.marked) == ("", "")
+    assert [r for r in caplog.records if r.name == "fp_addon"] == []
+    assert tap.stats.get("responses") == 6
+    assert tap.stats.get("open_responses") == 0
+    assert records(tap, tmp_path / "out.jsonl") == []
+
+
+def test_undecodable_and_too_big_bodies_are_skipped(addon) -> None:
+    tap, tctx = addon
+    broken = make_flow(b"", content_encoding=None)
+    broken.response.headers["content-encoding"] = "gzip"
+    broken.response.raw_content = b"\x1f\x8b not really gzip"
+    run(tap, broken)
+    tctx.configure(tap, fp_max_body=1000)
+    run(tap, make_flow(fp_body()[0]))  # ~2-3 KB of JSON
+    bomb = make_flow(b"{" + b" " * 10_000_000 + b"}", content_encoding="gzip")
+    run(tap, bomb)
+    assert tap.stats.group("skipped") == {"undecodable": 1, "too_big": 2}
+    assert tap.stats.get("open_responses") == 0
+
+
+def test_streamed_response_is_skipped(addon) -> None:
+    tap, _ = addon
+    flow = make_flow(b"")
+    flow.response.stream = True
+    flow.response.raw_content = None
+    run(tap, flow)
+    assert tap.stats.group("skipped") == {"streamed": 1}
+
+
+def test_response_less_flow_and_websocket_do_not_break(addon) -> None:
+    tap, _ = addon
+    flow = tflow.tflow(err=True)
+    tap.error(flow)
+    tap.response(flow)
+    assert "fp" not in flow.metadata
+
+
+def test_filter_narrows(addon) -> None:
+    tap, tctx = addon
+    tctx.configure(tap, fp_filter="~d other.example")
+    flow = run(tap, make_flow(fp_body()[0]))
+    assert "fp" not in flow.metadata
+    tctx.configure(tap, fp_filter="~d fp.shop.example & ~m POST")
+    flow = run(tap, make_flow(fp_body()[0]))
+    assert flow.metadata["fp"]["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("fp_filter", "~d (", "fp_filter"),
+        ("fp_max_age", 0, "fp_max_age"),
+        ("fp_max_body", -1, "fp_max_body"),
+        ("fp_queue_size", 0, "fp_queue_size"),
+        ("fp_origins", ["not an origin"], "fp_origins"),
+        ("fp_jsonl", "/nonexistent-dir/x.jsonl", "fp_jsonl"),
+    ],
+)
+def test_bad_options_are_errors_at_configure_time(
+    addon, option: str, value: Any, message: str
+) -> None:
+    tap, tctx = addon
+    with pytest.raises(exceptions.OptionsError, match=message):
+        tctx.configure(tap, **{option: value})
+
+
+def test_bad_key_file_names_the_line_not_the_key(addon, tmp_path: Path) -> None:
+    tap, tctx = addon
+    bad = tmp_path / "bad.txt"
+    short = "c2hvcnQga2V5"
+    bad.write_text(f"{KEY.to_base64()}\n{short}\n")
+    with pytest.raises(exceptions.OptionsError) as info:
+        tctx.configure(tap, fp_keys_file=str(bad))
+    assert "line 2" in str(info.value)
+    assert short not in str(info.value)
+    assert KEY.to_base64() not in str(info.value)
+
+
+def test_open_key_file_warns(tmp_path: Path, caplog, monkeypatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    path = tmp_path / "keys.txt"
+    path.write_text(KEY.to_base64())
+    path.chmod(0o644)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(path))
+    assert any("readable by group or others" in r.getMessage() for r in caplog.records)
+
+
+def test_proxy_secret_is_masked_after_it_went_upstream(addon, caplog) -> None:
+    tap, _ = addon
+    caplog.set_level(logging.DEBUG)
+    flow = make_flow(fp_body()[0], request_headers=[(b"FPJS-Proxy-Secret", SECRET.encode())])
+    response_before = copy.deepcopy(flow.response.get_state())
+    tap.responseheaders(flow)
+    assert flow.request.headers["FPJS-Proxy-Secret"] == fp_addon.MASK
+    tap.response(flow)
+    assert flow.response.get_state() == response_before
+    assert SECRET not in json.dumps(flow.get_state(), default=repr)
+    assert SECRET not in caplog.text
+
+
+def test_proxy_secret_masked_on_error_flows(addon) -> None:
+    tap, _ = addon
+    flow = tflow.tflow(err=True)
+    flow.request.headers["FPJS-Proxy-Secret"] = SECRET
+    tap.error(flow)
+    assert flow.request.headers["FPJS-Proxy-Secret"] == fp_addon.MASK
+
+
+def test_include_event_false(addon, tmp_path: Path) -> None:
+    tap, tctx = addon
+    tctx.configure(tap, fp_include_event=False)
+    run(tap, make_flow(fp_body()[0]))
+    (record,) = records(tap, tmp_path / "out.jsonl")
+    assert "event" not in record
+    assert record["summary"]["visitor_id"]
+
+
+def test_verdicts_and_marks(addon) -> None:
+    tap, _ = addon
+    bad = run(tap, make_flow(fp_body(bot="bad")[0]))
+    assert bad.metadata["fp"]["reasons"] == ["bad_bot"]
+    assert bad.marked == fp_addon.MARK_SUSPICIOUS
+    body, _ = fp_body()
+    mismatch = json.loads(body)
+    mismatch["event_id"] = "1700000000000.XXXXXX"
+    flow = run(tap, make_flow(json.dumps(mismatch).encode()))
+    assert flow.metadata["fp"]["reasons"] == ["id_mismatch"]
+    assert flow.metadata["fp"]["checks"]["id_match"] is False
+    assert flow.marked == fp_addon.MARK_SUSPICIOUS
+    # The spliced copy above already used body's sealed result: a replay of it now is a
+    # duplicate too, so take a fresh one.
+    body, _ = fp_body()
+    again = run(tap, make_flow(body))
+    dup = run(tap, make_flow(body))
+    assert again.metadata["fp"]["checks"]["duplicate"] is False
+    assert dup.metadata["fp"]["reasons"] == ["duplicate"]
+    assert tap.stats.group("reasons") == {"bad_bot": 1, "id_mismatch": 1, "duplicate": 1}
+
+
+def test_user_marks_and_comments_are_kept(addon) -> None:
+    tap, _ = addon
+    flow = make_flow(fp_body(bot="bad")[0])
+    flow.marked = ":star:"
+    flow.comment = "look at this"
+    tap.response(flow)
+    assert flow.marked == ":star:"
+    assert flow.comment.startswith("look at this\nfp suspicious")
+
+
+def test_no_exception_escapes_a_hook(addon, monkeypatch, caplog) -> None:
+    tap, _ = addon
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tap.tap, "inspect", boom)
+    flow = run(tap, make_flow(fp_body()[0]))
+    assert "fp" not in flow.metadata
+    assert tap.stats.group("errors") == {"internal": 1}
+    assert "RuntimeError" in caplog.text
+
+
+class BlockingSink:
+    name = "blocking"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.got: list[dict[str, Any]] = []
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        self.release.wait(10)
+        self.got.extend(records)
+
+    def close(self) -> None:
+        pass
+
+
+def test_full_queue_drops_without_blocking_and_counts(addon, caplog) -> None:
+    tap, tctx = addon
+    tctx.configure(tap, fp_queue_size=2)
+    sink = BlockingSink()
+    assert tap.writer is not None
+    tap.writer.sinks.insert(0, sink)
+    for _ in range(10):
+        tap.response(make_flow(fp_body()[0]))
+    dropped = tap.stats.get("dropped")
+    # Accepted: the 2 queued plus what the writer took into the blocked sink before the
+    # queue filled (a batch of 0 to 2, depending on when its thread woke up).
+    assert 10 - 4 <= dropped <= 10 - 2
+    assert "queue full" in caplog.text
+    assert json.loads(tap.stats_command())["dropped"] == dropped
+    sink.release.set()
+    tap.writer.close()
+    assert len(sink.got) == 10 - dropped
+
+
+def test_stats_command(addon) -> None:
+    tap, tctx = addon
+    run(tap, make_flow(fp_body()[0]))
+    run(tap, make_flow(hostile_bodies()["decrypt_failed"]))
+    run(tap, make_flow(b"{}"))
+    stats = json.loads(tctx.command(tap.stats_command))
+    assert stats["responses"] == 3
+    assert stats["open_responses"] == 2
+    assert stats["unsealed"] == 1
+    assert stats["errors"] == {"decrypt_failed": 1}
+    assert stats["verdicts"] == {"trusted": 1}
+
+
+def test_export_command_keeps_the_verdict_seen_at_capture(addon, tmp_path: Path) -> None:
+    tap, _ = addon
+    body, event = fp_body()
+    first, second = run(tap, make_flow(body)), run(tap, make_flow(body))
+    other = run(tap, make_flow(b"<html></html>"))
+    out = tmp_path / "export.jsonl"
+    tap.export_command([first, second, other], str(out))
+    tap.done()
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["checks"]["duplicate"] for r in lines] == [False, True]
+    assert lines[0]["event"] == event
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert tap.stats.get("open_responses") == 2  # exporting counted nothing
+
+
+def test_done_drains_and_summarises(addon, tmp_path: Path, caplog) -> None:
+    tap, _ = addon
+    caplog.set_level(logging.INFO)
+    for _ in range(50):
+        tap.response(make_flow(fp_body()[0]))
+    tap.done()
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 50
+    summary = next(r for r in caplog.records if "fp-tap summary" in r.getMessage())
+    assert '"unsealed": 50' in summary.getMessage()
+
+
+def test_jsonl_file_is_private(addon, tmp_path: Path) -> None:
+    tap, _ = addon
+    run(tap, make_flow(fp_body()[0]))
+    tap.done()
+    assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_content_view(addon) -> None:
+    tap, _ = addon
+    body, event = fp_body(bot="bad")
+    flow = run(tap, make_flow(body, content_encoding="gzip"))
+    result = contentviews.prettify_message(response(flow), flow)
+    assert result.view_name == "fingerprint"
+    assert "verdict: suspicious (bad_bot)" in result.text
+    assert f"unsealed with key {KEY.key_id}" in result.text
+    assert event["event_id"] in result.text
+    shown = json.loads(result.text.split("\n", 4)[-1])
+    assert shown == event
+    plain = make_flow(b'{"ok": true}')
+    assert contentviews.prettify_message(response(plain), plain).view_name != "fingerprint"
+    wrong = make_flow(hostile_bodies()["decrypt_failed"])
+    text = contentviews.prettify_message(response(wrong), wrong).text
+    assert "cannot unseal: decrypt_failed" in text
+
+
+def test_view_never_offered_for_requests(addon) -> None:
+    tap, _ = addon
+    body, _ = fp_body()
+    flow = make_flow(body)
+    meta = contentviews.Metadata(flow=flow, http_message=flow.request)
+    assert tap.view.render_priority(body, meta) < 0
+    meta = contentviews.Metadata(flow=flow, http_message=flow.response)
+    assert tap.view.render_priority(body, meta) > 1

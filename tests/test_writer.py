@@ -1,0 +1,341 @@
+"""fp_core.writer: the JSONL sink, private files and the background RecordWriter."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fp_core.stats import Stats
+from fp_core.writer import BATCH, JsonlSink, RecordWriter, dumps, open_private
+
+#: How long a test waits for something that should happen at once. Only ever reached
+#: when the code under test is broken (a hang), so it bounds the runtime, nothing else.
+PATIENCE = 10.0
+
+
+def record(i: int) -> dict[str, Any]:
+    return {"i": i, "request_id": f"1700000000000.{i:06d}", "note": "žluťoučký kůň", "n": None}
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+class RecordingSink:
+    """Keeps every batch it is given; can be told to block or to fail."""
+
+    def __init__(self, name: str = "recording") -> None:
+        self.name = name
+        self.batches: list[list[dict[str, Any]]] = []
+        self.closed = threading.Event()
+        self.close_calls = 0
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [r for batch in self.batches for r in batch]
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        self.batches.append(list(records))
+
+    def close(self) -> None:
+        self.close_calls += 1
+        self.closed.set()
+
+
+class BlockingSink(RecordingSink):
+    """write() waits until released: the writer thread is stuck inside it."""
+
+    def __init__(self) -> None:
+        super().__init__("blocking")
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        self.entered.set()
+        assert self.release.wait(PATIENCE), "the test never released the sink"
+        super().write(records)
+
+
+class FailingSink(RecordingSink):
+    def __init__(self) -> None:
+        super().__init__("failing")
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        raise OSError("disk full")
+
+    def close(self) -> None:
+        super().close()
+        raise OSError("cannot close either")
+
+
+# -- dumps ------------------------------------------------------------------------------
+
+
+def test_dumps_is_compact_and_keeps_non_ascii() -> None:
+    rec = {"a": "žluťoučký", "b": [1, 2, {"c": None}], "d": True, "e": "日本"}
+    text = dumps(rec)
+    assert text == '{"a":"žluťoučký","b":[1,2,{"c":null}],"d":true,"e":"日本"}'
+    assert json.loads(text) == rec
+
+
+def test_dumps_escapes_newlines_so_one_record_is_one_line() -> None:
+    text = dumps({"a": "line1\nline2\r\n"})
+    assert "\n" not in text
+    assert "\r" not in text
+    assert json.loads(text) == {"a": "line1\nline2\r\n"}
+
+
+# -- open_private and JsonlSink ---------------------------------------------------------
+
+
+def test_open_private_creates_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "new.jsonl"
+    with open_private(str(path)) as handle:
+        handle.write("x\n")
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_open_private_write_mode_truncates(tmp_path: Path) -> None:
+    path = tmp_path / "export.jsonl"
+    path.write_text("old content that must go\n", encoding="utf-8")
+    with open_private(str(path), "w") as handle:
+        handle.write("new\n")
+    assert path.read_text(encoding="utf-8") == "new\n"
+
+
+def test_jsonl_sink_writes_one_line_per_record_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    sink = JsonlSink(str(path))
+    records = [record(i) for i in range(5)]
+    sink.write(records[:2])
+    sink.write(records[2:])
+    sink.close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert read_jsonl(path) == records
+    lines = path.read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == "", "the file ends with a newline"
+    assert lines[:-1] == [dumps(r) for r in records]
+
+
+def test_jsonl_sink_flushes_each_batch(tmp_path: Path) -> None:
+    # Readers (tail -f, another process) see a batch as soon as write() returns.
+    path = tmp_path / "records.jsonl"
+    sink = JsonlSink(str(path))
+    sink.write([record(1)])
+    assert read_jsonl(path) == [record(1)]
+    sink.close()
+
+
+def test_jsonl_sink_appends_to_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"earlier":"run"}\n', encoding="utf-8")
+    path.chmod(0o640)
+    sink = JsonlSink(str(path))
+    sink.write([record(1)])
+    sink.close()
+    assert read_jsonl(path) == [{"earlier": "run"}, record(1)]
+    # The mode is only chosen for a file this code creates.
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_jsonl_sink_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    sink = JsonlSink("-")
+    sink.write([record(1), record(2)])
+    sink.close()
+    print("stdout still open")  # close() must not close the process's stdout
+    out = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in out[:2]] == [record(1), record(2)]
+    assert out[2] == "stdout still open"
+
+
+# -- RecordWriter -----------------------------------------------------------------------
+
+
+def test_records_are_all_written_and_read_back_equal(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    stats = Stats()
+    writer = RecordWriter([JsonlSink(str(path))], stats)
+    writer.start()
+    records = [record(i) for i in range(1000)]
+    for rec in records:
+        assert writer.submit(rec) is True
+    assert writer.close() is True
+    assert read_jsonl(path) == records
+    assert stats.group("written") == {"jsonl": 1000}
+    assert stats.get("dropped") == 0
+    assert writer.pending() == 0
+
+
+def test_many_records_go_out_in_batches() -> None:
+    sink = RecordingSink()
+    writer = RecordWriter([sink], Stats())
+    n = 3 * BATCH + 10
+    records = [record(i) for i in range(n)]
+    # Queued before the thread starts, so the batch sizes are deterministic.
+    for rec in records:
+        writer.submit(rec)
+    assert writer.pending() == n
+    writer.start()
+    assert writer.close() is True
+    assert [len(b) for b in sink.batches] == [BATCH, BATCH, BATCH, 10]
+    assert sink.records == records
+
+
+def test_close_closes_every_sink_once() -> None:
+    first, second = RecordingSink("first"), RecordingSink("second")
+    writer = RecordWriter([first, second], Stats())
+    writer.start()
+    writer.submit(record(1))
+    assert writer.close() is True
+    assert (first.close_calls, second.close_calls) == (1, 1)
+    assert first.records == second.records == [record(1)]
+
+
+def test_close_without_records() -> None:
+    sink = RecordingSink()
+    writer = RecordWriter([sink], Stats())
+    writer.start()
+    assert writer.close() is True
+    assert sink.batches == []
+    assert sink.close_calls == 1
+
+
+def test_close_of_a_writer_never_started_closes_the_sinks() -> None:
+    sink = RecordingSink()
+    writer = RecordWriter([sink], Stats())
+    assert writer.close() is True
+    assert sink.close_calls == 1
+
+
+def test_submit_never_blocks_and_counts_drops(caplog: pytest.LogCaptureFixture) -> None:
+    sink = BlockingSink()
+    stats = Stats()
+    writer = RecordWriter([sink], stats, max_queue=2)
+    writer.start()
+    assert writer.submit(record(0)) is True
+    # The thread has taken record 0 and is stuck in write(): the queue is empty.
+    assert sink.entered.wait(PATIENCE)
+    results: list[bool] = []
+
+    def submit_more() -> None:
+        results.extend(writer.submit(record(i)) for i in range(1, 6))
+
+    # Submitted from another thread so that a blocking submit() fails the test rather
+    # than hanging it.
+    submitter = threading.Thread(target=submit_more)
+    with caplog.at_level(logging.WARNING, logger="fp_core.writer"):
+        submitter.start()
+        submitter.join(PATIENCE)
+        assert not submitter.is_alive(), "submit() blocked on a full queue"
+    assert results == [True, True, False, False, False]
+    assert stats.get("dropped") == 3
+    assert writer.pending() == 2
+    # One warning for the burst, not one per dropped record.
+    warnings = [r for r in caplog.records if "queue full" in r.getMessage()]
+    assert len(warnings) == 1
+    sink.release.set()
+    assert writer.close() is True
+    assert sink.records == [record(0), record(1), record(2)]
+    assert stats.group("written") == {"blocking": 3}
+
+
+def test_a_failing_sink_is_counted_and_does_not_stop_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failing, good = FailingSink(), RecordingSink("good")
+    stats = Stats()
+    writer = RecordWriter([failing, good], stats)
+    records = [record(i) for i in range(10)]
+    for rec in records:
+        writer.submit(rec)
+    with caplog.at_level(logging.WARNING, logger="fp_core.writer"):
+        writer.start()
+        assert writer.close() is True
+    assert good.records == records
+    assert stats.group("sink_errors") == {"failing": 10}
+    assert stats.group("written") == {"good": 10}
+    # The failing sink's close() raised too; the good one was still closed.
+    assert failing.close_calls == 1
+    assert good.close_calls == 1
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "failing sink failed to write 10 records" in messages
+    assert "closing the failing sink failed" in messages
+
+
+def test_close_with_a_stuck_sink_gives_up_after_its_timeout() -> None:
+    sink = BlockingSink()
+    writer = RecordWriter([sink], Stats())
+    writer.start()
+    writer.submit(record(0))
+    assert sink.entered.wait(PATIENCE)
+    writer.submit(record(1))
+    try:
+        assert writer.close(timeout=0.5) is False
+        assert writer.pending() >= 1, "record 1 (and the stop marker) are still queued"
+        assert sink.close_calls == 0, "sinks are not closed under a thread still using them"
+    finally:
+        sink.release.set()
+    # Released, the thread finishes what was queued, stops, and closes the sink.
+    assert sink.closed.wait(PATIENCE)
+    assert sink.records == [record(0), record(1)]
+
+
+def test_close_of_a_writer_never_started_does_not_claim_queued_records_drained() -> None:
+    sink = RecordingSink()
+    writer = RecordWriter([sink], Stats())
+    writer.submit(record(1))
+    drained = writer.close(timeout=0.5)
+    # Either the records reach the sink, or close() reports they could not.
+    assert sink.records == [record(1)] or drained is False
+
+
+def test_records_with_non_ascii_round_trip_through_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    writer = RecordWriter([JsonlSink(str(path))], Stats())
+    writer.start()
+    rec = {"url": "https://příklad.cz/košík", "emoji": "🙂", "nested": {"x": [1.5, None]}}
+    writer.submit(rec)
+    assert writer.close() is True
+    raw = path.read_bytes()
+    assert "košík".encode() in raw, "non-ASCII is written as UTF-8, not \\u escapes"
+    assert read_jsonl(path) == [rec]
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_submit_after_close_is_refused_and_counted() -> None:
+    stats = Stats()
+    sink = RecordingSink()
+    writer = RecordWriter([sink], stats)
+    writer.start()
+    assert writer.close() is True
+    assert writer.submit(record(1)) is False
+    assert stats.get("dropped") == 1
+    assert sink.records == []
+
+
+def test_close_after_a_timeout_still_finishes_in_the_background() -> None:
+    """A writer that missed its close deadline keeps writing, then closes its sinks."""
+    release = threading.Event()
+
+    class SlowSink(RecordingSink):
+        def write(self, records: Sequence[dict[str, Any]]) -> None:
+            release.wait(10)
+            super().write(records)
+
+    sink = SlowSink()
+    writer = RecordWriter([sink], Stats())
+    writer.start()
+    for i in range(3):
+        writer.submit(record(i))
+    assert writer.close(timeout=0.2) is False
+    release.set()
+    writer._thread.join(10)
+    assert [r["i"] for r in sink.records] == [0, 1, 2]
+    assert sink.close_calls == 1
