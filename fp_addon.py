@@ -25,6 +25,8 @@ from fp_core.content import ContentError, decode_content
 from fp_core.envelope import parse_open_response
 from fp_core.errors import KeyConfigError, UnsealError
 from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
+from fp_core.redact import PRESETS, Redactor, parse_paths
+from fp_core.scrub import Scrubber
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats
 from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
@@ -49,6 +51,7 @@ _TAP_OPTIONS = {
     "fp_replay_ttl",
     "fp_origins",
     "fp_max_event",
+    "fp_redact",
 }
 
 
@@ -63,6 +66,8 @@ class FingerprintTap:
         self.max_body = 1024 * 1024
         self.writer: RecordWriter | None = None
         self.view = FingerprintView(self)
+        self.scrubber = Scrubber()
+        self._log_filter = _ScrubFilter(self.scrubber)
         self._background: list[threading.Thread] = []
 
     # -- options ---------------------------------------------------------------------
@@ -115,6 +120,15 @@ class FingerprintTap:
             "Origins (scheme://host[:port]) the event's URL must have; empty: no check.",
         )
         loader.add_option(
+            "fp_redact",
+            Sequence[str],
+            [],
+            'Replace these parts of every record with "[redacted]" before it is logged, '
+            "kept on the flow or exported: dotted paths from the record (event.ip_address, "
+            "event.products.*.data.ip, summary.url, client_ip) or a preset "
+            f"({', '.join(PRESETS)}).",
+        )
+        loader.add_option(
             "fp_max_body",
             int,
             1024 * 1024,
@@ -134,6 +148,15 @@ class FingerprintTap:
             "(counted and warned about) rather than slowing the proxy.",
         )
         contentviews.add(self.view)
+        self._filter_logs()
+
+    def running(self) -> None:
+        self._filter_logs()  # handlers added after the script was loaded
+
+    def _filter_logs(self) -> None:
+        for handler in logging.getLogger().handlers:
+            if self._log_filter not in handler.filters:
+                handler.addFilter(self._log_filter)
 
     def configure(self, updated: set[str]) -> None:
         opts = _options()
@@ -149,16 +172,23 @@ class FingerprintTap:
     def _configure_tap(self, opts: Any, reload_keys: bool) -> None:
         if reload_keys:
             self.keys = _load_keys(opts.fp_keys_file)
+            for key in self.keys:
+                self.scrubber.add_key(key.raw())
         try:
             origins = parse_origins(opts.fp_origins)
         except ValueError as exc:
             raise exceptions.OptionsError(f"fp_origins: {exc}") from None
+        try:
+            redactor = Redactor(parse_paths(opts.fp_redact))
+        except ValueError as exc:
+            raise exceptions.OptionsError(f"fp_redact: {exc}") from None
         config = TapConfig(
             keys=self.keys,
             include_event=opts.fp_include_event,
             max_event=_positive(opts, "fp_max_event"),
             checks=CheckConfig(max_age_ms=_positive(opts, "fp_max_age") * 1000, origins=origins),
             replay_ttl=_positive(opts, "fp_replay_ttl"),
+            redactor=redactor,
         )
         replay = self.tap.replay
         self.tap = Tap(config, self.stats)
@@ -185,6 +215,11 @@ class FingerprintTap:
 
     # -- hooks -----------------------------------------------------------------------
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        secret = flow.request.headers.get(PROXY_SECRET_HEADER)
+        if secret:
+            self.scrubber.add(secret)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         _mask_proxy_secret(flow)
 
@@ -206,6 +241,8 @@ class FingerprintTap:
         for thread in self._background:
             thread.join(timeout=10)
         log.info("fp-tap summary: %s", json.dumps(self.snapshot(), sort_keys=True))
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self._log_filter)
 
     # -- commands --------------------------------------------------------------------
 
@@ -292,6 +329,24 @@ class FingerprintTap:
         thread = threading.Thread(target=fn, name="fp-tap-background", daemon=True)
         self._background = [t for t in self._background if t.is_alive()] + [thread]
         thread.start()
+
+
+class _ScrubFilter(logging.Filter):
+    """Masks secrets in every log record, whoever logged it (see fp_core.scrub)."""
+
+    def __init__(self, scrubber: Scrubber) -> None:
+        super().__init__("fp-tap-scrub")
+        self.scrubber = scrubber
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True
+        clean = self.scrubber.scrub(message)
+        if clean is not message:
+            record.msg, record.args = clean, None
+        return True
 
 
 class FingerprintView(contentviews.Contentview):
@@ -418,17 +473,15 @@ def _log_record(record: dict[str, Any]) -> None:
     summary, checks = record["summary"], record["checks"]
     reasons = f" ({','.join(record['reasons'])})" if record["reasons"] else ""
     log.info(
-        "fp %s %s %s%s visitor=%s bot=%s id_match=%s fresh=%s duplicate=%s key=%s [flow %s]",
+        "fp %s %s %s%s visitor=%s bot=%s key=%s %s [flow %s]",
         record["api"],
         record["request_id"],
         record["verdict"],
         reasons,
         summary["visitor_id"],
         summary["bot"],
-        _word(checks["id_match"]),
-        _word(checks["fresh"]),
-        _word(checks["duplicate"]),
         record["key_id"],
+        " ".join(f"{name}={_word(value)}" for name, value in checks.items()),
         record["flow_id"],
     )
 

@@ -17,6 +17,7 @@ from fp_core.envelope import OpenResponse, parse_open_response
 from fp_core.errors import UnsealError
 from fp_core.events import summarize
 from fp_core.keys import DecryptionKey
+from fp_core.redact import Redactor
 from fp_core.replay import ReplayCache
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats
@@ -58,6 +59,7 @@ class TapConfig:
     checks: CheckConfig = field(default_factory=CheckConfig)
     replay_ttl: float = 3600.0
     replay_max_entries: int = 100_000
+    redactor: Redactor = field(default_factory=Redactor)
 
 
 def iso_time(epoch: float) -> str:
@@ -80,6 +82,8 @@ class Tap:
 
         ``remember=False`` re-reads a response already inspected (exports, the content
         view): no counters change and the replay memory is neither consulted nor updated.
+        The configured redaction is applied to the record before it is returned, so
+        every consumer (log line, flow metadata, sinks, exports) sees the same record.
         """
         opened = parse_open_response(info.body)
         if opened is None:
@@ -91,8 +95,12 @@ class Tap:
         except UnsealError as exc:
             if remember:
                 self.stats.incr_group("errors", exc.kind)
-            return self._error_record(info, opened, exc)
-        return self._event_record(info, opened, event, remember)
+            record = self._error_record(info, opened, exc)
+        else:
+            record = self._event_record(info, opened, event, remember)
+        if self.config.redactor:
+            self.config.redactor.apply(record)
+        return record
 
     def snapshot(self) -> dict[str, Any]:
         """Counters plus the replay memory's size and losses."""

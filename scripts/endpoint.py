@@ -62,9 +62,11 @@ from typing import Any, NamedTuple, TextIO
 # fp_core is deliberately not installed (the addon runs as a plain mitmdump script).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fp_core.envelope import parse_open_response
 from fp_core.errors import KeyConfigError
 from fp_core.events import Api
 from fp_core.generate import generate_event, new_request_id, open_response_body
+from fp_core.hostile import hostile_response
 from fp_core.keys import KEY_SIZE, DecryptionKey, read_key_file
 from fp_core.sealed import HEADER, NONCE_SIZE, deflate_raw, seal_event, seal_raw
 
@@ -87,7 +89,10 @@ OPEN_CASES = (
 )
 #: Cases that answer with ordinary traffic, which a tap must ignore.
 ORDINARY_CASES = ("plain", "html", "empty", "huge", "garbage")
-CASES = OPEN_CASES + ORDINARY_CASES
+#: One of fp_core.hostile's malformed or hostile responses, chosen by the seed; the
+#: answer says what the tap must make of it in ``X-Stand-In-Expect``.
+HOSTILE_CASE = "hostile"
+CASES = (*OPEN_CASES, *ORDINARY_CASES, HOSTILE_CASE)
 APIS: tuple[Api, ...] = ("v3", "v4")
 ENCODINGS = ("identity", "gzip", "deflate", "br", "zstd")
 
@@ -101,6 +106,8 @@ JSON_TYPE = "application/json; charset=utf-8"
 TEXT_TYPE = "text/plain; charset=utf-8"
 HTML_TYPE = "text/html; charset=utf-8"
 REQUEST_ID_HEADER = "X-Stand-In-Request-Id"
+EXPECT_HEADER = "X-Stand-In-Expect"
+VARIANT_HEADER = "X-Stand-In-Variant"
 
 _BOTS = {"good_bot": "good", "bad_bot": "bad"}
 # RFC 9110: these statuses never have content, and a 204 must not send Content-Length.
@@ -198,11 +205,18 @@ def build_response(
     outer_id: str | None = None
     inner_id: str | None = None
     content_type: str | None = JSON_TYPE
+    extra: dict[str, str] = {}
     if case in OPEN_CASES:
         outer_id, inner_id, body = _open_response(case, shape, rng, seed, now_ms, key)
+    elif case == HOSTILE_CASE:
+        body, expected, variant = hostile_response(rng.getrandbits(64), key, now_ms)
+        opened = parse_open_response(body)
+        outer_id = opened.request_id if opened is not None else None
+        extra = {EXPECT_HEADER: expected, VARIANT_HEADER: variant}
     else:
         body, content_type = _ordinary_body(case, rng)
-    headers = {REQUEST_ID_HEADER: outer_id or ""}
+    # A header value cannot hold a newline or a 100 KB id: the header is a label only.
+    headers = {REQUEST_ID_HEADER: _header_safe(outer_id or ""), **extra}
     if status in _BODYLESS_STATUSES:
         if body:
             raise RequestError(400, f"status {status} cannot carry a body; use case=empty")
@@ -218,6 +232,12 @@ def build_response(
         headers["Content-Length"] = str(len(body))
     meta = ResponseMeta(case, api, encoding, outer_id, inner_id)
     return Response(status, headers, body, meta)
+
+
+def _header_safe(value: str) -> str:
+    if len(value) > 200 or not value.isprintable() or not value.isascii():
+        return ""
+    return value
 
 
 def error_response(error: RequestError, case: str, api: str) -> Response:

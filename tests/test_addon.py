@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mitmproxy import contentviews, exceptions, http
 from mitmproxy.net import encoding
 from mitmproxy.test import taddons, tflow, tutils
@@ -19,6 +21,7 @@ from mitmproxy.test import taddons, tflow, tutils
 import fp_addon
 from fp_core import seal_event
 from fp_core.generate import generate_event, open_response_body
+from fp_core.hostile import hostile_response
 from fp_core.keys import ENV_VAR, DecryptionKey
 from fp_core.sealed import deflate_raw, seal_raw
 
@@ -287,6 +290,7 @@ def test_filter_narrows(addon) -> None:
         ("fp_queue_size", 0, "fp_queue_size"),
         ("fp_origins", ["not an origin"], "fp_origins"),
         ("fp_jsonl", "/nonexistent-dir/x.jsonl", "fp_jsonl"),
+        ("fp_redact", ["visitor_id"], "fp_redact"),
     ],
 )
 def test_bad_options_are_errors_at_configure_time(
@@ -501,3 +505,127 @@ def test_view_never_offered_for_requests(addon) -> None:
     assert tap.view.render_priority(body, meta) < 0
     meta = contentviews.Metadata(flow=flow, http_message=flow.response)
     assert tap.view.render_priority(body, meta) > 1
+
+
+def test_redaction_reaches_every_output_but_the_content_view(addon, tmp_path: Path, caplog) -> None:
+    tap, tctx = addon
+    caplog.set_level(logging.DEBUG)
+    tctx.configure(tap, fp_redact=["pii", "summary.visitor_id", "event.identification.visitor_id"])
+    ip, url = "198.51.100.23", "https://shop.example/cart?user=alice"
+    body, event = fp_body("v4", ip=ip, url=url, bot="bad")
+    flow = run(tap, make_flow(body, request_headers=[(b"FPJS-Proxy-Client-IP", b"192.0.2.99")]))
+    visitor = event["identification"]["visitor_id"]
+    export = tmp_path / "export.jsonl"
+    tap.export_command([flow], str(export))
+    tap.done()
+    outputs = {
+        "jsonl": (tmp_path / "out.jsonl").read_text(),
+        "export": export.read_text(),
+        "metadata": json.dumps(flow.metadata),
+        "comment": flow.comment,
+        "log": caplog.text,
+    }
+    for name, text in outputs.items():
+        for value in (ip, url, "192.0.2.99", visitor, event["user_agent"], event["linked_id"]):
+            assert value not in text, f"{value!r} leaked into the {name}"
+    assert "[redacted]" in outputs["jsonl"]
+    assert "visitor=[redacted]" in outputs["log"]
+    # The interactive view shows what Fingerprint sent, unredacted.
+    view = contentviews.prettify_message(response(flow), flow, view_name="fingerprint").text
+    assert ip in view
+    assert url in view
+
+
+# -- hostile input: nothing escapes, nothing changes ---------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+outer_objects = st.dictionaries(
+    st.sampled_from(
+        ["v", "requestId", "sealedResult", "event_id", "sealed_result", "products", "x"]
+    ),
+    json_values | st.text(alphabet="noXc7+/=AZaz09", max_size=200),
+    max_size=6,
+)
+encodings = st.sampled_from(
+    [None, "gzip", "br", "zstd", "deflate", "identity", "bogus", "gzip, br"]
+)
+
+
+def error_delta(tap: fp_addon.FingerprintTap, before: dict[str, int]) -> dict[str, int]:
+    after = tap.stats.group("errors")
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+# One addon per test function (mitmproxy's log handler outlives a test context), so
+# each example looks at what it changed rather than at absolute counts.
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    seed=st.integers(min_value=0, max_value=2**32), encoding=st.sampled_from([None, "gzip", "br"])
+)
+def test_property_hostile_responses_are_counted_right(
+    addon, seed: int, encoding: str | None
+) -> None:
+    tap, _ = addon
+    before = tap.stats.group("errors")
+    body, expected, variant = hostile_response(seed, KEY, int(time.time() * 1000))
+    flow = run(tap, make_flow(body, content_encoding=encoding))
+    delta = error_delta(tap, before)
+    if expected == "ignored":
+        assert "fp" not in flow.metadata, variant
+        assert delta == {}
+    elif expected == "ok":
+        assert flow.metadata["fp"]["ok"] is True, variant
+        assert delta == {}
+    else:
+        assert delta == {expected: 1}, variant
+        assert flow.marked == fp_addon.MARK_ERROR
+
+
+@settings(
+    max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    content=st.one_of(outer_objects.map(lambda o: json.dumps(o).encode()), st.binary(max_size=300)),
+    encoding=encodings,
+    encode=st.booleans(),
+)
+def test_property_arbitrary_bodies_never_break_the_hook(
+    addon, content: bytes, encoding: str | None, encode: bool
+) -> None:
+    tap, _ = addon
+    # The header may lie: say gzip and send plain bytes, or the other way round.
+    flow = make_flow(content, content_encoding=encoding if encode and encoding in GOOD else None)
+    if encoding and not encode:
+        flow.response.headers["content-encoding"] = encoding
+    run(tap, flow)  # asserts the flow is unchanged
+    assert "internal" not in tap.stats.group("errors")
+
+
+GOOD = {"gzip", "br", "zstd", "deflate", "identity"}
+
+
+def test_secrets_are_scrubbed_from_every_log_line(addon, caplog) -> None:
+    """Whoever logs (here: mitmproxy's wire debugging), secrets never reach a handler."""
+    tap, _ = addon
+    caplog.set_level(logging.DEBUG)
+    tap.running()  # installs the filter on the handlers present now, caplog's included
+    flow = make_flow(fp_body()[0], request_headers=[(b"FPJS-Proxy-Secret", SECRET.encode())])
+    tap.requestheaders(flow)
+    wire = logging.getLogger("mitmproxy.proxy.server")
+    wire.debug("DataReceived(client, b'POST / HTTP/1.1\\r\\nFpjs-Proxy-Secret: %s\\r\\n')", SECRET)
+    wire.debug("secret seen again, elsewhere: %s", SECRET)
+    wire.debug("the key: %s", KEY.to_base64())
+    assert SECRET not in caplog.text
+    assert KEY.to_base64().rstrip("=") not in caplog.text
+    assert caplog.text.count("[redacted]") == 3
+    tap.done()
+    wire.debug("after done: %s", SECRET)  # the filter is gone with the addon
+    assert SECRET in caplog.text

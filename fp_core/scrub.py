@@ -1,0 +1,57 @@
+"""Scrub secrets out of log text: the proxy secret header, keys, webhook secrets.
+
+fp-tap never logs a secret itself, but mitmproxy at its most verbose
+(``proxy_debug``, raw wire dumps) logs request bytes that carry the
+``FPJS-Proxy-Secret`` header. The addon passes every log line through a scrubber so
+that no secret reaches a terminal or a log file, whoever wrote the line.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections import OrderedDict
+
+MASK = "[redacted]"
+# The header in the forms logs show it: "Name: value" on the wire (repr'd bytes stop
+# at a backslash), "Name=value", and "('Name', 'value')" tuples.
+_HEADER_VALUE = re.compile(
+    r"""(?i)(fpjs-proxy-secret(?:['"]?\s*[:=]\s*|['"]?,\s*b?['"]))([^\\\r\n'",;\s]+)"""
+)
+_MIN_LITERAL = 6  # shorter values would blank out ordinary words
+
+
+class Scrubber:
+    """Replaces known secret values, and any proxy-secret header value, with a mask."""
+
+    def __init__(self, max_literals: int = 64) -> None:
+        self._literals: OrderedDict[str, None] = OrderedDict()
+        self._max = max_literals
+
+    def add(self, secret: str) -> None:
+        """Remember a secret value (the most recent ``max_literals`` are kept)."""
+        if len(secret) < _MIN_LITERAL or secret == MASK:
+            return
+        self._literals.pop(secret, None)
+        self._literals[secret] = None
+        while len(self._literals) > self._max:
+            self._literals.popitem(last=False)
+
+    def add_key(self, raw: bytes) -> None:
+        """A key in every textual form it could take: base64 (both alphabets), hex."""
+        for form in (
+            base64.b64encode(raw).decode().rstrip("="),
+            base64.urlsafe_b64encode(raw).decode().rstrip("="),
+            raw.hex(),
+            raw.hex().upper(),
+        ):
+            self.add(form)
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every secret masked (unchanged, same object, when there is none)."""
+        for literal in self._literals:
+            if literal in text:
+                text = text.replace(literal, MASK)
+        if "ecret" in text:  # cheap test before the regular expression
+            text = _HEADER_VALUE.sub(lambda m: m.group(1) + MASK, text)
+        return text

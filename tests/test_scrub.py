@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from fp_core.keys import DecryptionKey
+from fp_core.scrub import MASK, Scrubber
+
+SECRET = "s3cr3t-proxy-value"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # mitmproxy's proxy_debug wire dump: repr'd bytes.
+        f"DataReceived(b'POST / HTTP/1.1\\r\\nFpjs-Proxy-Secret: {SECRET}\\r\\nHost: x\\r\\n')",
+        f"FPJS-Proxy-Secret: {SECRET}",
+        f"fpjs-proxy-secret={SECRET}; other=1",
+        f"Headers[(b'FPJS-Proxy-Secret', b'{SECRET}'), (b'Host', b'x')]",
+        f"[('fpjs-proxy-secret', '{SECRET}')]",
+    ],
+)
+def test_header_values_are_masked_in_every_form(line: str) -> None:
+    out = Scrubber().scrub(line)
+    assert SECRET not in out
+    assert MASK in out
+
+
+def test_the_rest_of_the_line_survives() -> None:
+    line = f"b'Fpjs-Proxy-Secret: {SECRET}\\r\\nHost: example.com\\r\\n'"
+    assert Scrubber().scrub(line) == f"b'Fpjs-Proxy-Secret: {MASK}\\r\\nHost: example.com\\r\\n'"
+
+
+def test_known_literals_anywhere() -> None:
+    scrubber = Scrubber()
+    scrubber.add(SECRET)
+    assert scrubber.scrub(f"x{SECRET}y and {SECRET}") == f"x{MASK}y and {MASK}"
+
+
+def test_keys_in_all_forms() -> None:
+    key = DecryptionKey.generate()
+    scrubber = Scrubber()
+    scrubber.add_key(key.raw())
+    for form in (
+        key.to_base64(),
+        base64.urlsafe_b64encode(key.raw()).decode(),
+        key.raw().hex(),
+        key.raw().hex().upper(),
+    ):
+        assert form not in scrubber.scrub(f"key={form}!")
+
+
+def test_short_values_and_the_mask_are_not_literals() -> None:
+    scrubber = Scrubber()
+    scrubber.add("abc")
+    scrubber.add(MASK)
+    assert scrubber.scrub("abc abc") == "abc abc"
+
+
+def test_literals_are_bounded_most_recent_kept() -> None:
+    scrubber = Scrubber(max_literals=3)
+    for i in range(5):
+        scrubber.add(f"secret-value-{i}")
+    text = " ".join(f"secret-value-{i}" for i in range(5))
+    assert scrubber.scrub(text) == f"secret-value-0 secret-value-1 {MASK} {MASK} {MASK}"
+    scrubber.add("secret-value-2")  # seen again: now the most recent
+    scrubber.add("secret-value-9")
+    assert "secret-value-2" not in scrubber.scrub("secret-value-2")
+
+
+def test_ordinary_lines_are_untouched() -> None:
+    line = "fp v4 1.abc trusted visitor=xyz bot=not_detected"
+    assert Scrubber().scrub(line) is line
