@@ -52,10 +52,15 @@ def _zlib(data: bytes, limit: int, wbits: int) -> bytes:
         out = inflater.decompress(data, limit + 1)
     except zlib.error:
         raise ContentError("undecodable", "body is not valid compressed data") from None
+    return _complete(out, limit, inflater.eof, "compressed")
+
+
+def _complete[T: (bytes, bytearray)](out: T, limit: int, finished: bool, what: str) -> T:
+    """The decoded output, unless it overran the limit or the stream stopped short."""
     if len(out) > limit:
         raise ContentError("too_big", f"decoded body exceeds {limit} bytes")
-    if not inflater.eof:
-        raise ContentError("undecodable", "compressed body is truncated")
+    if not finished:
+        raise ContentError("undecodable", f"{what} body is truncated")
     return out
 
 
@@ -83,11 +88,7 @@ def _brotli(data: bytes, limit: int) -> bytes:
         out: bytes = decompressor.process(data, output_buffer_limit=limit + 1)
     except brotli.error:
         raise ContentError("undecodable", "body is not valid brotli data") from None
-    if len(out) > limit:
-        raise ContentError("too_big", f"decoded body exceeds {limit} bytes")
-    if not decompressor.is_finished():
-        raise ContentError("undecodable", "brotli body is truncated")
-    return out
+    return _complete(out, limit, decompressor.is_finished(), "brotli")
 
 
 def _zstd_module() -> Any:
@@ -111,10 +112,7 @@ def _zstd(data: bytes, limit: int) -> bytes:
             out += decompressor.decompress(data, max_length=limit + 1 - len(out))
         except zstd.ZstdError:
             raise ContentError("undecodable", "body is not valid zstd data") from None
-        if len(out) > limit:
-            raise ContentError("too_big", f"decoded body exceeds {limit} bytes")
-        if not decompressor.eof:
-            raise ContentError("undecodable", "zstd body is truncated")
+        _complete(out, limit, decompressor.eof, "zstd")
         data = decompressor.unused_data
     return bytes(out)
 
