@@ -61,8 +61,8 @@ def ok_record(i: int, *, when: float | None = None, duplicate: bool = False) -> 
     }
 
 
-def error_record(i: int) -> dict[str, Any]:
-    record = ok_record(i)
+def error_record(i: int, *, when: float | None = None) -> dict[str, Any]:
+    record = ok_record(i, when=when)
     record.update(
         ok=False,
         error={"kind": "decrypt_failed", "message": "no key fits — žádný"},
