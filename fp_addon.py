@@ -520,6 +520,8 @@ def _non_negative(opts: Any, name: str) -> int:
 
 
 def _state_dir(opts: Any) -> str:
+    if not str(opts.fp_state_dir).strip():
+        raise exceptions.OptionsError("fp_state_dir cannot be empty")
     return os.path.abspath(os.path.expanduser(str(opts.fp_state_dir)))
 
 

@@ -199,17 +199,24 @@ def recent_request_ids(path: str, since: float, limit: int) -> list[tuple[str, f
     if not os.path.isfile(path):
         return []
     with closing(open_store(path)) as conn:
-        rows = conn.execute(
-            "SELECT request_id, summary, time FROM records WHERE ok = 1 AND time >= ? "
-            "ORDER BY time DESC LIMIT ?",
-            (iso_time(since), limit),
-        ).fetchall()
+        try:
+            rows = conn.execute(
+                "SELECT request_id, summary, time FROM records WHERE ok = 1 AND time >= ? "
+                "ORDER BY time DESC LIMIT ?",
+                (iso_time(since), limit),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise SqliteFileError(f"cannot read {path}: {reason(exc)}") from None
     out = []
     for row in rows:
-        summary = json.loads(row["summary"]) if row["summary"] else {}
-        seen_id = summary.get("request_id") or row["request_id"]
-        if seen_id and row["time"]:
-            out.append((seen_id, datetime.fromisoformat(row["time"]).timestamp()))
+        try:
+            summary = json.loads(row["summary"]) if row["summary"] else {}
+            when = datetime.fromisoformat(row["time"]).timestamp()
+        except (TypeError, ValueError):
+            continue  # a row someone edited by hand: not worth failing the start for
+        seen_id = summary.get("request_id") if isinstance(summary, dict) else None
+        if seen_id or row["request_id"]:
+            out.append((seen_id or row["request_id"], when))
     return out
 
 

@@ -349,6 +349,7 @@ def test_the_state_dir_is_made_only_for_the_webhook(
         ({"fp_drain_timeout": -1}, "fp_drain_timeout"),
         ({"fp_webhook_ca": "/nonexistent/ca.pem"}, "CA file"),
         ({"fp_webhook_secret_file": "/nonexistent/secret"}, "set twice"),
+        ({"fp_state_dir": " "}, "fp_state_dir"),
     ],
 )
 def test_bad_webhook_options(

@@ -327,6 +327,17 @@ def test_recent_request_ids_for_the_replay_memory(store: SqliteStore) -> None:
     assert len(recent_request_ids(store.path, since=now - 3600, limit=1)) == 1
 
 
+def test_recent_request_ids_skips_rows_it_cannot_read(store: SqliteStore) -> None:
+    store.write([ok_record(1, when=time.time() - 5), ok_record(2, when=time.time() - 5)])
+    store.close()
+    conn = sqlite3.connect(store.path)
+    conn.execute("UPDATE records SET summary = 'not json' WHERE flow_id = 'flow-1'")
+    conn.commit()
+    conn.close()
+    got = recent_request_ids(store.path, since=time.time() - 60, limit=10)
+    assert [rid for rid, _ in got] == [ok_record(2)["request_id"]]
+
+
 def test_recent_request_ids_of_a_missing_store_is_empty(tmp_path: Path) -> None:
     assert recent_request_ids(str(tmp_path / "none.sqlite3"), 0, 10) == []
 
