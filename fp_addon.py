@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from mitmproxy import command, contentviews, ctx, exceptions, flowfilter, http, types
 from mitmproxy import flow as mflow
@@ -25,14 +25,11 @@ from mitmproxy.addonmanager import Loader
 
 from fp_core.checks import CheckConfig, parse_origins
 from fp_core.content import ContentError, decode_content
-from fp_core.delivery import Delivery, DeliveryConfig
 from fp_core.envelope import parse_open_response
 from fp_core.errors import FpError, KeyConfigError, UnsealError
 from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
-from fp_core.spool import Spool
 from fp_core.stats import Stats
-from fp_core.store import SqliteStore, recent_request_ids
 from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
 from fp_core.webhook import (
     SECRET_ENV_VAR,
@@ -44,6 +41,12 @@ from fp_core.webhook import (
     tls_context,
 )
 from fp_core.writer import JsonlSink, RecordWriter, Sink, WithoutEvent, dumps, open_private
+
+if TYPE_CHECKING:
+    # At run time these are imported where fp_sqlite or fp_webhook_url needs them: they
+    # use sqlite3, which mitmproxy's standalone binaries do not bundle, and the rest of
+    # the addon must load there all the same.
+    from fp_core.delivery import Delivery, DeliveryConfig
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +318,8 @@ class FingerprintTap:
 
     def _preload_replay(self, path: str) -> None:
         """Ids the store saw within the replay ttl count as seen (a one-off read at start)."""
+        from fp_core.store import recent_request_ids
+
         now, replay = time.time(), self.tap.replay
         try:
             items = recent_request_ids(path, now - replay.ttl, replay.max_entries)
@@ -529,6 +534,9 @@ def _delivery_config(opts: Any) -> DeliveryConfig | None:
     """The webhook settings, validated (the secret read once, here); None: no webhook."""
     if not opts.fp_webhook_url:
         return None
+    _require_sqlite("fp_webhook_url")  # for the spool
+    from fp_core.delivery import DeliveryConfig
+
     try:
         url = check_url(opts.fp_webhook_url)
         secret = load_secret(opts.fp_webhook_secret_file)
@@ -563,6 +571,9 @@ def _delivery_config(opts: Any) -> DeliveryConfig | None:
 
 
 def _open_delivery(state_dir: str, config: DeliveryConfig, stats: Stats) -> Delivery:
+    from fp_core.delivery import Delivery
+    from fp_core.spool import Spool
+
     try:
         spool = Spool(state_dir)
     except FpError as exc:
@@ -587,6 +598,9 @@ def _file_sinks(opts: Any, stats: Stats) -> list[Sink]:
     sinks: list[Sink] = []
     try:
         if opts.fp_sqlite:
+            _require_sqlite("fp_sqlite")
+            from fp_core.store import SqliteStore
+
             try:
                 sinks.append(SqliteStore(opts.fp_sqlite, stats))
             except FpError as exc:
@@ -603,6 +617,18 @@ def _file_sinks(opts: Any, stats: Stats) -> list[Sink]:
             sink.close()
         raise
     return sinks
+
+
+def _require_sqlite(option: str) -> None:
+    """A clear start-up error when ``option`` needs sqlite3 and this Python has none."""
+    try:
+        import sqlite3  # noqa: F401
+    except ImportError:
+        raise exceptions.OptionsError(
+            f"{option} needs Python's sqlite3 module, which this mitmproxy does not include "
+            "(the standalone binaries leave it out): run a mitmproxy installed from PyPI "
+            "(e.g. pipx install mitmproxy)"
+        ) from None
 
 
 def _retire(writer: RecordWriter | None, delivery: Delivery | None) -> Callable[[], None]:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from fp_core.sqlite_files import SqliteFileError, connect, migrate, reason, transaction
+from fp_core.webhook import Outgoing
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX events_due ON events (parked, next_attempt)",
     ),
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """An event to forward: the body to POST and the headers that depend on the record."""
-
-    request_id: str
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,9 @@ that spools them, and one HTTP POST with the standard library.
 The body is the unsealed event JSON, signed as Fingerprint signs its webhooks
 (``FPJS-Event-Signature: v1=<hex HMAC-SHA256 of the raw body>``), so a backend that
 already verifies Fingerprint webhooks with an official SDK accepts it unchanged.
+
+Standard library only, and no ``sqlite3`` at import time: mitmproxy's standalone
+binaries bundle ``http.client``, ``ssl`` and ``hmac`` but leave ``sqlite3`` out.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ import ssl
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fp_core.errors import FpError
-from fp_core.spool import Outgoing, Spool
 from fp_core.stats import Stats
 from fp_core.writer import dumps
+
+if TYPE_CHECKING:  # only a type here: this module must load without sqlite3
+    from fp_core.spool import Spool
 
 SECRET_ENV_VAR = "FP_WEBHOOK_SECRET"  # noqa: S105 (the variable's name, not a secret)
 SIGNATURE_HEADER = "FPJS-Event-Signature"
@@ -41,6 +46,15 @@ class WebhookConfigError(FpError):
     """The webhook URL, secret or CA file cannot be used."""
 
     kind = "bad_webhook"
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """An event to forward: the body to POST and the headers that depend on the record."""
+
+    request_id: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class WebhookSecret:

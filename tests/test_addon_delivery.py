@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import secrets
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +25,7 @@ from fp_core.keys import ENV_VAR
 from fp_core.spool import SPOOL_FILE, Spool
 from fp_core.store import read_records
 from fp_core.webhook import SECRET_ENV_VAR, outgoing, verdict_header
-from scripts.harness import make_tls_files
+from scripts.harness import REPO, make_tls_files
 from scripts.receiver import Receiver, ReceiverConfig, tls_context
 from tests.test_addon import KEY, fp_body, hostile_bodies, make_flow, run
 
@@ -208,7 +211,8 @@ def test_the_proxy_never_waits_for_the_receiver(start: Callable[..., Tap], tmp_p
     # it would still be running at the end of this join.
     sender.join(PATIENCE)
     assert not sender.is_alive()
-    assert stats(tap)["webhook_pending"] == 20
+    wait_until(lambda: stats(tap)["webhook_pending"] == 20, "every event in the spool")
+    assert stuck.received == []
     gate.touch()
     stuck.wait_for(20)
     tap.addon.done()
@@ -405,3 +409,41 @@ def test_spool_rows_carry_no_secret_and_no_signature(
     conn.close()
     assert set(json.loads(headers)) == {"FP-Tap-Verdict", "FP-Tap-Checks"}
     down.close()
+
+
+# -- without sqlite3, as in mitmproxy's standalone binaries -----------------------------
+
+
+def test_the_addon_loads_without_sqlite3(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['sqlite3'] = sys.modules['_sqlite3'] = None  # as in the binaries\n"
+        "import fp_addon\n"
+        "assert not {'fp_core.store', 'fp_core.spool', 'fp_core.delivery'} & set(sys.modules)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("option", ["fp_sqlite", "fp_webhook_url"])
+def test_without_sqlite3_the_store_and_webhook_say_why(
+    start: Callable[..., Tap],
+    tmp_path: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+    option: str,
+) -> None:
+    out = tmp_path / "e.jsonl"
+    tap = start(fp_jsonl=str(out))
+    monkeypatch.setitem(sys.modules, "sqlite3", None)
+    value = receiver.url if option == "fp_webhook_url" else str(tmp_path / "e.sqlite3")
+    with pytest.raises(exceptions.OptionsError, match=f"{option} needs Python's sqlite3"):
+        tap.configure(**{option: value})
+    tap.send(fp_body()[0])  # the rest of the tap carries on
+    tap.addon.done()
+    assert len(jsonl(out)) == 1

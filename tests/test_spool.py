@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fp_core.spool import LOCK_FILE, SPOOL_FILE, Outcomes, Outgoing, Spool, private_dir
+from fp_core.spool import LOCK_FILE, SPOOL_FILE, Outcomes, Spool, private_dir
 from fp_core.sqlite_files import SqliteFileError
+from fp_core.webhook import Outgoing
 
 
 class Clock:
