@@ -184,6 +184,8 @@ class Delivery:
             except Exception as exc:  # the spool failing must not end delivery for good
                 self.stats.incr_group("webhook", "spool_errors")
                 self._warn("spool", "fp-tap: webhook spool error: %s", exc)
+                if self._stopping.is_set() and time.monotonic() >= self._deadline:
+                    break
                 wait = IDLE_WAIT
             self._wake.wait(wait)
         try:

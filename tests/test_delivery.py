@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import pytest
 from fingerprint_server_sdk import WebhookValidation
 
 from fp_core.delivery import Delivery, DeliveryConfig, backoff
-from fp_core.spool import Spool
+from fp_core.spool import Spool, Spooled
 from fp_core.stats import Stats
 from fp_core.webhook import (
     IDEMPOTENCY_HEADER,
@@ -287,3 +287,24 @@ def test_new_settings_apply_to_the_next_attempts(rig: Rig) -> None:
     delivery.configure(config(url="http://b/", retry_first=0.05))
     wait_until(lambda: delivery.spool.pending == 0, "delivery to the second URL")
     assert second.ids() == ["req-0"]
+
+
+def test_a_failing_spool_is_counted_and_delivery_carries_on(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sender = Sender()
+    delivery = rig.start(sender)
+    real_due = delivery.spool.due
+    failures = [2]
+
+    def flaky_due(now: float, limit: int, exclude: Collection[int] = ()) -> list[Spooled]:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError("disk I/O error")
+        return real_due(now, limit, exclude)
+
+    monkeypatch.setattr(delivery.spool, "due", flaky_due)
+    delivery.spool.add(items(1))
+    delivery.wake()
+    wait_until(lambda: delivery.spool.pending == 0, "delivery despite the errors")
+    assert webhook(rig.stats)["spool_errors"] == 2
