@@ -74,9 +74,6 @@ class Outcomes:
     #: (row id, error)
     park: list[tuple[int, str]] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return bool(self.delivered or self.retry or self.park)
-
 
 def private_dir(path: str) -> bool:
     """Create ``path`` (and parents) with mode 0700 unless it exists.
