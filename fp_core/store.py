@@ -136,7 +136,7 @@ def row_of(record: dict[str, Any]) -> tuple[Any, ...]:
     error = record.get("error")
     extra = {k: v for k, v in record.items() if k not in _KNOWN}
     return (
-        *(record.get(name) for name in _PLAIN),
+        *(_scalar(record.get(name)) for name in _PLAIN),
         *(_json_or_null(record.get(name)) for name in _JSON),
         _int_or_null(record.get("ok")),
         dumps(record["event"]) if "event" in record else None,
@@ -163,6 +163,14 @@ def record_of(row: sqlite3.Row) -> dict[str, Any]:
     if row["extra"] is not None:
         record.update(json.loads(row["extra"]))
     return record
+
+
+def _scalar(value: Any) -> Any:
+    # A value SQLite cannot bind would fail its batch again on every retry and hold up
+    # every record after it: store anything unexpected as its JSON text instead.
+    if value is None or isinstance(value, str | int | float):
+        return value
+    return dumps(value)
 
 
 def _json_or_null(value: Any) -> str | None:

@@ -180,6 +180,18 @@ def test_duplicates_get_one_row_each(store: SqliteStore) -> None:
     assert ids == [record["request_id"]] * 2
 
 
+def test_an_odd_value_cannot_block_the_store(store: SqliteStore) -> None:
+    odd = ok_record(1)
+    odd["client_ip"] = {"not": "a string"}  # e.g. a later change to the record format
+    store.write([odd, ok_record(2)])
+    assert store.held() == 0
+    store.close()
+    assert [r["client_ip"] for r in read_records(store.path)] == [
+        '{"not":"a string"}',
+        "203.0.113.7",
+    ]
+
+
 def test_row_of_and_record_of_are_inverse() -> None:
     conn = sqlite3.connect(":memory:")
     conn.row_factory = sqlite3.Row
