@@ -1,6 +1,7 @@
 """fp-tap: a mitmproxy addon that unseals Fingerprint Open Client Responses in flight.
 
-    mitmdump -s fp_addon.py --set fp_keys_file=keys.txt --set fp_jsonl=events.jsonl
+    mitmdump -s fp_addon.py --set fp_keys_file=keys.txt --set fp_jsonl=events.jsonl \
+        --set fp_sqlite=events.sqlite3 --set fp_webhook_url=https://backend.example/fp
 
 It reads responses and never changes what the client receives. This is the only module
 that speaks mitmproxy; the work is done by ``fp_core`` (found beside this file, so a
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
-from collections.abc import Sequence
-from typing import Any, Optional
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 from mitmproxy import command, contentviews, ctx, exceptions, flowfilter, http, types
 from mitmproxy import flow as mflow
@@ -23,14 +26,29 @@ from mitmproxy.addonmanager import Loader
 from fp_core.checks import CheckConfig, parse_origins
 from fp_core.content import ContentError, decode_content
 from fp_core.envelope import parse_open_response
-from fp_core.errors import KeyConfigError, UnsealError
+from fp_core.errors import FpError, KeyConfigError, UnsealError
 from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
 from fp_core.redact import PRESETS, Redactor, parse_paths
 from fp_core.scrub import Scrubber
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats
 from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
-from fp_core.writer import JsonlSink, RecordWriter, Sink, dumps, open_private
+from fp_core.webhook import (
+    SECRET_ENV_VAR,
+    WebhookSink,
+    check_url,
+    describe_url,
+    is_plaintext_remote,
+    load_secret,
+    tls_context,
+)
+from fp_core.writer import JsonlSink, RecordWriter, Sink, WithoutEvent, dumps, open_private
+
+if TYPE_CHECKING:
+    # At run time these are imported where fp_sqlite or fp_webhook_url needs them: they
+    # use sqlite3, which mitmproxy's standalone binaries do not bundle, and the rest of
+    # the addon must load there all the same.
+    from fp_core.delivery import Delivery, DeliveryConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +60,19 @@ MARK_ERROR = ":x:"
 METADATA_KEY = "fp"
 
 # Options whose change means a new record writer (its sinks are opened once).
-_WRITER_OPTIONS = {"fp_jsonl", "fp_queue_size"}
+_WRITER_OPTIONS = {"fp_jsonl", "fp_queue_size", "fp_sqlite", "fp_include_event"}
+# Options of the webhook delivery (a new one only for a new fp_state_dir).
+_DELIVERY_OPTIONS = {
+    "fp_webhook_url",
+    "fp_webhook_secret_file",
+    "fp_webhook_ca",
+    "fp_webhook_timeout",
+    "fp_webhook_concurrency",
+    "fp_webhook_retry_ms",
+    "fp_webhook_retry_max",
+    "fp_webhook_give_up",
+    "fp_state_dir",
+}
 # Options whose change means a new tap configuration.
 _TAP_OPTIONS = {
     "fp_keys_file",
@@ -52,6 +82,7 @@ _TAP_OPTIONS = {
     "fp_origins",
     "fp_max_event",
     "fp_redact",
+    "fp_webhook_url",  # the webhook needs the event in records even without fp_include_event
 }
 
 
@@ -65,6 +96,9 @@ class FingerprintTap:
         self.filter: flowfilter.TFilter | None = None
         self.max_body = 1024 * 1024
         self.writer: RecordWriter | None = None
+        self.delivery: Delivery | None = None
+        self.drain_timeout = 5
+        self.include_event = True
         self.view = FingerprintView(self)
         self.scrubber = Scrubber()
         self._log_filter = _ScrubFilter(self.scrubber)
@@ -147,6 +181,76 @@ class FingerprintTap:
             "Records waiting for the background writer; beyond this they are dropped "
             "(counted and warned about) rather than slowing the proxy.",
         )
+        loader.add_option(
+            "fp_sqlite",
+            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
+            None,
+            "Also write one row per open response to this SQLite file (WAL, mode 0600); "
+            "its request ids count for the duplicate check after a restart.",
+        )
+        loader.add_option(
+            "fp_webhook_url",
+            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
+            None,
+            "POST each unsealed event (signed like a Fingerprint webhook) to this http(s) "
+            "URL, at least once, from a spool in fp_state_dir.",
+        )
+        loader.add_option(
+            "fp_webhook_secret_file",
+            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
+            None,
+            f"File holding the webhook signing secret (or set {SECRET_ENV_VAR}); the "
+            "secret is never an option value.",
+        )
+        loader.add_option(
+            "fp_webhook_ca",
+            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
+            None,
+            "PEM file of the CA certificates to trust for an https webhook receiver, "
+            "instead of the system's.",
+        )
+        loader.add_option(
+            "fp_webhook_timeout",
+            int,
+            10,
+            "Seconds to wait for the webhook receiver to connect, and then to answer.",
+        )
+        loader.add_option(
+            "fp_webhook_concurrency",
+            int,
+            4,
+            "Webhook requests in flight at the same time, at most.",
+        )
+        loader.add_option(
+            "fp_webhook_retry_ms",
+            int,
+            1000,
+            "Milliseconds before the first retry of a failed webhook delivery; doubles with "
+            "each failure (with jitter) up to fp_webhook_retry_max.",
+        )
+        loader.add_option(
+            "fp_webhook_retry_max", int, 300, "Longest wait between webhook retries, in seconds."
+        )
+        loader.add_option(
+            "fp_webhook_give_up",
+            int,
+            86_400,
+            "Seconds after which an event that still cannot be delivered is parked: kept in "
+            "the spool and counted; fp.resend sends parked events again.",
+        )
+        loader.add_option(
+            "fp_state_dir",
+            str,
+            "~/.fp-tap",
+            "Directory (created with mode 0700) for the webhook spool.",
+        )
+        loader.add_option(
+            "fp_drain_timeout",
+            int,
+            5,
+            "On shutdown, keep delivering webhook events for up to this many seconds; what "
+            "is left stays in the spool for the next start.",
+        )
         contentviews.add(self.view)
         self._filter_logs()
 
@@ -164,10 +268,14 @@ class FingerprintTap:
             self.filter = _parse_filter(opts.fp_filter)
         if "fp_max_body" in updated:
             self.max_body = _positive(opts, "fp_max_body")
+        if "fp_drain_timeout" in updated:
+            self.drain_timeout = _non_negative(opts, "fp_drain_timeout")
+        if updated & (_WRITER_OPTIONS | _DELIVERY_OPTIONS):
+            self._configure_outputs(opts, updated)
         if updated & _TAP_OPTIONS:
             self._configure_tap(opts, reload_keys="fp_keys_file" in updated)
-        if updated & _WRITER_OPTIONS:
-            self._configure_writer(opts)
+        if opts.fp_sqlite and updated & {"fp_sqlite", "fp_replay_ttl"}:
+            self._preload_replay(opts.fp_sqlite)
 
     def _configure_tap(self, opts: Any, reload_keys: bool) -> None:
         if reload_keys:
@@ -182,9 +290,10 @@ class FingerprintTap:
             redactor = Redactor(parse_paths(opts.fp_redact))
         except ValueError as exc:
             raise exceptions.OptionsError(f"fp_redact: {exc}") from None
+        self.include_event = opts.fp_include_event
         config = TapConfig(
             keys=self.keys,
-            include_event=opts.fp_include_event,
+            include_event=opts.fp_include_event or bool(opts.fp_webhook_url),
             max_event=_positive(opts, "fp_max_event"),
             checks=CheckConfig(max_age_ms=_positive(opts, "fp_max_age") * 1000, origins=origins),
             replay_ttl=_positive(opts, "fp_replay_ttl"),
@@ -195,23 +304,68 @@ class FingerprintTap:
         if replay.ttl == config.replay_ttl:
             self.tap.replay = replay  # keep what was seen across unrelated option changes
 
-    def _configure_writer(self, opts: Any) -> None:
-        sinks: list[Sink] = []
-        if opts.fp_jsonl:
+    def _configure_outputs(self, opts: Any, updated: set[str]) -> None:
+        """Open what the options ask for first; only then swap it in and retire the old
+        writer and delivery (in that order, off the event loop), so that a bad value
+        leaves the running ones untouched."""
+        delivery, retired = self.delivery, None
+        if updated & _DELIVERY_OPTIONS:
+            config = _delivery_config(opts)
+            if config is not None and config.secret is not None:
+                self.scrubber.add(config.secret.text())
+            if config is None:
+                delivery, retired = None, self.delivery
+            elif delivery is None or delivery.spool.state_dir != _state_dir(opts):
+                delivery, retired = _open_delivery(_state_dir(opts), config, self.stats), delivery
+            else:
+                delivery.configure(config)
+        writer, old_writer = self.writer, None
+        if delivery is not self.delivery or updated & _WRITER_OPTIONS:
             try:
-                sinks.append(JsonlSink(opts.fp_jsonl))
-            except OSError as exc:
-                raise exceptions.OptionsError(
-                    f"fp_jsonl: cannot open {opts.fp_jsonl}: {exc.strerror}"
-                ) from None
-        old, self.writer = self.writer, None
-        if old is not None:
-            self._in_background(old.close)
-        if sinks:
-            self.writer = RecordWriter(
-                sinks, self.stats, max_queue=_positive(opts, "fp_queue_size")
+                writer, old_writer = self._new_writer(opts, delivery), self.writer
+            except exceptions.OptionsError:
+                if delivery is not self.delivery and delivery is not None:
+                    delivery.close(drain=0)
+                raise
+        self.writer, self.delivery = writer, delivery
+        if old_writer is not None or retired is not None:
+            self._in_background(_retire(old_writer, retired))
+
+    def _new_writer(self, opts: Any, delivery: Delivery | None) -> RecordWriter | None:
+        # The spool comes first: a record found in the JSONL file or the store is
+        # already in the spool, so a crash right after cannot lose its delivery.
+        max_queue = _positive(opts, "fp_queue_size")
+        sinks: list[Sink] = []
+        if delivery is not None:
+            sinks.append(WebhookSink(delivery.spool, self.stats, delivery.wake))
+        files = _file_sinks(opts, self.stats)
+        if delivery is not None and not opts.fp_include_event:
+            files = [WithoutEvent(sink) for sink in files]
+        sinks += files
+        if not sinks:
+            return None
+        writer = RecordWriter(sinks, self.stats, max_queue=max_queue)
+        writer.start()
+        return writer
+
+    def _preload_replay(self, path: str) -> None:
+        """Ids the store saw within the replay ttl count as seen (a one-off read at start)."""
+        from fp_core.store import recent_request_ids
+
+        now, replay = time.time(), self.tap.replay
+        try:
+            items = recent_request_ids(path, now - replay.ttl, replay.max_entries)
+        except FpError as exc:
+            log.warning("fp-tap: duplicate check: cannot read earlier ids: %s", exc.message)
+            return
+        replay.preload(items, now)
+        if items:
+            log.info(
+                "fp-tap: duplicate check: %d request id(s) from the last %d s of %s",
+                len(items),
+                replay.ttl,
+                path,
             )
-            self.writer.start()
 
     # -- hooks -----------------------------------------------------------------------
 
@@ -238,6 +392,8 @@ class FingerprintTap:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.delivery is not None:
+            self.delivery.close(drain=self.drain_timeout)
         for thread in self._background:
             thread.join(timeout=10)
         log.info("fp-tap summary: %s", json.dumps(self.snapshot(), sort_keys=True))
@@ -263,11 +419,25 @@ class FingerprintTap:
 
         self._in_background(write)
 
+    @command.command("fp.resend")
+    def resend_command(self) -> None:
+        """Send the parked webhook events again (in the background; see fp.stats)."""
+        delivery = self.delivery
+        if delivery is None:
+            raise exceptions.CommandError("fp.resend: no webhook configured (fp_webhook_url)")
+
+        def resend() -> None:
+            log.info("fp.resend: %d parked webhook event(s) queued again", delivery.resend())
+
+        self._in_background(resend)
+
     # -- the work --------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
         out = self.tap.snapshot()
         out["queued"] = self.writer.pending() if self.writer else 0
+        if self.delivery is not None:
+            out.update(self.delivery.snapshot())
         return out
 
     def _inspect(self, flow: http.HTTPFlow) -> None:
@@ -323,6 +493,8 @@ class FingerprintTap:
         stored = flow.metadata.get(METADATA_KEY)
         if record is not None and isinstance(stored, dict):
             record.update({k: stored[k] for k in ("checks", "verdict", "reasons") if k in stored})
+        if record is not None and not self.include_event:
+            record.pop("event", None)  # the tap keeps it for the webhook only
         return record
 
     def _in_background(self, fn: Any) -> None:
@@ -400,6 +572,132 @@ def _positive(opts: Any, name: str) -> int:
     if value <= 0:
         raise exceptions.OptionsError(f"{name} must be a positive number, got {value}")
     return int(value)
+
+
+def _non_negative(opts: Any, name: str) -> int:
+    value = getattr(opts, name)
+    if value < 0:
+        raise exceptions.OptionsError(f"{name} cannot be negative, got {value}")
+    return int(value)
+
+
+def _state_dir(opts: Any) -> str:
+    if not str(opts.fp_state_dir).strip():
+        raise exceptions.OptionsError("fp_state_dir cannot be empty")
+    return os.path.abspath(os.path.expanduser(str(opts.fp_state_dir)))
+
+
+def _delivery_config(opts: Any) -> DeliveryConfig | None:
+    """The webhook settings, validated (the secret read once, here); None: no webhook."""
+    if not opts.fp_webhook_url:
+        return None
+    _require_sqlite("fp_webhook_url")  # for the spool
+    from fp_core.delivery import DeliveryConfig
+
+    try:
+        url = check_url(opts.fp_webhook_url)
+        secret = load_secret(opts.fp_webhook_secret_file)
+        if opts.fp_webhook_ca:
+            tls_context(opts.fp_webhook_ca)  # a bad file is an error now, not per request
+    except FpError as exc:
+        raise exceptions.OptionsError(f"fp_webhook: {exc.message}") from None
+    secret_file = opts.fp_webhook_secret_file
+    if secret_file and key_file_too_open(secret_file):
+        log.warning(
+            "fp-tap: webhook secret file %s is readable by others; chmod 600 it", secret_file
+        )
+    if secret is None:
+        log.warning(
+            "fp-tap: webhook events are not signed: set %s or fp_webhook_secret_file",
+            SECRET_ENV_VAR,
+        )
+    if is_plaintext_remote(url):
+        log.warning(
+            "fp-tap: fp_webhook_url is plain http to another host: events travel unencrypted"
+        )
+    return DeliveryConfig(
+        url=url,
+        secret=secret,
+        timeout=_positive(opts, "fp_webhook_timeout"),
+        concurrency=_positive(opts, "fp_webhook_concurrency"),
+        retry_first=_positive(opts, "fp_webhook_retry_ms") / 1000,
+        retry_max=_positive(opts, "fp_webhook_retry_max"),
+        give_up=_positive(opts, "fp_webhook_give_up"),
+        ca_file=opts.fp_webhook_ca or None,
+    )
+
+
+def _open_delivery(state_dir: str, config: DeliveryConfig, stats: Stats) -> Delivery:
+    from fp_core.delivery import Delivery
+    from fp_core.spool import Spool
+
+    try:
+        spool = Spool(state_dir)
+    except FpError as exc:
+        raise exceptions.OptionsError(f"fp_state_dir: {exc.message}") from None
+    try:
+        delivery = Delivery(spool, config, stats)
+    except FpError as exc:
+        spool.close()
+        raise exceptions.OptionsError(f"fp_webhook: {exc.message}") from None
+    delivery.start()
+    log.info(
+        "fp-tap: forwarding unsealed events to %s (%s), spool %s",
+        describe_url(config.url),
+        "signed" if config.secret else "unsigned",
+        spool.path,
+    )
+    return delivery
+
+
+def _file_sinks(opts: Any, stats: Stats) -> list[Sink]:
+    """The SQLite store and the JSONL file, as configured; all or none opened."""
+    sinks: list[Sink] = []
+    try:
+        if opts.fp_sqlite:
+            _require_sqlite("fp_sqlite")
+            from fp_core.store import SqliteStore
+
+            try:
+                sinks.append(SqliteStore(opts.fp_sqlite, stats))
+            except FpError as exc:
+                raise exceptions.OptionsError(f"fp_sqlite: {exc.message}") from None
+        if opts.fp_jsonl:
+            try:
+                sinks.append(JsonlSink(opts.fp_jsonl))
+            except OSError as exc:
+                raise exceptions.OptionsError(
+                    f"fp_jsonl: cannot open {opts.fp_jsonl}: {exc.strerror}"
+                ) from None
+    except exceptions.OptionsError:
+        for sink in sinks:
+            sink.close()
+        raise
+    return sinks
+
+
+def _require_sqlite(option: str) -> None:
+    """A clear start-up error when ``option`` needs sqlite3 and this Python has none."""
+    try:
+        import sqlite3  # noqa: F401
+    except ImportError:
+        raise exceptions.OptionsError(
+            f"{option} needs Python's sqlite3 module, which this mitmproxy does not include "
+            "(the standalone binaries leave it out): run a mitmproxy installed from PyPI "
+            "(e.g. pipx install mitmproxy)"
+        ) from None
+
+
+def _retire(writer: RecordWriter | None, delivery: Delivery | None) -> Callable[[], None]:
+    """Close a replaced writer, then the delivery whose spool it may still be feeding."""
+
+    def retire() -> None:
+        if writer is not None:
+            writer.close()
+        if delivery is not None:
+            delivery.close(drain=0)
+
+    return retire
 
 
 def _parse_filter(expression: str | None) -> flowfilter.TFilter | None:

@@ -1,6 +1,7 @@
-"""Command line: ``python -m fp_core {unseal,seal,keygen,generate} ...``.
+"""Command line: ``python -m fp_core {unseal,seal,keygen,generate,report} ...``.
 
-Exit status: 0 success, 2 the input could not be unsealed, 64 usage or configuration.
+Exit status: 0 success, 2 the input could not be unsealed, 64 usage or configuration
+(including a file ``report`` cannot read).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fp_core.errors import FpError, KeyConfigError
 from fp_core.events import event_api, inner_request_id
 from fp_core.generate import generate_event, open_response_body
 from fp_core.keys import ENV_VAR, DecryptionKey, load_keys
+from fp_core.report import TOP_VISITORS, ReportError, build_report, format_report
 from fp_core.sealed import HEADER, seal_event, unseal_event
 
 EXIT_FAILED = 2
@@ -65,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--bot", choices=("not_detected", "good", "bad"), default="not_detected")
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--request-id", default=None)
+
+    report = sub.add_parser(
+        "report",
+        help="summarise a tap's SQLite store or JSONL file",
+        description="Time range, counts by verdict, bot result and error kind, id "
+        "mismatches, duplicates and top visitors of the records in PATH (an fp_sqlite "
+        "store or an fp_jsonl file); works while a tap is still writing it.",
+    )
+    report.add_argument("path", metavar="PATH", help="SQLite store or JSONL file")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument(
+        "--top",
+        type=int,
+        default=TOP_VISITORS,
+        metavar="N",
+        help=f"how many top visitors to list ({TOP_VISITORS})",
+    )
     return parser
 
 
@@ -86,8 +105,10 @@ def main(
             return _seal(args, inp, out)
         if args.command == "keygen":
             return _keygen(args.path, out)
+        if args.command == "report":
+            return _report(args, out)
         return _generate(args, out)
-    except KeyConfigError as exc:
+    except (KeyConfigError, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except FpError as exc:
@@ -149,4 +170,15 @@ def _keygen(path: str | None, out: IO[str]) -> int:
 def _generate(args: argparse.Namespace, out: IO[str]) -> int:
     event = generate_event(args.api, rng=args.seed, bot=args.bot, request_id=args.request_id)
     print(json.dumps(event), file=out)
+    return 0
+
+
+def _report(args: argparse.Namespace, out: IO[str]) -> int:
+    if args.top < 0:
+        raise ReportError("--top cannot be negative")
+    report = build_report(args.path, top=args.top)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False), file=out)
+    else:
+        out.write(format_report(report))
     return 0

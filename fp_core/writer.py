@@ -2,8 +2,10 @@
 
 The proxy's hooks call :meth:`RecordWriter.submit`, which never blocks: when the queue
 is full the record is dropped and counted. One thread drains the queue in batches and
-hands each batch to every sink (JSONL file, SQLite store, webhook spool). A sink that
-fails is logged and counted; the others keep going.
+hands each batch to every sink (webhook spool, SQLite store, JSONL file), in the order
+given. A sink that fails is logged and counted; the others keep going. A sink that
+holds records back (the SQLite store while another process locks its file) is given a
+chance to retry them whenever the queue is idle.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, runtime_checkable
 
 from fp_core.stats import Stats
 
@@ -33,6 +35,35 @@ class Sink(Protocol):
     def write(self, records: Sequence[dict[str, Any]]) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class HoldsRecords(Protocol):
+    """A sink that may keep records back and write them later (never drop them)."""
+
+    def retry_held(self) -> None: ...
+
+
+class WithoutEvent:
+    """A sink seen through a filter that removes each record's ``event``.
+
+    For ``fp_include_event=false`` while the webhook, whose body is the event, still
+    needs the records to carry it: files get the records without it.
+    """
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.name = sink.name
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        self.sink.write([{k: v for k, v in r.items() if k != "event"} for r in records])
+
+    def retry_held(self) -> None:
+        if isinstance(self.sink, HoldsRecords):
+            self.sink.retry_held()
+
+    def close(self) -> None:
+        self.sink.close()
 
 
 def dumps(record: dict[str, Any]) -> str:
@@ -129,6 +160,7 @@ class RecordWriter:
             except queue.Empty:
                 if self._stopping.is_set():
                     break
+                self._retry_held()
                 continue
             while len(batch) < BATCH:
                 try:
@@ -149,6 +181,14 @@ class RecordWriter:
                 )
             else:
                 self.stats.incr_group("written", sink.name, len(batch))
+
+    def _retry_held(self) -> None:
+        for sink in self.sinks:
+            if isinstance(sink, HoldsRecords):
+                try:
+                    sink.retry_held()
+                except Exception as exc:
+                    log.warning("fp-tap: %s sink failed to retry held records: %s", sink.name, exc)
 
     def _close_sinks(self) -> None:
         for sink in self.sinks:

@@ -1,4 +1,5 @@
-"""Run the real pieces as separate processes: the stand-in endpoint and ``mitmdump``.
+"""Run the real pieces as separate processes: the stand-in endpoint, the webhook
+receiver and ``mitmdump``.
 
 Shared by the demo, the benchmarks and the end-to-end tests so that all three start,
 wait for and stop processes the same way. Everything binds 127.0.0.1. ``mitmdump``
@@ -29,7 +30,9 @@ from cryptography.x509.oid import NameOID
 REPO = Path(__file__).resolve().parents[1]
 ADDON = REPO / "fp_addon.py"
 ENDPOINT = REPO / "scripts" / "endpoint.py"
+RECEIVER = REPO / "scripts" / "receiver.py"
 _ENDPOINT_READY = re.compile(r"listening on https?://127\.0\.0\.1:(\d+)")
+_RECEIVER_READY = re.compile(r"receiver on (https?://127\.0\.0\.1:(\d+)\S*)")
 _MITMDUMP_READY = re.compile(r"listening at (?:127\.0\.0\.1|\*|\[::\]):(\d+)")
 
 
@@ -104,8 +107,9 @@ class Service:
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The caller's environment without anything that would leak the repo onto sys.path
-    or keys into a child that should not have them."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FP_DECRYPTION_KEYS")}
+    or keys and secrets into a child that should not have them."""
+    private = ("PYTHONPATH", "FP_DECRYPTION_KEYS", "FP_WEBHOOK_SECRET")
+    env = {k: v for k, v in os.environ.items() if k not in private}
     env.update(extra or {})
     return env
 
@@ -132,6 +136,25 @@ def start_endpoint(
     return service
 
 
+def start_receiver(
+    workdir: Path,
+    *,
+    log: Path | None = None,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    name: str = "receiver",
+) -> tuple[Service, str]:
+    """The test webhook receiver (``scripts/receiver.py``) on a free port, or on the port
+    given in ``args``; returns the service and the URL to post to."""
+    command = [sys.executable, str(RECEIVER), *args]
+    if log is not None:
+        command += ["--log", str(log)]
+    service = Service(name, command, workdir / f"{name}.out", cwd=workdir, env=clean_env(env))
+    match = service.wait_for(_RECEIVER_READY)
+    service.port = int(match.group(2))
+    return service, match.group(1)
+
+
 @dataclass
 class MitmdumpConfig:
     """How to run ``mitmdump -s fp_addon.py``."""
@@ -142,6 +165,8 @@ class MitmdumpConfig:
     keys_env: str | None = None
     addon: bool = True
     extra_args: Sequence[str] = ()
+    #: More environment variables for the process (e.g. a webhook secret).
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 def start_mitmdump(
@@ -194,7 +219,9 @@ def _start_tool(
         args += ["--set", f"{key}={text}"]
     if config.save_flows is not None:
         args += ["-w", str(config.save_flows)]
-    extra = {"FP_DECRYPTION_KEYS": config.keys_env} if config.keys_env else None
+    extra = dict(config.env)
+    if config.keys_env:
+        extra["FP_DECRYPTION_KEYS"] = config.keys_env
     service = Service(
         name,
         [*args, *config.extra_args],

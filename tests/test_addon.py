@@ -629,3 +629,31 @@ def test_secrets_are_scrubbed_from_every_log_line(addon, caplog) -> None:
     tap.done()
     wire.debug("after done: %s", SECRET)  # the filter is gone with the addon
     assert SECRET in caplog.text
+
+
+def test_webhook_bodies_are_redacted_too(addon, tmp_path: Path) -> None:
+    """The webhook gets the event after redaction, like every other output."""
+    import sqlite3
+
+    from fp_core.spool import SPOOL_FILE
+
+    tap, tctx = addon
+    state = tmp_path / "state"
+    tctx.configure(
+        tap,
+        fp_redact=["pii"],
+        fp_webhook_url="http://127.0.0.1:9/hook",  # nothing listens: events stay spooled
+        fp_state_dir=str(state),
+        fp_include_event=False,
+        fp_drain_timeout=1,
+    )
+    ip = "198.51.100.61"
+    run(tap, make_flow(fp_body("v4", ip=ip)[0]))
+    tap.done()
+    with sqlite3.connect(state / SPOOL_FILE) as db:
+        (body,) = db.execute("SELECT body FROM events").fetchone()
+    event = json.loads(body)
+    assert event["ip_address"] == "[redacted]"
+    assert ip.encode() not in body
+    (record,) = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert "event" not in record  # fp_include_event=false still holds for the files

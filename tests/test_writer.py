@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from fp_core.stats import Stats
-from fp_core.writer import BATCH, JsonlSink, RecordWriter, dumps, open_private
+from fp_core.writer import BATCH, JsonlSink, RecordWriter, WithoutEvent, dumps, open_private
 
 #: How long a test waits for something that should happen at once. Only ever reached
 #: when the code under test is broken (a hang), so it bounds the runtime, nothing else.
@@ -339,3 +340,59 @@ def test_close_after_a_timeout_still_finishes_in_the_background() -> None:
     writer._thread.join(10)
     assert [r["i"] for r in sink.records] == [0, 1, 2]
     assert sink.close_calls == 1
+
+
+# -- sinks that hold records back, and WithoutEvent -------------------------------------
+
+
+class HoldingSink(RecordingSink):
+    """Keeps records back until told to let them through, like a locked SQLite store."""
+
+    def __init__(self) -> None:
+        super().__init__("holding")
+        self.held: list[dict[str, Any]] = []
+        self.open = threading.Event()
+        self.retried = threading.Event()
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        self.held.extend(records)
+        self.retry_held()
+
+    def retry_held(self) -> None:
+        self.retried.set()
+        if self.open.is_set() and self.held:
+            super().write(self.held)
+            self.held = []
+
+
+def test_an_idle_writer_gives_held_records_another_chance() -> None:
+    sink = HoldingSink()
+    writer = RecordWriter([sink], Stats())
+    writer.start()
+    writer.submit(record(1))
+    deadline = time.monotonic() + PATIENCE
+    while not sink.held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sink.held == [record(1)]
+    sink.retried.clear()
+    sink.open.set()
+    # No new record: only the idle tick can call retry_held now.
+    assert sink.retried.wait(PATIENCE)
+    assert writer.close() is True
+    assert sink.records == [record(1)]
+
+
+def test_without_event_strips_the_event_and_keeps_the_rest() -> None:
+    inner = HoldingSink()
+    inner.open.set()
+    sink = WithoutEvent(inner)
+    assert sink.name == "holding"
+    with_event = {**record(1), "event": {"event_id": "x"}}
+    sink.write([with_event, record(2)])
+    assert inner.records == [record(1), record(2)]
+    assert "event" in with_event, "the caller's record is not changed"
+    inner.retried.clear()
+    sink.retry_held()
+    assert inner.retried.is_set()
+    sink.close()
+    assert inner.close_calls == 1

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from fp_core.keys import DecryptionKey
-from scripts.harness import MitmdumpConfig, Service, start_mitmdump
+from scripts.harness import MitmdumpConfig, Service, start_mitmdump, start_receiver
 from tests.e2e.conftest import Keys, fetch, secret_forms
 
 pytestmark = pytest.mark.e2e
 
 PROXY_SECRET = "hygiene-proxy-secret-5b2e7f01"
+WEBHOOK_SECRET = "hygiene-webhook-secret-77c0d2e9"
 
 
 def forms(secret: bytes) -> list[bytes]:
@@ -24,6 +25,12 @@ def forms(secret: bytes) -> list[bytes]:
 def test_nothing_written_holds_a_secret(tmp_path: Path, keys: Keys, endpoint: Service) -> None:
     env_key = DecryptionKey.generate()  # a rotated-out key, tried first, from the environment
     flows, jsonl = tmp_path / "flows.mitm", tmp_path / "events.jsonl"
+    secret_file = tmp_path / "webhook-secret"
+    secret_file.write_text(WEBHOOK_SECRET)
+    secret_file.chmod(0o600)
+    receiver, webhook_url = start_receiver(
+        tmp_path, log=tmp_path / "received.jsonl", env={"FP_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    )
     proxy = start_mitmdump(
         tmp_path,
         MitmdumpConfig(
@@ -31,6 +38,10 @@ def test_nothing_written_holds_a_secret(tmp_path: Path, keys: Keys, endpoint: Se
             options={
                 "fp_keys_file": str(keys.file),
                 "fp_jsonl": str(jsonl),
+                "fp_sqlite": str(tmp_path / "events.sqlite3"),
+                "fp_webhook_url": webhook_url,
+                "fp_webhook_secret_file": str(secret_file),
+                "fp_state_dir": str(tmp_path / "state"),
                 "termlog_verbosity": "debug",
                 "flow_detail": 4,  # mitmdump prints full requests and responses
                 "proxy_debug": True,  # ... and every byte on the wire
@@ -55,19 +66,28 @@ def test_nothing_written_holds_a_secret(tmp_path: Path, keys: Keys, endpoint: Se
             )
     finally:
         assert proxy.stop() == 0
+        receiver.stop()
 
-    # The scenario did exercise everything: records, flows, verbose logs.
+    # The scenario did exercise everything: records, store, webhook, flows, verbose logs.
     records = [json.loads(x) for x in jsonl.read_text().splitlines()]
-    assert sum(r["ok"] for r in records) >= 8
+    unsealed = sum(r["ok"] for r in records)
+    assert unsealed >= 8
+    received = [json.loads(x) for x in (tmp_path / "received.jsonl").read_text().splitlines()]
+    assert len(received) >= unsealed
+    assert all(r["signature"] == "valid" for r in received)
+    assert (tmp_path / "events.sqlite3").stat().st_size > 0
+    assert any((tmp_path / "state").iterdir())
     assert flows.stat().st_size > 0
     assert "[redacted]" in proxy.output()  # flow_detail=4 printed the masked header
 
     secrets = {
         "proxy secret": [PROXY_SECRET.encode()],
+        "webhook secret": [WEBHOOK_SECRET.encode()],
         "file key": forms(keys.key.raw()),
         "environment key": forms(env_key.raw()),
     }
-    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != keys.file]
+    inputs = {keys.file, secret_file}
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p not in inputs]
     assert len(written) >= 5
     for path in written:
         data = path.read_bytes()

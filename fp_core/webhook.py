@@ -1,0 +1,324 @@
+"""Forwarding events like a Fingerprint webhook: the secret, signing, headers, the sink
+that spools them, and one HTTP POST with the standard library.
+
+The body is the unsealed event JSON, signed as Fingerprint signs its webhooks
+(``FPJS-Event-Signature: v1=<hex HMAC-SHA256 of the raw body>``), so a backend that
+already verifies Fingerprint webhooks with an official SDK accepts it unchanged.
+
+Standard library only, and no ``sqlite3`` at import time: mitmproxy's standalone
+binaries bundle ``http.client``, ``ssl`` and ``hmac`` but leave ``sqlite3`` out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import ipaddress
+import json
+import os
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fp_core.errors import FpError
+from fp_core.stats import Stats
+from fp_core.writer import dumps
+
+if TYPE_CHECKING:  # only a type here: this module must load without sqlite3
+    from fp_core.spool import Spool
+
+SECRET_ENV_VAR = "FP_WEBHOOK_SECRET"  # noqa: S105 (the variable's name, not a secret)
+SIGNATURE_HEADER = "FPJS-Event-Signature"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+VERDICT_HEADER = "FP-Tap-Verdict"
+CHECKS_HEADER = "FP-Tap-Checks"
+USER_AGENT = "fp-tap"
+#: A receiver's answer is read up to this size (to reuse the connection), never kept.
+MAX_ANSWER = 64 * 1024
+
+
+class WebhookConfigError(FpError):
+    """The webhook URL, secret or CA file cannot be used."""
+
+    kind = "bad_webhook"
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """An event to forward: the body to POST and the headers that depend on the record."""
+
+    request_id: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class WebhookSecret:
+    """The HMAC secret; ``repr``/``str`` never show it and it refuses to be pickled."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not value:
+            raise WebhookConfigError("the webhook secret is empty")
+        self._value = value.encode("utf-8")
+
+    def sign(self, body: bytes) -> str:
+        """The ``FPJS-Event-Signature`` value for ``body``."""
+        return sign(body, self._value)
+
+    def text(self) -> str:
+        """The secret itself. A method, not an attribute, so it is never dumped by accident
+        (the addon hands it to its log scrubber)."""
+        return self._value.decode("utf-8")
+
+    def __repr__(self) -> str:
+        return "WebhookSecret(<hidden>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("WebhookSecret cannot be pickled")
+
+
+def sign(body: bytes, secret: bytes) -> str:
+    """``v1=`` and the lowercase hex HMAC-SHA256 of ``body`` keyed with ``secret``."""
+    return "v1=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def load_secret(
+    secret_file: str | None, environ: Mapping[str, str] | None = None
+) -> WebhookSecret | None:
+    """The secret from ``FP_WEBHOOK_SECRET`` or from ``secret_file`` (not both), surrounding
+    whitespace removed; None when neither is set. Errors never contain the secret."""
+    env = os.environ if environ is None else environ
+    from_env = env.get(SECRET_ENV_VAR, "").strip()
+    if from_env and secret_file:
+        raise WebhookConfigError(
+            f"the webhook secret is set twice ({SECRET_ENV_VAR} and fp_webhook_secret_file); "
+            "keep one"
+        )
+    if from_env:
+        return WebhookSecret(from_env)
+    if not secret_file:
+        return None
+    try:
+        text = Path(secret_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
+        raise WebhookConfigError(
+            f"webhook secret file {secret_file}: cannot read ({why})"
+        ) from None
+    if not text:
+        raise WebhookConfigError(f"webhook secret file {secret_file} is empty")
+    return WebhookSecret(text)
+
+
+def check_url(url: str) -> str:
+    """The receiver URL if it is usable: http or https, a host, no credentials."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise WebhookConfigError(f"not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise WebhookConfigError(f"{parts.scheme or 'no'} scheme: use an http:// or https:// URL")
+    if not parts.hostname:
+        raise WebhookConfigError("the URL has no host")
+    if parts.username is not None or parts.password is not None:
+        # Option values show in process lists; the signature authenticates the tap.
+        raise WebhookConfigError("the URL must not contain credentials (user:password@)")
+    return url
+
+
+def is_plaintext_remote(url: str) -> bool:
+    """True for http:// to a host other than this machine: events would cross the
+    network unencrypted."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme != "http" or host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def describe_url(url: str) -> str:
+    """The URL without its query string (which may hold a token), for logs."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def verdict_header(record: Mapping[str, Any]) -> str:
+    """``trusted``, or ``suspicious; reasons=bad_bot,duplicate``."""
+    reasons = record.get("reasons") or []
+    verdict = str(record.get("verdict"))
+    return f"{verdict}; reasons={','.join(reasons)}" if reasons else verdict
+
+
+def outgoing(record: Mapping[str, Any]) -> Outgoing | None:
+    """What to forward for a record: only unsealed events are; None for the rest."""
+    event = record.get("event")
+    if not record.get("ok") or not isinstance(event, dict):
+        return None
+    headers = {
+        VERDICT_HEADER: verdict_header(record),
+        # ASCII JSON: header values must be ASCII, and every check is a bool, int or null.
+        CHECKS_HEADER: json.dumps(record.get("checks") or {}, separators=(",", ":")),
+    }
+    return Outgoing(str(record.get("request_id")), dumps(event).encode("utf-8"), headers)
+
+
+def request_headers(
+    extra: Mapping[str, str], request_id: str, body: bytes, secret: WebhookSecret | None
+) -> dict[str, str]:
+    """Every header of one POST: content type, idempotency key, signature, verdict, checks."""
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        IDEMPOTENCY_HEADER: request_id,
+        **extra,
+    }
+    if secret is not None:
+        headers[SIGNATURE_HEADER] = secret.sign(body)
+    return headers
+
+
+class WebhookSink:
+    """A :class:`~fp_core.writer.Sink` that puts each unsealed event into the spool.
+
+    Only a transaction on the writer thread: the HTTP requests are made by the
+    delivery threads (:mod:`fp_core.delivery`), so a slow receiver never slows it.
+    """
+
+    name = "webhook"
+
+    def __init__(
+        self, spool: Spool, stats: Stats, notify: Callable[[], None] | None = None
+    ) -> None:
+        self.spool = spool
+        self.stats = stats
+        self._notify = notify
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        items = [item for r in records if (item := outgoing(r)) is not None]
+        if not items:
+            return
+        self.spool.add(items)
+        self.stats.incr_group("webhook", "spooled", len(items))
+        if self._notify is not None:
+            self._notify()
+
+    def close(self) -> None:
+        """Nothing to do: the spool belongs to the delivery, which closes it last."""
+
+
+@dataclass(frozen=True, slots=True)
+class PostResult:
+    """How one POST went: the status, or why there was none."""
+
+    status: int | None
+    #: None when the receiver answered 2xx; else ``http_<status>``, ``timeout``,
+    #: ``connection``, ``tls``, ``protocol`` or ``internal``.
+    error: str | None
+    #: Seconds the receiver asked to wait (``Retry-After`` on 429 and 503).
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Certificate and host name checks on; ``ca_file`` replaces the system's CAs."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise WebhookConfigError(f"CA file {ca_file}: cannot load ({why})") from None
+
+
+class HttpPoster:
+    """POSTs to one URL with ``http.client``; each thread keeps its own connection alive.
+
+    No proxy from the environment and no redirects: the receiver is reached directly,
+    and a 3xx is a failed attempt like any other non-2xx.
+    """
+
+    def __init__(self, url: str, *, timeout: float, ca_file: str | None = None) -> None:
+        parts = urllib.parse.urlsplit(check_url(url))
+        self.host = parts.hostname or ""
+        self.port = parts.port
+        self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.timeout = timeout
+        self._tls = tls_context(ca_file) if parts.scheme == "https" else None
+        self._local = threading.local()
+
+    def post(self, body: bytes, headers: Mapping[str, str]) -> PostResult:
+        """One POST; a kept-alive connection the receiver closed meanwhile is replaced
+        once, on the spot, rather than costing the event a backoff."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            try:
+                return self._exchange(conn, body, headers)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close_local()
+            except Exception as exc:
+                self.close_local()
+                return _failure(exc)
+        conn = self._connect()
+        self._local.conn = conn
+        try:
+            return self._exchange(conn, body, headers)
+        except Exception as exc:
+            self.close_local()
+            return _failure(exc)
+
+    def close_local(self) -> None:
+        """Close the calling thread's connection, if any."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._tls is not None:
+            return http.client.HTTPSConnection(
+                self.host, self.port, timeout=self.timeout, context=self._tls
+            )
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _exchange(
+        self, conn: http.client.HTTPConnection, body: bytes, headers: Mapping[str, str]
+    ) -> PostResult:
+        conn.request("POST", self.target, body=body, headers=dict(headers))
+        response = conn.getresponse()
+        response.read(MAX_ANSWER)
+        # Whatever is left unread (or a receiver that closes) rules out reuse.
+        if response.will_close or not response.isclosed():
+            self.close_local()
+        status = response.status
+        if 200 <= status < 300:
+            return PostResult(status, None)
+        retry_after = None
+        if status in (429, 503):
+            value = (response.getheader("Retry-After") or "").strip()
+            retry_after = float(value) if value.isdigit() else None
+        return PostResult(status, f"http_{status}", retry_after)
+
+
+def _failure(exc: BaseException) -> PostResult:
+    if isinstance(exc, TimeoutError):
+        return PostResult(None, "timeout")
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return PostResult(None, "tls")
+    if isinstance(exc, OSError):
+        return PostResult(None, "connection")
+    if isinstance(exc, http.client.HTTPException):
+        return PostResult(None, "protocol")
+    return PostResult(None, "internal")

@@ -1,0 +1,310 @@
+"""fp_core.delivery: dispatcher and workers over a real spool, with a scripted sender."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from fingerprint_server_sdk import WebhookValidation
+
+from fp_core.delivery import Delivery, DeliveryConfig, backoff
+from fp_core.spool import Spool, Spooled
+from fp_core.stats import Stats
+from fp_core.webhook import (
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    Outgoing,
+    PostResult,
+    WebhookSecret,
+)
+
+#: Bounds every wait; reached only when the code under test is broken.
+PATIENCE = 15.0
+OK = PostResult(200, None)
+DOWN = PostResult(None, "connection")
+
+
+def wait_until(condition: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+class Sender:
+    """Answers from a script (a function of the call number), and keeps what it got."""
+
+    def __init__(self, answer: Callable[[int], PostResult] = lambda n: OK) -> None:
+        self.answer = answer
+        self.lock = threading.Lock()
+        self.calls: list[tuple[bytes, dict[str, str]]] = []
+        self.active = 0
+        self.max_active = 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def post(self, body: bytes, headers: Mapping[str, str]) -> PostResult:
+        with self.lock:
+            self.calls.append((body, dict(headers)))
+            number = len(self.calls)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            self.gate.wait(PATIENCE)
+            return self.answer(number)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def ids(self) -> list[str]:
+        with self.lock:
+            return [h[IDEMPOTENCY_HEADER] for _, h in self.calls]
+
+
+def config(**changes: object) -> DeliveryConfig:
+    base = DeliveryConfig(
+        url="http://127.0.0.1:9/hook", timeout=5, concurrency=2, retry_first=0.02, retry_max=0.1
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def items(n: int, start: int = 0) -> list[Outgoing]:
+    return [
+        Outgoing(f"req-{i}", f'{{"event_id":"req-{i}"}}'.encode(), {"FP-Tap-Verdict": "trusted"})
+        for i in range(start, start + n)
+    ]
+
+
+class Rig:
+    def __init__(self, tmp_path: Path) -> None:
+        self.state = str(tmp_path / "state")
+        self.stats = Stats()
+        self.deliveries: list[Delivery] = []
+
+    def start(self, sender: Sender, cfg: DeliveryConfig | None = None) -> Delivery:
+        delivery = Delivery(
+            Spool(self.state),
+            cfg or config(),
+            self.stats,
+            sender_factory=lambda _: sender,
+            rng=random.Random(1),
+        )
+        delivery.start()
+        self.deliveries.append(delivery)
+        return delivery
+
+    def close_all(self) -> None:
+        for delivery in self.deliveries:
+            delivery.close(drain=0)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = Rig(tmp_path)
+    yield rig
+    rig.close_all()
+
+
+def webhook(stats: Stats) -> dict[str, int]:
+    return stats.group("webhook")
+
+
+# -- backoff ---------------------------------------------------------------------------
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
+    rng = random.Random(7)
+    for failures, ceiling in [(1, 1), (2, 2), (3, 4), (4, 8), (9, 256), (10, 300), (500, 300)]:
+        delays = [backoff(failures, 1.0, 300.0, rng) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), failures
+        assert len(set(delays)) > 100, "jittered, not one fixed delay"
+
+
+# -- delivery --------------------------------------------------------------------------
+
+
+def test_every_event_is_delivered_signed_and_removed(rig: Rig) -> None:
+    secret = "test-secret-" + str(random.random())
+    sender = Sender()
+    delivery = rig.start(sender, config(secret=WebhookSecret(secret)))
+    delivery.spool.add(items(5))
+    delivery.wake()
+    wait_until(lambda: delivery.spool.pending == 0, "deliveries")
+    assert sorted(sender.ids()) == [f"req-{i}" for i in range(5)]
+    for body, headers in sender.calls:
+        assert WebhookValidation.is_valid_webhook_signature(headers[SIGNATURE_HEADER], body, secret)
+        assert headers["FP-Tap-Verdict"] == "trusted"
+    assert webhook(rig.stats) == {"sent": 5}
+    assert delivery.snapshot() == {
+        "webhook_pending": 0,
+        "webhook_parked": 0,
+        "webhook_in_flight": 0,
+    }
+
+
+def test_failures_are_retried_until_delivered(rig: Rig) -> None:
+    # The first three attempts fail (down, then 500, then a timeout), then all succeed.
+    answers = [DOWN, PostResult(500, "http_500"), PostResult(None, "timeout")]
+    sender = Sender(lambda n: answers[n - 1] if n <= len(answers) else OK)
+    delivery = rig.start(sender, config(concurrency=1))
+    delivery.spool.add(items(2))
+    delivery.wake()
+    wait_until(lambda: delivery.spool.pending == 0, "deliveries")
+    # Five attempts in all; while one event waits out its backoff the other goes ahead.
+    assert sorted(set(sender.ids())) == ["req-0", "req-1"]
+    assert len(sender.ids()) == 5
+    assert webhook(rig.stats) == {"sent": 2, "failed": 3, "retried": 3}
+    assert rig.stats.group("webhook_failures") == {"connection": 1, "http_500": 1, "timeout": 1}
+
+
+def test_retry_after_is_honoured(rig: Rig) -> None:
+    sender = Sender(lambda n: PostResult(503, "http_503", retry_after=60))
+    delivery = rig.start(sender, config(retry_max=3600))
+    delivery.spool.add(items(1))
+    before = time.time()
+    delivery.wake()
+    wait_until(lambda: webhook(rig.stats).get("failed") == 1, "one failure")
+    next_due = delivery.spool.next_due_after(before)
+    assert next_due is not None
+    assert next_due >= before + 60
+
+
+def test_events_failing_past_the_give_up_age_are_parked_then_resent(rig: Rig) -> None:
+    sender = Sender(lambda n: DOWN)
+    delivery = rig.start(sender, config(give_up=0.2))
+    delivery.spool.add(items(3))
+    delivery.wake()
+    wait_until(lambda: delivery.spool.parked == 3, "parking")
+    attempts = len(sender.calls)
+    assert attempts >= 3
+    assert webhook(rig.stats)["parked"] == 3
+    assert delivery.snapshot()["webhook_parked"] == 3
+    # Parked events are left alone...
+    time.sleep(0.3)
+    assert len(sender.calls) == attempts
+    # ... until resent, here to a receiver that is back.
+    sender.answer = lambda n: OK
+    assert delivery.resend() == 3
+    wait_until(lambda: delivery.spool.pending == 0, "redelivery")
+    assert delivery.spool.parked == 0
+    assert webhook(rig.stats)["resent"] == 3
+    assert webhook(rig.stats)["sent"] == 3
+
+
+def test_concurrency_is_bounded(rig: Rig) -> None:
+    sender = Sender()
+    sender.gate.clear()  # every request hangs, as with a stuck receiver
+    delivery = rig.start(sender, config(concurrency=3))
+    delivery.spool.add(items(10))
+    delivery.wake()
+    wait_until(lambda: sender.active == 3, "three requests in flight")
+    time.sleep(0.2)  # time for a fourth to start if the bound did not hold
+    assert sender.max_active == 3
+    assert delivery.snapshot()["webhook_in_flight"] == 3
+    sender.gate.set()
+    wait_until(lambda: delivery.spool.pending == 0, "deliveries")
+    assert sender.max_active == 3
+    assert sorted(set(sender.ids())) == sorted(f"req-{i}" for i in range(10))
+
+
+def test_a_sender_that_raises_is_a_failed_attempt(rig: Rig) -> None:
+    def answer(n: int) -> PostResult:
+        if n == 1:
+            raise RuntimeError("bug")
+        return OK
+
+    sender = Sender(answer)
+    delivery = rig.start(sender)
+    delivery.spool.add(items(1))
+    delivery.wake()
+    wait_until(lambda: delivery.spool.pending == 0, "delivery")
+    assert rig.stats.group("webhook_failures") == {"internal": 1}
+
+
+def test_close_drains_what_it_can_in_time(rig: Rig) -> None:
+    sender = Sender()
+    delivery = rig.start(sender)
+    delivery.spool.add(items(20))
+    assert delivery.close(drain=PATIENCE) is True
+    assert len(set(sender.ids())) == 20
+
+
+def test_close_leaves_undelivered_events_for_the_next_start(rig: Rig) -> None:
+    stuck = Sender()
+    stuck.gate.clear()
+    delivery = rig.start(stuck, config(concurrency=2))
+    delivery.spool.add(items(5))
+    delivery.wake()
+    wait_until(lambda: stuck.active == 2, "two stuck requests")
+    assert delivery.close(drain=0.2) is False
+    stuck.gate.set()  # the late answers are not waited for
+    # The next start sends all five, including the two that were in flight.
+    sender = Sender()
+    again = rig.start(sender)
+    assert again.spool.pending == 5
+    wait_until(lambda: again.spool.pending == 0, "deliveries after restart")
+    assert sorted(sender.ids()) == [f"req-{i}" for i in range(5)]
+
+
+def test_close_does_not_wait_for_retries_due_after_the_deadline(rig: Rig) -> None:
+    sender = Sender(lambda n: DOWN)
+    delivery = rig.start(sender, config(retry_first=3600, retry_max=3600))
+    delivery.spool.add(items(2))
+    delivery.wake()
+    wait_until(lambda: webhook(rig.stats).get("failed") == 2, "first attempts")
+    # The retries come after at least 1800 s, outside a 600 s drain: nothing to wait for.
+    results: list[bool] = []
+    closing = threading.Thread(
+        target=lambda: results.append(delivery.close(drain=600)), daemon=True
+    )
+    closing.start()
+    closing.join(PATIENCE)
+    assert not closing.is_alive(), "close sat out drain time that nothing could use"
+    assert results == [False]
+    assert len(sender.calls) == 2
+
+
+def test_new_settings_apply_to_the_next_attempts(rig: Rig) -> None:
+    first, second = Sender(lambda n: DOWN), Sender()
+    senders = {"http://a/": first, "http://b/": second}
+    delivery = Delivery(
+        Spool(rig.state),
+        config(url="http://a/", retry_first=0.05),
+        rig.stats,
+        sender_factory=lambda cfg: senders[cfg.url],
+    )
+    rig.deliveries.append(delivery)
+    delivery.start()
+    delivery.spool.add(items(1))
+    delivery.wake()
+    wait_until(lambda: first.calls, "an attempt to the first URL")
+    delivery.configure(config(url="http://b/", retry_first=0.05))
+    wait_until(lambda: delivery.spool.pending == 0, "delivery to the second URL")
+    assert second.ids() == ["req-0"]
+
+
+def test_a_failing_spool_is_counted_and_delivery_carries_on(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sender = Sender()
+    delivery = rig.start(sender)
+    real_due = delivery.spool.due
+    failures = [2]
+
+    def flaky_due(now: float, limit: int, exclude: Collection[int] = ()) -> list[Spooled]:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError("disk I/O error")
+        return real_due(now, limit, exclude)
+
+    monkeypatch.setattr(delivery.spool, "due", flaky_due)
+    delivery.spool.add(items(1))
+    delivery.wake()
+    wait_until(lambda: delivery.spool.pending == 0, "delivery despite the errors")
+    assert webhook(rig.stats)["spool_errors"] == 2

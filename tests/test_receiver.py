@@ -1,0 +1,100 @@
+"""scripts/receiver.py: the test webhook receiver's modes, log and signature checks."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fp_core.webhook import sign
+from scripts.harness import start_receiver
+from scripts.receiver import Receiver, ReceiverConfig
+
+
+def post(
+    url: str, body: bytes = b'{"event_id":"e-1"}', headers: dict[str, str] | None = None
+) -> int:
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_signatures_are_checked_with_the_sdk() -> None:
+    receiver = Receiver(ReceiverConfig(secret="s3cret"))
+    body = b'{"event_id":"e-1"}'
+    good = {"FPJS-Event-Signature": sign(body, b"s3cret"), "Idempotency-Key": "e-1"}
+    assert post(receiver.url, body, good) == 200
+    assert post(receiver.url, body, {"FPJS-Event-Signature": sign(body, b"other")}) == 401
+    assert post(receiver.url, body) == 401
+    receiver.close()
+    assert [r.signature for r in receiver.received] == ["valid", "invalid", "missing"]
+    assert receiver.received[0].request_id == "e-1"
+    assert receiver.received[0].event_id == "e-1"
+
+
+def test_refuse_until_the_gate_opens(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    receiver = Receiver(ReceiverConfig(gate=gate, closed="refuse"))
+    with pytest.raises(urllib.error.URLError, match="refused"):
+        post(receiver.url)
+    gate.touch()
+    status = None
+    for _ in range(200):  # the receiver starts listening within its 50 ms poll
+        try:
+            status = post(receiver.url)
+            break
+        except urllib.error.URLError:
+            time.sleep(0.05)
+    assert status == 200
+    receiver.close()
+
+
+def test_hold_until_the_gate_opens(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    receiver = Receiver(ReceiverConfig(gate=gate, closed="hold"))
+    statuses: list[int] = []
+    client = threading.Thread(target=lambda: statuses.append(post(receiver.url)))
+    client.start()
+    client.join(0.5)
+    assert client.is_alive(), "the request is held"
+    assert receiver.received == []
+    gate.touch()
+    client.join(30)
+    assert statuses == [200]
+    receiver.close()
+
+
+def test_fail_until_the_gate_opens_and_fail_first(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    receiver = Receiver(ReceiverConfig(gate=gate, closed="fail", fail_status=503))
+    assert [post(receiver.url) for _ in range(2)] == [503, 503]
+    gate.touch()
+    assert post(receiver.url) == 200
+    receiver.close()
+    counted = Receiver(ReceiverConfig(fail_first=2))
+    assert [post(counted.url) for _ in range(3)] == [500, 500, 200]
+    counted.close()
+
+
+def test_as_a_process_with_a_log(tmp_path: Path) -> None:
+    log = tmp_path / "received.jsonl"
+    secret = "receiver-secret-7Hq2"
+    service, url = start_receiver(tmp_path, log=log, env={"FP_WEBHOOK_SECRET": secret})
+    try:
+        body = b'{"products":{"identification":{"data":{"requestId":"v3-id"}}}}'
+        headers = {"FPJS-Event-Signature": sign(body, secret.encode()), "FP-Tap-Verdict": "trusted"}
+        assert post(url, body, headers) == 200
+    finally:
+        assert service.stop(signal.SIGTERM) == 0
+    (line,) = [json.loads(x) for x in log.read_text().splitlines()]
+    assert (line["event_id"], line["signature"], line["verdict"]) == ("v3-id", "valid", "trusted")
+    assert secret not in log.read_text() + service.output()

@@ -1,0 +1,361 @@
+"""fp_core.webhook: signing, the secret, headers, the spool sink and the HTTP poster."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fingerprint_server_sdk import WebhookValidation
+
+from fp_core.spool import Spool
+from fp_core.stats import Stats
+from fp_core.webhook import (
+    CHECKS_HEADER,
+    IDEMPOTENCY_HEADER,
+    SECRET_ENV_VAR,
+    SIGNATURE_HEADER,
+    VERDICT_HEADER,
+    HttpPoster,
+    WebhookConfigError,
+    WebhookSecret,
+    WebhookSink,
+    check_url,
+    describe_url,
+    is_plaintext_remote,
+    load_secret,
+    outgoing,
+    request_headers,
+    sign,
+    verdict_header,
+)
+from scripts.harness import free_port, make_tls_files
+from scripts.receiver import Receiver, ReceiverConfig, tls_context
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def record(
+    *, ok: bool = True, verdict: str = "trusted", reasons: list[str] | None = None
+) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "request_id": "1795730334960.4ucbXp",
+        "ok": ok,
+        "verdict": verdict if ok else "error",
+        "reasons": reasons or [],
+        "checks": {"id_match": True, "fresh": True, "age_ms": 7, "duplicate": False},
+    }
+    if ok:
+        rec["event"] = {"event_id": "1795730334960.4ucbXp", "url": "https://příklad.cz/"}
+    return rec
+
+
+# -- signing and the secret -----------------------------------------------------------
+
+
+def test_signature_known_answer() -> None:
+    expected = "v1=1b2c16b75bd2a870c114153ccda5bcfca63314bc722fa160d690de133ccbb9db"
+    assert sign(b"data", b"secret") == expected
+    assert WebhookSecret("secret").sign(b"data") == expected
+
+
+def test_the_official_sdk_accepts_our_signatures() -> None:
+    secret = new_secret()
+    body = json.dumps(record()["event"], ensure_ascii=False).encode()
+    header = WebhookSecret(secret).sign(body)
+    assert WebhookValidation.is_valid_webhook_signature(header, body, secret)
+    assert not WebhookValidation.is_valid_webhook_signature(header, body + b" ", secret)
+    assert not WebhookValidation.is_valid_webhook_signature(header, body, new_secret())
+
+
+def test_the_secret_never_shows() -> None:
+    value = new_secret()
+    secret = WebhookSecret(value)
+    assert value not in repr(secret)
+    assert value not in str(secret)
+    assert value not in f"{secret!r} {[secret]}"
+    with pytest.raises(TypeError):
+        pickle.dumps(secret)
+
+
+def test_secret_from_the_environment(tmp_path: Path) -> None:
+    value = new_secret()
+    secret = load_secret(None, {SECRET_ENV_VAR: f" {value}\n"})
+    assert secret is not None
+    assert secret.sign(b"x") == sign(b"x", value.encode())
+    assert load_secret(None, {SECRET_ENV_VAR: ""}) is None
+    assert load_secret(None, {}) is None
+
+
+def test_secret_from_a_file(tmp_path: Path) -> None:
+    value = new_secret()
+    path = tmp_path / "secret"
+    path.write_text(value + "\n")
+    secret = load_secret(str(path), {})
+    assert secret is not None
+    assert secret.sign(b"x") == sign(b"x", value.encode())
+
+
+@pytest.mark.parametrize(
+    ("content", "environ", "message"),
+    [
+        ("file-secret", {SECRET_ENV_VAR: "env-secret"}, "set twice"),
+        ("  \n", {}, "is empty"),
+        (None, {}, "cannot read"),
+    ],
+)
+def test_secret_errors_never_contain_it(
+    tmp_path: Path, content: str | None, environ: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "secret"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(WebhookConfigError, match=message) as info:
+        load_secret(str(path), environ)
+    assert "file-secret" not in str(info.value)
+    assert "env-secret" not in str(info.value)
+
+
+# -- URLs and headers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080/hook", "https://backend.example/fp?tenant=3", "http://[::1]/"]
+)
+def test_good_urls(url: str) -> None:
+    assert check_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://backend.example/", "scheme"),
+        ("backend.example/hook", "scheme"),
+        ("https:///nohost", "no host"),
+        ("https://user:pw@backend.example/", "credentials"),
+        ("http://backend.example:99999/", "not a valid URL"),
+    ],
+)
+def test_bad_urls(url: str, message: str) -> None:
+    with pytest.raises(WebhookConfigError, match=message) as info:
+        check_url(url)
+    assert "pw" not in str(info.value)
+
+
+def test_plaintext_to_another_host_is_spotted() -> None:
+    assert is_plaintext_remote("http://backend.example/hook")
+    assert is_plaintext_remote("http://10.0.0.7/hook")
+    assert not is_plaintext_remote("http://127.0.0.1:9/hook")
+    assert not is_plaintext_remote("http://localhost/hook")
+    assert not is_plaintext_remote("http://[::1]/hook")
+    assert not is_plaintext_remote("https://backend.example/hook")
+
+
+def test_describe_url_leaves_out_the_query() -> None:
+    assert describe_url("https://b.example/fp?token=abc") == "https://b.example/fp"
+
+
+def test_verdict_header() -> None:
+    assert verdict_header(record()) == "trusted"
+    suspicious = record(verdict="suspicious", reasons=["duplicate", "bad_bot"])
+    assert verdict_header(suspicious) == "suspicious; reasons=duplicate,bad_bot"
+
+
+def test_only_unsealed_events_are_forwarded() -> None:
+    rec = record(verdict="suspicious", reasons=["bad_bot"])
+    item = outgoing(rec)
+    assert item is not None
+    assert item.request_id == rec["request_id"]
+    assert json.loads(item.body) == rec["event"]
+    assert "příklad".encode() in item.body, "UTF-8, as the JSONL file has it"
+    assert item.headers[VERDICT_HEADER] == "suspicious; reasons=bad_bot"
+    assert json.loads(item.headers[CHECKS_HEADER]) == rec["checks"]
+    assert item.headers[CHECKS_HEADER].isascii()
+    assert outgoing(record(ok=False)) is None
+    without_event = record()
+    del without_event["event"]
+    assert outgoing(without_event) is None
+
+
+def test_request_headers() -> None:
+    value = new_secret()
+    headers = request_headers({VERDICT_HEADER: "trusted"}, "rid-1", b"{}", WebhookSecret(value))
+    assert headers["Content-Type"] == "application/json"
+    assert headers[IDEMPOTENCY_HEADER] == "rid-1"
+    assert headers[VERDICT_HEADER] == "trusted"
+    assert WebhookValidation.is_valid_webhook_signature(headers[SIGNATURE_HEADER], b"{}", value)
+    assert SIGNATURE_HEADER not in request_headers({}, "rid-1", b"{}", None)
+
+
+def test_the_sink_spools_unsealed_events_only(tmp_path: Path) -> None:
+    stats = Stats()
+    spool = Spool(str(tmp_path / "state"))
+    woken: list[bool] = []
+    sink = WebhookSink(spool, stats, lambda: woken.append(True))
+    sink.write([record(), record(ok=False), record(verdict="suspicious", reasons=["duplicate"])])
+    sink.write([record(ok=False)])
+    assert spool.pending == 2
+    assert stats.group("webhook") == {"spooled": 2}
+    assert woken == [True], "woken once per batch that spooled something"
+    sink.close()
+    spool.close()
+
+
+# -- HttpPoster against real servers -------------------------------------------------
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver(ReceiverConfig(secret="receiver-secret"))
+    yield server
+    server.close()
+
+
+def test_post_reaches_the_receiver_signed(receiver: Receiver) -> None:
+    poster = HttpPoster(receiver.url, timeout=5)
+    body = b'{"event_id":"rid-1"}'
+    headers = request_headers(
+        {VERDICT_HEADER: "trusted"}, "rid-1", body, WebhookSecret("receiver-secret")
+    )
+    result = poster.post(body, headers)
+    assert (result.ok, result.status, result.error) == (True, 200, None)
+    (got,) = receiver.received
+    assert (got.request_id, got.event_id, got.signature) == ("rid-1", "rid-1", "valid")
+    assert got.content_type == "application/json"
+    assert got.verdict == "trusted"
+    poster.close_local()
+
+
+def test_a_wrong_signature_is_refused_by_the_receiver(receiver: Receiver) -> None:
+    poster = HttpPoster(receiver.url, timeout=5)
+    result = poster.post(b"{}", request_headers({}, "rid", b"{}", WebhookSecret("other")))
+    assert (result.ok, result.error) == (False, "http_401")
+    assert receiver.received[0].signature == "invalid"
+    poster.close_local()
+
+
+def test_non_2xx_is_a_failure() -> None:
+    server = Receiver(ReceiverConfig(fail_first=1, fail_status=500))
+    poster = HttpPoster(server.url, timeout=5)
+    assert poster.post(b"{}", {}).error == "http_500"
+    assert poster.post(b"{}", {}).ok
+    poster.close_local()
+    server.close()
+
+
+def test_refused_connection() -> None:
+    poster = HttpPoster(f"http://127.0.0.1:{free_port()}/", timeout=5)
+    result = poster.post(b"{}", {})
+    assert (result.status, result.error) == (None, "connection")
+
+
+def test_timeout_is_its_own_error() -> None:
+    server = Receiver(ReceiverConfig(delay_s=2))
+    poster = HttpPoster(server.url, timeout=0.2)
+    assert poster.post(b"{}", {}).error == "timeout"
+    server.close()
+
+
+def test_https_with_a_private_ca(tmp_path: Path) -> None:
+    ca, cert, key = make_tls_files(tmp_path / "tls")
+    server = Receiver(tls=tls_context(str(cert), str(key)))
+    assert server.url.startswith("https://")
+    poster = HttpPoster(server.url, timeout=5, ca_file=str(ca))
+    assert poster.post(b"{}", {}).ok
+    poster.close_local()
+    # Without that CA the certificate is not trusted: no delivery.
+    untrusting = HttpPoster(server.url, timeout=5)
+    assert untrusting.post(b"{}", {}).error == "tls"
+    server.close()
+    assert len(server.received) == 1
+
+
+def test_a_missing_ca_file_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(WebhookConfigError, match="CA file"):
+        HttpPoster("https://127.0.0.1/", timeout=5, ca_file=str(tmp_path / "none.pem"))
+
+
+class _Counting(ThreadingHTTPServer):
+    daemon_threads = True
+    connections = 0
+    #: Answer Retry-After with 503 when set; close after each answer when True.
+    retry_after: str | None = None
+    close_after_answer = False
+
+
+class _CountingHandler(BaseHTTPRequestHandler):
+    server: _Counting
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        status = 503 if self.server.retry_after is not None else 200
+        self.send_response(status)
+        if self.server.retry_after is not None:
+            self.send_header("Retry-After", self.server.retry_after)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        if self.server.close_after_answer:
+            # As an idle keep-alive timeout would: no "Connection: close" warning.
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+
+
+@pytest.fixture
+def counting() -> Iterator[_Counting]:
+    server = _Counting(("127.0.0.1", 0), _CountingHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+def test_one_connection_is_kept_alive_per_thread(counting: _Counting) -> None:
+    poster = HttpPoster(f"http://127.0.0.1:{counting.server_port}/", timeout=5)
+    assert all(poster.post(b"{}", {}).ok for _ in range(5))
+    assert counting.connections == 1
+    other = threading.Thread(target=lambda: poster.post(b"{}", {}))
+    other.start()
+    other.join(10)
+    assert counting.connections == 2
+    poster.close_local()
+
+
+def test_a_connection_the_receiver_closed_is_replaced_at_once(counting: _Counting) -> None:
+    counting.close_after_answer = True
+    poster = HttpPoster(f"http://127.0.0.1:{counting.server_port}/", timeout=5)
+    assert poster.post(b"{}", {}).ok
+    time.sleep(0.05)  # let the close arrive, as an idle timeout's would
+    assert poster.post(b"{}", {}).ok, "the stale connection cost no failed attempt"
+    assert counting.connections == 2
+    poster.close_local()
+
+
+def test_retry_after_is_read_from_503(counting: _Counting) -> None:
+    counting.retry_after = "7"
+    poster = HttpPoster(f"http://127.0.0.1:{counting.server_port}/", timeout=5)
+    result = poster.post(b"{}", {})
+    assert (result.error, result.retry_after) == ("http_503", 7.0)
+    counting.retry_after = "Wed, 21 Oct 2015 07:28:00 GMT"  # dates are not honoured
+    assert poster.post(b"{}", {}).retry_after is None
+    poster.close_local()
