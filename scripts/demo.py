@@ -8,7 +8,9 @@ both processes' logs.
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import sys
 import time
 import urllib.request
@@ -44,23 +46,27 @@ def send(url: str) -> bytes:
         return bytes(response.read())
 
 
-def main() -> int:
-    OUT.mkdir(exist_ok=True)
-    for old in OUT.iterdir():
-        old.unlink()
-    key_file = OUT / "demo.key"
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="fp-tap's local demo (see the README).")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {rel(OUT)})")
+    out: Path = parser.parse_args(argv).out.resolve()
+    if out.exists() and any(out.iterdir()) and not (out / "demo.key").exists():
+        parser.error(f"{out} is not empty and not an earlier demo's folder: not clearing it")
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing left from the last one
+    out.mkdir(parents=True)
+    key_file = out / "demo.key"
     key = DecryptionKey.generate()
     key_file.write_text(f"# demo key, made by scripts/demo\n{key.to_base64()}\n")
     key_file.chmod(0o600)
-    jsonl, flows = OUT / "events.jsonl", OUT / "flows.mitm"
+    jsonl, flows = out / "events.jsonl", out / "flows.mitm"
 
     print(f"fp-tap demo: key {key.key_id} in {rel(key_file)}")
-    endpoint = start_endpoint(OUT, key_file, log=OUT / "endpoint-answers.jsonl")
+    endpoint = start_endpoint(out, key_file, log=out / "endpoint-answers.jsonl")
     print(f"  stand-in Fingerprint endpoint at http://127.0.0.1:{endpoint.port}")
     proxy: Service | None = None
     try:
         proxy = start_mitmdump(
-            OUT,
+            out,
             MitmdumpConfig(
                 mode=f"reverse:http://127.0.0.1:{endpoint.port}",
                 options={"fp_keys_file": str(key_file), "fp_jsonl": str(jsonl)},
@@ -87,7 +93,7 @@ def main() -> int:
         print("  " + line)
     records = [json.loads(x) for x in jsonl.read_text().splitlines()] if jsonl.exists() else []
     print(f"\n{len(records)} records in {rel(jsonl)}; saved flows in {rel(flows)}")
-    print(f"process logs in {rel(OUT)}/")
+    print(f"process logs in {rel(out)}/")
     if records:
         print("One record (event shortened):")
         print(indent(json.dumps(shorten(records[2]), indent=2)))
@@ -111,7 +117,8 @@ def indent(text: str) -> str:
 
 
 def rel(path: Path) -> str:
-    return str(path.relative_to(REPO))
+    """Short paths for what the demo prints: relative to the repository when inside it."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 if __name__ == "__main__":
