@@ -20,11 +20,8 @@ def documented() -> dict[str, str]:
 def addon_defaults() -> dict[str, object]:
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
-        return {
-            name: tctx.options.default(name)
-            for name in tctx.options.keys()
-            if name.startswith("fp_")
-        }
+        names = tctx.options.keys()  # Options is not a mapping: no "in" on it
+        return {name: tctx.options.default(name) for name in names if name.startswith("fp_")}
 
 
 def test_every_option_is_documented_and_nothing_else() -> None:
