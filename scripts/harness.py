@@ -142,6 +142,8 @@ class MitmdumpConfig:
     keys_env: str | None = None
     addon: bool = True
     extra_args: Sequence[str] = ()
+    #: More environment variables for mitmdump (e.g. a sink's secret).
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 def start_mitmdump(
@@ -194,7 +196,9 @@ def _start_tool(
         args += ["--set", f"{key}={text}"]
     if config.save_flows is not None:
         args += ["-w", str(config.save_flows)]
-    extra = {"FP_DECRYPTION_KEYS": config.keys_env} if config.keys_env else None
+    extra = dict(config.env)
+    if config.keys_env:
+        extra["FP_DECRYPTION_KEYS"] = config.keys_env
     service = Service(
         name,
         [*args, *config.extra_args],
