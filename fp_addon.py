@@ -22,7 +22,7 @@ from mitmproxy.addonmanager import Loader
 
 from fp_core.checks import CheckConfig, parse_origins
 from fp_core.content import ContentError, decode_content
-from fp_core.envelope import parse_open_response
+from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import KeyConfigError, UnsealError
 from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
@@ -263,6 +263,10 @@ class FingerprintTap:
         except ContentError as exc:
             if count:
                 self.stats.incr_group("skipped", exc.reason)
+            return None
+        # Every response passes here: ordinary traffic stops before anything more is
+        # read from the flow (pretty_host alone costs more than this test).
+        if not might_be_open_response(body):
             return None
         peer = flow.client_conn.peername
         return ResponseInfo(

@@ -35,9 +35,14 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+# Built once (json.dumps() builds an encoder per call when given options). Records are
+# trees built from parsed JSON, never cyclic: the cycle check would only cost time.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+
+
 def dumps(record: dict[str, Any]) -> str:
     """The one JSON form of a record (JSONL line, SQLite column, webhook body)."""
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(record)
 
 
 def open_private(path: str, mode: str = "a") -> IO[str]:
