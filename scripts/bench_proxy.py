@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import shutil
 import signal
@@ -316,6 +317,8 @@ class ScenarioRuns:
     name: str
     throughput: list[LoadResult] = field(default_factory=list)
     latency: list[LoadResult] = field(default_factory=list)
+    #: mitmdump's CPU time (all threads, user + system) per request at 8 connections.
+    cpu_ms: list[float] = field(default_factory=list)
     addon_summaries: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -326,6 +329,7 @@ class ProxyRow:
     name: str
     rate: Spread
     vs_baseline: Spread
+    cpu_ms: Spread
     p50_ms: Spread
     p99_ms: Spread
     p50_delta_ms: Spread
@@ -348,6 +352,10 @@ class Bench:
     def __init__(self, out: Path) -> None:
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
+        # Services append to their logs and are found by the port they print: a log
+        # left by an earlier run would point at a port nobody listens on any more.
+        for stale in out.glob("**/*.out"):
+            stale.unlink()
         self.key_file = out / "bench.key"
         self.key_file.write_text(DecryptionKey.generate().to_base64() + "\n", encoding="utf-8")
         self.key_file.chmod(0o600)
@@ -422,7 +430,13 @@ def _run_scenario(
     try:
         url = f"http://127.0.0.1:{proxy.port}/"
         bench.loadgen.run(url, 8, warmup_s)  # imports, caches, the first connections
-        runs.throughput.append(bench.loadgen.run(url, 8, seconds))
+        cpu = cpu_seconds(proxy.proc.pid)
+        result = bench.loadgen.run(url, 8, seconds)
+        # The writer thread may still be busy with the last records: count its CPU too.
+        time.sleep(0.5)
+        cpu = cpu_seconds(proxy.proc.pid) - cpu
+        runs.throughput.append(result)
+        runs.cpu_ms.append(cpu * 1000 / result.requests if result.requests else 0.0)
         runs.latency.append(bench.loadgen.run(url, 1, seconds))
     finally:
         proxy.stop()
@@ -443,6 +457,7 @@ def _row(runs: ScenarioRuns, base: ScenarioRuns) -> ProxyRow:
         name=runs.name,
         rate=Spread.of(rates),
         vs_baseline=paired_ratios(rates, [r.rate for r in base.throughput]),
+        cpu_ms=Spread.of(runs.cpu_ms),
         p50_ms=Spread.of(p50),
         p99_ms=Spread.of([r.p99_ms for r in runs.latency]),
         p50_delta_ms=Spread.of(
@@ -452,6 +467,13 @@ def _row(runs: ScenarioRuns, base: ScenarioRuns) -> ProxyRow:
         dropped=sum(int(s.get("dropped", 0)) for s in runs.addon_summaries),
         written=written,
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far (user + system, all threads)."""
+    # /proc/<pid>/stat: fields 14 and 15 (utime, stime) after the ")" ending the name.
+    fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
