@@ -67,12 +67,13 @@ class Plan:
     memory_warmup: int
 
 
-FULL = Plan(15, 0.1, 7, 3, 10, 2, (20_000, 50_000, 100_000), 2_000)
+FULL = Plan(15, 0.1, 7, 3, 8, 2, (20_000, 50_000, 100_000), 2_000)
 QUICK = Plan(3, 0.03, 3, 1, 3, 1, (2_000, 5_000, 10_000), 500)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress shows when piped
     plan = QUICK if args.quick else FULL
     only = args.only or list(SECTIONS)
     if "proxy" in only or "memory" in only:

@@ -54,12 +54,13 @@ Unsealer = Callable[[str], object]
 def sized_event(api: Api, target: int, seed: int = SEED) -> dict[str, Any]:
     """A generated event whose compact JSON is about ``target`` bytes.
 
-    Below the generator's natural size the sparse event is trimmed, largest optional
-    part first, keeping everything the summary reads; above it, it is padded.
+    Below the generator's natural size optional parts are dropped (keeping everything
+    the summary reads), each time the smallest that reaches the target or else the
+    largest; above it, the event is padded.
     """
     if target > 3000:
         return generate_event(api, rng=seed, pad_to=target)
-    event = generate_event(api, rng=seed, sparse=True)
+    event = generate_event(api, rng=seed)
     if api == "v4":
         keep = {"event_id", "timestamp", "identification", "bot", "ip_address", "url", "replayed"}
         parts = [(event, k) for k in event if k not in keep]
@@ -69,11 +70,12 @@ def sized_event(api: Api, target: int, seed: int = SEED) -> dict[str, Any]:
         keep = {"visitorId", "requestId", "timestamp", "ip", "url", "confidence", "visitorFound"}
         parts = [(products, k) for k in products if k not in ("identification", "botd")]
         parts += [(ident, k) for k in ident if k not in keep]
-    parts.sort(key=lambda part: _size(part[0][part[1]]), reverse=True)
-    for container, name in parts:
-        if _size(event) <= target:
-            break
-        del container[name]
+    while parts and (excess := _size(event) - target) > 0:
+        sizes = [len(f'"{name}":') + _size(obj[name]) + 1 for obj, name in parts]
+        enough = [i for i, n in enumerate(sizes) if n >= excess]
+        pick = min(enough, key=sizes.__getitem__) if enough else sizes.index(max(sizes))
+        obj, name = parts.pop(pick)
+        del obj[name]
     return event
 
 
