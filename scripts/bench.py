@@ -40,7 +40,7 @@ REALISTIC_VS_SDK = 2.0
 VS_FLOOR = 0.85
 #: Section 2: a straight line explains the cost (R^2), and per-byte cost stays flat.
 MIN_R2 = 0.99
-MAX_LAST_STEP = 1.1
+MAX_LAST_STEP = 1.25
 #: Section 3 targets.
 MIN_PROXY_RATIO = 0.90
 AIM_PROXY_RATIO = 0.97
@@ -67,7 +67,7 @@ class Plan:
     memory_warmup: int
 
 
-FULL = Plan(15, 0.1, 7, 3, 8, 2, (20_000, 50_000, 100_000), 2_000)
+FULL = Plan(15, 0.1, 9, 3, 8, 2, (20_000, 50_000, 100_000), 2_000)
 QUICK = Plan(3, 0.03, 3, 1, 3, 1, (2_000, 5_000, 10_000), 500)
 
 

@@ -146,18 +146,43 @@ def _time_calls(fn: Unsealer, sealed: str, calls: int) -> int:
         gc.enable()
 
 
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One sealed result and the implementations to time on it."""
+
+    event: dict[str, Any]
+    sealed: str
+    impls: dict[str, Unsealer]
+
+
+def make_case(key: DecryptionKey, api: Api, target: int, names: Sequence[str]) -> Case:
+    """An event of about ``target`` bytes, sealed, checked against every implementation."""
+    event = sized_event(api, target)
+    sealed = seal_event(event, key)
+    impls = {name: fn for name, fn in unsealers(key, api).items() if name in names}
+    check_agree(impls, sealed, event)
+    return Case(event, sealed, impls)
+
+
 def interleaved_rates(
-    impls: dict[str, Unsealer], sealed: str, rounds: int, sample_s: float
-) -> dict[str, list[float]]:
-    """Events per second of each implementation, one sample per round, rotating order."""
-    names = list(impls)
-    calls = {name: calibrate(impls[name], sealed, sample_s) for name in names}
-    rates: dict[str, list[float]] = {name: [] for name in names}
+    cases: Sequence[Case], rounds: int, sample_s: float
+) -> list[dict[str, list[float]]]:
+    """Events per second of each implementation on each case, one sample per round.
+
+    Each round visits every case and implementation, in an order that rotates from
+    round to round: a burst of noise from another process lands on one round of
+    many cases rather than on every round of one case, and the medians shrug it off.
+    """
+    slots = [(i, name) for i, case in enumerate(cases) for name in case.impls]
+    calls = {
+        (i, name): calibrate(cases[i].impls[name], cases[i].sealed, sample_s) for i, name in slots
+    }
+    rates: list[dict[str, list[float]]] = [{name: [] for name in case.impls} for case in cases]
     for round_no in range(rounds):
-        shift = round_no % len(names)
-        for name in names[shift:] + names[:shift]:
-            elapsed = _time_calls(impls[name], sealed, calls[name])
-            rates[name].append(calls[name] * 1e9 / elapsed)
+        shift = round_no % len(slots)
+        for i, name in slots[shift:] + slots[:shift]:
+            elapsed = _time_calls(cases[i].impls[name], cases[i].sealed, calls[i, name])
+            rates[i][name].append(calls[i, name] * 1e9 / elapsed)
     return rates
 
 
@@ -177,25 +202,23 @@ class ThroughputRow:
 def throughput(rounds: int, sample_s: float) -> list[ThroughputRow]:
     """Section 1: every API and size of :data:`SIZES`."""
     key = DecryptionKey.generate()
+    labels = [(label, api) for label, target in SIZES for api in APIS]
+    cases = [make_case(key, api, target, IMPLEMENTATIONS) for _, target in SIZES for api in APIS]
     rows = []
-    for label, target in SIZES:
-        for api in APIS:
-            event = sized_event(api, target)
-            sealed = seal_event(event, key)
-            impls = unsealers(key, api)
-            check_agree(impls, sealed, event)
-            rates = interleaved_rates(impls, sealed, rounds, sample_s)
-            rows.append(
-                ThroughputRow(
-                    api=api,
-                    label=label,
-                    json_bytes=_size(event),
-                    sealed_chars=len(sealed),
-                    rates={name: Spread.of(samples) for name, samples in rates.items()},
-                    vs_sdk=paired_ratios(rates["fp-tap"], rates["sdk"]),
-                    vs_floor=paired_ratios(rates["fp-tap"], rates["floor"]),
-                )
+    for (label, api), case, rates in zip(
+        labels, cases, interleaved_rates(cases, rounds, sample_s), strict=True
+    ):
+        rows.append(
+            ThroughputRow(
+                api=api,
+                label=label,
+                json_bytes=_size(case.event),
+                sealed_chars=len(case.sealed),
+                rates={name: Spread.of(samples) for name, samples in rates.items()},
+                vs_sdk=paired_ratios(rates["fp-tap"], rates["sdk"]),
+                vs_floor=paired_ratios(rates["fp-tap"], rates["floor"]),
             )
+        )
     return rows
 
 
@@ -225,25 +248,24 @@ def growth(
 ) -> tuple[list[GrowthRow], list[GrowthFit]]:
     """Section 2: fp-tap (and the floor, for reference) from 1 KB to 256 KB."""
     key = DecryptionKey.generate()
+    cases = [make_case(key, api, target, ("fp-tap", "floor")) for api in APIS for target in sizes]
+    all_rates = interleaved_rates(cases, rounds, sample_s)
     rows: list[GrowthRow] = []
     fits: list[GrowthFit] = []
-    for api in APIS:
-        impls = unsealers(key, api)
-        pair = {"fp-tap": impls["fp-tap"], "floor": impls["floor"]}
-        api_rows = []
-        for target in sizes:
-            event = sized_event(api, target)
-            sealed = seal_event(event, key)
-            check_agree(pair, sealed, event)
-            rates = interleaved_rates(pair, sealed, rounds, sample_s)
-            api_rows.append(
-                GrowthRow(
-                    api=api,
-                    json_bytes=_size(event),
-                    fp_us=Spread.of([1e6 / r for r in rates["fp-tap"]]),
-                    floor_us=Spread.of([1e6 / r for r in rates["floor"]]),
-                )
+    for n, api in enumerate(APIS):
+        api_rows = [
+            GrowthRow(
+                api=api,
+                json_bytes=_size(case.event),
+                fp_us=Spread.of([1e6 / r for r in rates["fp-tap"]]),
+                floor_us=Spread.of([1e6 / r for r in rates["floor"]]),
             )
+            for case, rates in zip(
+                cases[n * len(sizes) : (n + 1) * len(sizes)],
+                all_rates[n * len(sizes) : (n + 1) * len(sizes)],
+                strict=True,
+            )
+        ]
         fit = LinearFit.of(
             [row.json_bytes / 1024 for row in api_rows], [row.fp_us.median for row in api_rows]
         )
