@@ -2,7 +2,7 @@
 
 Run with ``scripts/bench`` (which sets up .venv with the official SDK first)::
 
-    scripts/bench                      # everything, about 10 minutes
+    scripts/bench                      # everything, 10-12 minutes
     scripts/bench --quick              # a smoke run of everything, about 2 minutes
     scripts/bench --only unseal --only growth --json results.json
 
