@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
 
 from scripts import bench_proxy
@@ -49,3 +51,14 @@ def test_scenarios_start_with_the_baseline_and_need_their_options() -> None:
 def test_lua_script_names_every_path() -> None:
     for path in bench_proxy.PATHS:
         assert f'"{path}"' in bench_proxy._WRK_LUA
+
+
+def test_slow_receiver_answers_2xx_and_counts() -> None:
+    receiver = bench_proxy.SlowReceiver(delay_ms=0)
+    try:
+        request = urllib.request.Request(receiver.url, data=b'{"ok":true}', method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 204
+        assert receiver.received == [1]
+    finally:
+        receiver.close()
