@@ -11,6 +11,7 @@ every option, the record format and the commands.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Optional
 from mitmproxy import command, contentviews, ctx, exceptions, flowfilter, http, types
 from mitmproxy import flow as mflow
 from mitmproxy.addonmanager import Loader
+from mitmproxy.net.http import url
 
 from fp_core.checks import CheckConfig, parse_origins
 from fp_core.content import ContentError, decode_content
-from fp_core.envelope import parse_open_response
+from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import FpError, KeyConfigError, UnsealError
 from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
 from fp_core.redact import PRESETS, Redactor, parse_paths
@@ -471,11 +473,15 @@ class FingerprintTap:
             if count:
                 self.stats.incr_group("skipped", exc.reason)
             return None
+        # Every response passes here: ordinary traffic stops before anything more is
+        # read from the flow (pretty_host alone costs more than this test).
+        if not might_be_open_response(body):
+            return None
         peer = flow.client_conn.peername
         return ResponseInfo(
             flow_id=flow.id,
             time=response.timestamp_end or response.timestamp_start,
-            host=flow.request.pretty_host,
+            host=_pretty_host(flow.request),
             path=flow.request.path.split("?", 1)[0],
             method=flow.request.method,
             status_code=response.status_code,
@@ -725,6 +731,19 @@ def _load_keys(keys_file: str | None) -> list[DecryptionKey]:
             ENV_VAR,
         )
     return keys
+
+
+def _pretty_host(request: http.Request) -> str:
+    """``request.pretty_host``, remembering the answer for each Host header."""
+    authority = request.host_header
+    return _authority_host(authority) if authority else request.host
+
+
+@functools.lru_cache(maxsize=1024)
+def _authority_host(authority: str) -> str:
+    # What pretty_host does with the header, which costs more than the rest of the
+    # record put together; a tap sees the same few hosts over and over.
+    return url.parse_authority(authority, check=False)[0]
 
 
 def _mask_proxy_secret(flow: http.HTTPFlow) -> None:

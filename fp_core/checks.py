@@ -6,6 +6,7 @@ the connection) is compared against it. ``None`` means "nothing to compare".
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ def parse_origins(values: Iterable[str]) -> frozenset[str]:
     return frozenset(out)
 
 
+# Parsing an address, and asking whether it is global, takes microseconds, and the same
+# few clients and visitors come back again and again: remember the latest answers.
+@functools.lru_cache(maxsize=4096)
 def _ip(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if not value:
         return None
@@ -66,6 +70,7 @@ def _ip(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
     return addr
 
 
+@functools.lru_cache(maxsize=4096)
 def comparable_client_ip(header_ip: str | None, peer_ip: str | None) -> str | None:
     """The client address worth comparing with the event's IP.
 

@@ -33,8 +33,7 @@ def parse_open_response(body: bytes | bytearray | memoryview | str) -> OpenRespo
         data = body.encode("utf-8") if isinstance(body, str) else bytes(body)
     except (UnicodeEncodeError, TypeError):
         return None
-    # Cheap rejection first: most traffic is not JSON with a sealed result in it.
-    if not _OBJECT_START.match(data) or not any(m in data for m in _MARKERS):
+    if not might_be_open_response(data):
         return None
     try:
         obj = json.loads(data.decode("utf-8"))
@@ -43,6 +42,15 @@ def parse_open_response(body: bytes | bytearray | memoryview | str) -> OpenRespo
     if not isinstance(obj, dict):
         return None
     return _from_object(obj)
+
+
+def might_be_open_response(data: bytes) -> bool:
+    """The cheap test that comes first: a JSON object that mentions a sealed result.
+
+    False means certainly not an open response; most traffic stops here, before
+    anything is parsed.
+    """
+    return _OBJECT_START.match(data) is not None and (_MARKERS[0] in data or _MARKERS[1] in data)
 
 
 def _from_object(obj: dict[str, object]) -> OpenResponse | None:

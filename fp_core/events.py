@@ -129,64 +129,85 @@ def _empty_summary(api: Api | None) -> dict[str, Any]:
     }
 
 
+# The two summaries below run for every event the tap sees, so they read the event
+# with plain dict lookups instead of the generic _get(): a missing or mistyped parent
+# reads as this empty dict (never written to), and so its fields as absent.
+_ABSENT: dict[str, Any] = {}
+
+
+def _obj(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else _ABSENT
+
+
+def _data(products: dict[str, Any], name: str) -> dict[str, Any]:
+    """``products[name]["data"]`` when both are objects (a v3 product's payload)."""
+    product = products.get(name)
+    return _obj(product.get("data")) if isinstance(product, dict) else _ABSENT
+
+
 def _summarize_v4(event: Any) -> dict[str, Any]:
-    summary = _empty_summary("v4")
-    ident = _get(event, "identification")
-    bot = _str(event.get("bot"))
-    summary.update(
-        request_id=_str(event.get("event_id")),
-        visitor_id=_str(_get(ident, "visitor_id")),
-        visitor_found=_bool(_get(ident, "visitor_found")),
-        confidence=_number(_get(ident, "confidence", "score")),
-        bot=bot if bot in BOT_RESULTS else None,
-        bot_type=_str(event.get("bot_type")),
-        ip=_str(event.get("ip_address")),
-        url=_str(event.get("url")),
-        timestamp=event["timestamp"],
-        replayed=_bool(event.get("replayed")),
-        linked_id=_str(event.get("linked_id")),
-        suspect_score=_number(event.get("suspect_score")),
-    )
+    ident = _obj(event.get("identification"))
+    bot = event.get("bot")
+    blocklist = event.get("ip_blocklist")
     signals: dict[str, bool] = {}
     for name, _v3_name in BOOLEAN_SIGNALS:
-        value = event.get(name)
         if name == "tor":
-            value = _get(event, "ip_blocklist", "tor_node")
-        elif name == "ip_blocklist" and isinstance(value, dict):
-            value = any(v is True for v in value.values())
-        if isinstance(value, bool):
+            value = blocklist.get("tor_node") if isinstance(blocklist, dict) else None
+        elif name == "ip_blocklist":
+            value = blocklist
+            if isinstance(value, dict):
+                value = any(v is True for v in value.values())
+        elif name in event:
+            value = event[name]
+        else:
+            continue
+        if value is True or value is False:
             signals[name] = value
-    summary["signals"] = signals
-    return summary
+    return {
+        "api": "v4",
+        "request_id": _str(event.get("event_id")),
+        "visitor_id": _str(ident.get("visitor_id")),
+        "visitor_found": _bool(ident.get("visitor_found")),
+        "confidence": _number(_obj(ident.get("confidence")).get("score")),
+        "bot": bot if bot in BOT_RESULTS else None,
+        "bot_type": _str(event.get("bot_type")),
+        "ip": _str(event.get("ip_address")),
+        "url": _str(event.get("url")),
+        "timestamp": event["timestamp"],
+        "replayed": _bool(event.get("replayed")),
+        "linked_id": _str(event.get("linked_id")),
+        "suspect_score": _number(event.get("suspect_score")),
+        "signals": signals,
+    }
 
 
 def _summarize_v3(event: Any) -> dict[str, Any]:
-    summary = _empty_summary("v3")
     products = event["products"]
-    ident = _get(products, "identification", "data")
-    botd = _get(products, "botd", "data")
-    bot = _V3_BOT.get(_str(_get(botd, "bot", "result")) or "")
-    timestamp = _get(ident, "timestamp")
-    summary.update(
-        request_id=inner_request_id(event),
-        visitor_id=_str(_get(ident, "visitorId")),
-        visitor_found=_bool(_get(ident, "visitorFound")),
-        confidence=_number(_get(ident, "confidence", "score")),
-        bot=bot,
-        bot_type=_str(_get(botd, "bot", "type")),
-        ip=_str(_get(ident, "ip")) or _str(_get(botd, "ip")),
-        url=_str(_get(ident, "url")) or _str(_get(botd, "url")),
-        timestamp=timestamp
-        if _is_int(timestamp)
-        else _iso_to_ms(_get(ident, "time")) or _iso_to_ms(_get(botd, "time")),
-        replayed=_bool(_get(ident, "replayed")),
-        linked_id=_str(_get(ident, "linkedId")) or _str(_get(botd, "linkedId")),
-        suspect_score=_number(_get(products, "suspectScore", "data", "result")),
-    )
+    ident = _data(products, "identification")
+    botd = _data(products, "botd")
+    bot = _obj(botd.get("bot"))
+    timestamp = ident.get("timestamp")
+    if not _is_int(timestamp):
+        timestamp = _iso_to_ms(ident.get("time")) or _iso_to_ms(botd.get("time"))
     signals: dict[str, bool] = {}
     for name, v3_name in BOOLEAN_SIGNALS:
-        value = _get(products, v3_name, "data", "result")
-        if isinstance(value, bool):
-            signals[name] = value
-    summary["signals"] = signals
-    return summary
+        if v3_name in products:
+            value = _data(products, v3_name).get("result")
+            if value is True or value is False:
+                signals[name] = value
+    return {
+        "api": "v3",
+        "request_id": _str(ident.get("requestId")) or _str(botd.get("requestId")),
+        "visitor_id": _str(ident.get("visitorId")),
+        "visitor_found": _bool(ident.get("visitorFound")),
+        "confidence": _number(_obj(ident.get("confidence")).get("score")),
+        "bot": _V3_BOT.get(_str(bot.get("result")) or ""),
+        "bot_type": _str(bot.get("type")),
+        "ip": _str(ident.get("ip")) or _str(botd.get("ip")),
+        "url": _str(ident.get("url")) or _str(botd.get("url")),
+        "timestamp": timestamp,
+        "replayed": _bool(ident.get("replayed")),
+        "linked_id": _str(ident.get("linkedId")) or _str(botd.get("linkedId")),
+        "suspect_score": _number(_data(products, "suspectScore").get("result")),
+        "signals": signals,
+    }

@@ -81,6 +81,13 @@ def decode_base64_lenient(text: str) -> bytes:
     Non-canonical trailing bits are accepted, as every official SDK accepts them.
     Raises ``ValueError`` (never with the input in the message) when it is not base64.
     """
+    try:
+        # Sealed results are canonical padded standard base64: one C call decodes them
+        # (it accepts nothing the general path below would refuse, nor decodes it
+        # differently). Anything else takes the general path.
+        return binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
+        pass
     text = text.strip()
     if not text.isascii():
         raise ValueError("not ASCII")

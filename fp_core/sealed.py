@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import zlib
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ HEADER = bytes.fromhex("9e85dced")
 NONCE_SIZE = 12
 TAG_SIZE = 16
 MIN_SIZE = len(HEADER) + NONCE_SIZE + TAG_SIZE
+#: DEFLATE's largest expansion: a 258-byte match coded in 2 bits (zlib's technical notes).
+MAX_DEFLATE_RATIO = 1032
 #: Default cap on the inflated JSON. Real events are a few KB; 4 MiB leaves room for
 #: unusual ones while a decompression bomb stops after at most this much output.
 DEFAULT_MAX_SIZE = 4 * 1024 * 1024
@@ -65,7 +68,7 @@ def unseal_event(
     Raises only :class:`~fp_core.errors.UnsealError` subclasses.
     """
     data = _sealed_bytes(sealed)
-    if data[: len(HEADER)] != HEADER:
+    if not data.startswith(HEADER):
         raise InvalidHeader(f"sealed data does not start with {HEADER.hex()}")
     if len(data) < MIN_SIZE:
         raise TooShort(f"sealed data is {len(data)} bytes, the minimum is {MIN_SIZE}")
@@ -114,7 +117,8 @@ def _open(data: bytes, keys: Sequence[KeyLike], max_size: int) -> tuple[bytes, i
     # the other keys' plain authentication failures.
     worst: type[DecompressFailed | TooLarge | DecryptFailed] = DecryptFailed
     for index, key in enumerate(keys):
-        aead, kid = _cipher(key)
+        # The usual key, without a call: this loop runs for every payload.
+        aead, kid = (key.aead, key.key_id) if isinstance(key, DecryptionKey) else _cipher(key)
         if aead is None or kid is None:
             failures.append(KeyFailure(index, kid, "key_size"))
             continue
@@ -150,6 +154,16 @@ def _aggregate_message(
 
 def inflate_raw(data: bytes, max_size: int) -> bytes:
     """Inflate raw DEFLATE, stopping as soon as the output would exceed ``max_size``."""
+    if len(data) * MAX_DEFLATE_RATIO <= max_size:
+        # Too short to inflate past max_size: the one-shot call, cheaper for small
+        # payloads (every real event), cannot be a bomb here.
+        try:
+            return zlib.decompress(data, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            # Z_BUF_ERROR (-5): the input ended before the stream did.
+            if str(exc).startswith("Error -5 "):
+                raise DecompressFailed("raw DEFLATE stream is truncated") from None
+            raise DecompressFailed("plaintext is not raw DEFLATE data") from None
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
         out = inflater.decompress(data, max_size + 1)
@@ -162,15 +176,22 @@ def inflate_raw(data: bytes, max_size: int) -> bytes:
     return out
 
 
+_INFINITIES = (math.inf, -math.inf)
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
-    if value in (float("inf"), float("-inf")):
+    if value in _INFINITIES:
         raise ValueError("number out of range")
     return value
 
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+# Built once: json.loads() with hooks would build a decoder (and its scanner) per call.
+_DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_reject_constant)
 
 
 def parse_event_json(plaintext: bytes) -> Any:
@@ -180,7 +201,9 @@ def parse_event_json(plaintext: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidJson(f"plaintext is not UTF-8 (byte {exc.start})") from None
     try:
-        return json.loads(text, parse_float=_finite_float, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # as json.loads() refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return _DECODER.decode(text)
     except RecursionError:
         raise InvalidJson("plaintext JSON is nested too deeply to parse") from None
     except json.JSONDecodeError as exc:

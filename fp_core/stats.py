@@ -21,7 +21,10 @@ class Stats:
 
     def incr_group(self, group: str, key: str, n: int = 1) -> None:
         with self._lock:
-            self._groups.setdefault(group, Counter())[key] += n
+            counter = self._groups.get(group)
+            if counter is None:  # not setdefault(): it would build a Counter every call
+                counter = self._groups[group] = Counter()
+            counter[key] += n
 
     def get(self, name: str) -> int:
         with self._lock:

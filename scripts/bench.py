@@ -1,0 +1,347 @@
+"""The benchmarks: unseal speed, cost growth, proxy overhead and memory (issue 6).
+
+Run with ``scripts/bench`` (which sets up .venv with the official SDK first)::
+
+    scripts/bench                      # everything, 10-12 minutes
+    scripts/bench --quick              # a smoke run of everything, about 2 minutes
+    scripts/bench --only unseal --only growth --json results.json
+
+Prints one table per section, each target as met or NOT MET with its numbers, and the
+machine and versions the numbers came from. Scratch files (key, logs, records) go to
+``bench-out/``. BENCHMARKS.md holds the results of a full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
+
+from scripts import bench_proxy, bench_unseal
+from scripts.bench_stats import table, verdict
+from scripts.harness import REPO
+
+SECTIONS = ("unseal", "growth", "proxy", "memory")
+
+#: Section 1 target: fp-tap's events/s over the SDK's, on realistic events.
+REALISTIC_VS_SDK = 2.0
+#: Section 1 target at every size: fp-tap's events/s over the floor's.
+VS_FLOOR = 0.85
+#: Section 2: a straight line explains the cost (R^2), and per-byte cost stays flat.
+MIN_R2 = 0.99
+MAX_LAST_STEP = 1.25
+#: Section 3 targets.
+MIN_PROXY_RATIO = 0.90
+AIM_PROXY_RATIO = 0.97
+MAX_P50_DELTA_MS = 0.5
+#: Section 4 target.
+MAX_RSS_GROWTH_MB = 50.0
+
+
+#: A results-table line: what, met (None: not measurable in this build), the numbers.
+Target = tuple[str, bool | None, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How long each section runs: ``full`` for BENCHMARKS.md, ``quick`` as a smoke test."""
+
+    rounds: int
+    sample_s: float
+    growth_rounds: int
+    proxy_rounds: int
+    proxy_seconds: int
+    warmup_s: int
+    memory_checkpoints: tuple[int, ...]
+    memory_warmup: int
+
+
+FULL = Plan(15, 0.1, 9, 3, 8, 2, (20_000, 50_000, 100_000), 2_000)
+QUICK = Plan(3, 0.03, 3, 1, 3, 1, (2_000, 5_000, 10_000), 500)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress shows when piped
+    plan = QUICK if args.quick else FULL
+    only = args.only or list(SECTIONS)
+    if "proxy" in only or "memory" in only:
+        bench_proxy.ensure_wrk()  # before the versions are read
+    results: dict[str, Any] = {"environment": environment(), "plan": dataclasses.asdict(plan)}
+    results["command"] = "scripts/bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(_environment_text(results["environment"]), flush=True)
+    targets: list[Target] = []
+    started = time.monotonic()
+    if "unseal" in only:
+        print("\n== 1. unseal throughput (events/s, median (min-max) of interleaved samples)")
+        rows = bench_unseal.throughput(plan.rounds, plan.sample_s)
+        results["unseal"] = [dataclasses.asdict(r) for r in rows]
+        targets += _report_unseal(rows)
+    if "growth" in only:
+        print("\n== 2. cost growth (microseconds per event)")
+        growth_rows, fits = bench_unseal.growth(plan.growth_rounds, plan.sample_s)
+        results["growth"] = {
+            "rows": [dataclasses.asdict(r) for r in growth_rows],
+            "fits": [dataclasses.asdict(f) for f in fits],
+        }
+        targets += _report_growth(growth_rows, fits)
+    if "proxy" in only or "memory" in only:
+        with bench_proxy.Bench(args.out) as bench:
+            print(f"\n(load generator: {bench.loadgen.name})")
+            if "proxy" in only:
+                print("\n== 3. proxy overhead (mitmdump reverse proxy, stand-in endpoint)")
+                proxy = bench_proxy.proxy_overhead(
+                    bench, plan.proxy_rounds, plan.proxy_seconds, plan.warmup_s
+                )
+                results["proxy"] = dataclasses.asdict(proxy)
+                targets += _report_proxy(proxy, plan)
+            if "memory" in only:
+                print("\n== 4. memory (RSS of mitmdump with the addon and JSONL)")
+                mem = bench_proxy.memory(bench, plan.memory_checkpoints, plan.memory_warmup)
+                results["memory"] = dataclasses.asdict(mem)
+                targets += _report_memory(mem)
+    results["targets"] = [{"target": t, "met": m, "measured": v} for t, m, v in targets]
+    results["seconds"] = round(time.monotonic() - started)
+    print("\n== targets")
+    print(table(["target", "result", "measured"], [(t, verdict(m), v) for t, m, v in targets]))
+    missed = sum(m is False for _, m, _ in targets)
+    print(f"\n{len(targets)} targets, {missed} not met; ", end="")
+    print(f"{results['seconds']} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"raw results in {args.json}")
+    return 0
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs: a smoke test")
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run only this section (repeatable)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the raw results to this file")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench-out", help="scratch folder (bench-out/)"
+    )
+    return parser.parse_args(argv)
+
+
+def _report_unseal(rows: list[bench_unseal.ThroughputRow]) -> list[Target]:
+    print(
+        table(
+            ["api", "size", "JSON bytes", "fp-tap", "sdk", "floor", "fp-tap/sdk", "fp-tap/floor"],
+            [
+                (
+                    r.api,
+                    r.label,
+                    f"{r.json_bytes:,}",
+                    r.rates["fp-tap"].show(),
+                    r.rates["sdk"].show(),
+                    r.rates["floor"].show(),
+                    r.vs_sdk.show(2),
+                    r.vs_floor.show(2),
+                )
+                for r in rows
+            ],
+        )
+    )
+    print("(ratios are medians of same-round pairs; sdk for v3: its decrypt/inflate + json.loads)")
+    targets: list[Target] = []
+    for r in rows:
+        where = f"{r.api} {r.label}"
+        if r.label.startswith("realistic"):
+            targets.append(
+                (
+                    f"unseal {where}: fp-tap >= {REALISTIC_VS_SDK}x sdk",
+                    r.vs_sdk.median >= REALISTIC_VS_SDK,
+                    f"{r.vs_sdk.show(2)}x",
+                )
+            )
+        else:
+            targets.append(
+                (f"unseal {where}: fp-tap faster than sdk", r.vs_sdk.median > 1, r.vs_sdk.show(2))
+            )
+        targets.append(
+            (
+                f"unseal {where}: fp-tap >= {VS_FLOOR}x floor",
+                r.vs_floor.median >= VS_FLOOR,
+                f"{r.vs_floor.show(2)}x",
+            )
+        )
+    return targets
+
+
+def _report_growth(
+    rows: list[bench_unseal.GrowthRow], fits: list[bench_unseal.GrowthFit]
+) -> list[Target]:
+    print(
+        table(
+            ["api", "JSON bytes", "fp-tap us", "floor us", "fp-tap us/KB"],
+            [
+                (
+                    r.api,
+                    f"{r.json_bytes:,}",
+                    r.fp_us.show(1),
+                    r.floor_us.show(1),
+                    f"{r.fp_us.median / (r.json_bytes / 1024):.2f}",
+                )
+                for r in rows
+            ],
+        )
+    )
+    targets: list[Target] = []
+    for f in fits:
+        print(
+            f"{f.api}: us = {f.fit.intercept:.1f} + {f.fit.slope:.2f} * KB, R^2 = {f.fit.r2:.4f}; "
+            f"per-byte cost 256 KB vs 128 KB: {f.last_step:.2f}"
+        )
+        targets.append(
+            (
+                f"growth {f.api}: linear in size (R^2 >= {MIN_R2}, last step <= {MAX_LAST_STEP})",
+                f.fit.r2 >= MIN_R2 and f.last_step <= MAX_LAST_STEP,
+                f"R^2 {f.fit.r2:.4f}, {f.fit.slope:.2f} us/KB, last step {f.last_step:.2f}",
+            )
+        )
+    return targets
+
+
+def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
+    print(
+        f"({plan.proxy_rounds} rounds; each: {plan.proxy_seconds} s at 8 connections, "
+        f"then {plan.proxy_seconds} s at 1)"
+    )
+    print(
+        table(
+            [
+                "scenario",
+                "req/s @8",
+                "vs no addon",
+                "CPU ms/req",
+                "p50 ms @1",
+                "p50 +ms",
+                "p99 ms @1",
+                "errors",
+                "dropped",
+                "written",
+            ],
+            [
+                (
+                    r.name,
+                    r.rate.show(),
+                    r.vs_baseline.show(3),
+                    r.cpu_ms.show(2),
+                    r.p50_ms.show(2),
+                    r.p50_delta_ms.show(2),
+                    r.p99_ms.show(2),
+                    r.errors,
+                    r.dropped,
+                    ",".join(f"{k}={v}" for k, v in r.written.items()) or "-",
+                )
+                for r in proxy.rows
+            ],
+        )
+    )
+    if proxy.endpoint_direct is not None:
+        print(f"stand-in endpoint without a proxy: {proxy.endpoint_direct.show()} req/s @8")
+    for name in proxy.skipped:
+        print(f"{name}: skipped: not available in this build")
+    targets: list[Target] = []
+    for r in proxy.rows:
+        if r.name == bench_proxy.BASELINE:
+            continue
+        ratio = r.vs_baseline.median
+        aim = "aim met" if ratio >= AIM_PROXY_RATIO else f"aim {AIM_PROXY_RATIO} not met"
+        targets.append(
+            (
+                f"proxy {r.name}: req/s >= {MIN_PROXY_RATIO}x no addon",
+                ratio >= MIN_PROXY_RATIO and r.errors == 0,
+                f"{r.vs_baseline.show(3)}x ({aim}), {r.errors} errors",
+            )
+        )
+        targets.append(
+            (
+                f"proxy {r.name}: p50 @1 conn <= +{MAX_P50_DELTA_MS} ms",
+                r.p50_delta_ms.median <= MAX_P50_DELTA_MS,
+                f"+{r.p50_delta_ms.show(3)} ms",
+            )
+        )
+    for name in proxy.skipped:
+        targets.append((f"proxy {name}", None, "skipped: not available in this build"))
+    return targets
+
+
+def _report_memory(mem: bench_proxy.MemoryResults) -> list[Target]:
+    rows = [(f"{mem.warmup:,} (baseline)", f"{mem.baseline_mb:.1f}", "-")]
+    rows += [
+        (f"{n:,}", f"{rss:.1f}", f"{rss - mem.baseline_mb:+.1f}") for n, rss in mem.checkpoints
+    ]
+    print(table(["open responses", "RSS MiB", "vs baseline"], rows))
+    print(
+        f"replay memory at {max(n for n, _ in mem.checkpoints):,} ids (bounded at 100,000): "
+        f"{mem.replay_cache_mb:.1f} MiB; errors {mem.errors}, dropped {mem.dropped}"
+    )
+    growth = max(rss for _, rss in mem.checkpoints) - mem.baseline_mb
+    return [
+        (
+            f"memory: RSS <= baseline + {MAX_RSS_GROWTH_MB:.0f} MB",
+            growth <= MAX_RSS_GROWTH_MB and mem.errors == 0,
+            f"{growth:+.1f} MiB at most ("
+            + ", ".join(f"{n // 1000}k: {rss - mem.baseline_mb:+.1f}" for n, rss in mem.checkpoints)
+            + ")",
+        )
+    ]
+
+
+def environment() -> dict[str, str]:
+    """The machine and versions the numbers come from."""
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = 0
+    for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    os_name = platform.platform()
+    release = Path("/etc/os-release")
+    if release.exists():
+        for line in release.read_text(encoding="utf-8").splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"') + f", kernel {platform.release()}"
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "memory": f"{mem_kb / 2**20:.1f} GiB",
+        "os": os_name,
+        "python": platform.python_version(),
+        "mitmproxy": version("mitmproxy"),
+        "cryptography": version("cryptography"),
+        "fingerprint-server-sdk": version("fingerprint-server-sdk"),
+        "wrk": bench_proxy.version_of_wrk() or "not installed",
+    }
+
+
+def _environment_text(env: dict[str, str]) -> str:
+    return "\n".join(f"{name}: {value}" for name, value in env.items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,545 @@
+"""Proxy overhead and memory: a real ``mitmdump`` in front of the stand-in endpoint.
+
+Every scenario is one entry of :data:`SCENARIOS`: mitmdump's options and environment,
+and the helper it needs (the slow webhook receiver). A scenario whose option this
+build of ``fp_addon.py`` does not define is skipped and said to be, so the table picks
+up new sinks as soon as they exist. Load comes from ``wrk`` in its own process on
+loopback (installed with apt-get when missing), or, failing that, from a small
+multi-process Python client (:func:`python_load`), which the output then says.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.parse
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Protocol
+
+from fp_core.keys import DecryptionKey
+from fp_core.replay import ReplayCache
+from scripts.bench_stats import Spread, paired_ratios
+from scripts.harness import ADDON, MitmdumpConfig, Service, start_endpoint, start_mitmdump
+
+#: What the load generators send: the JS agent's POST, alternating agent v4 and v3,
+#: each answered by the stand-in with a fresh open response (new id, stamped now).
+PATHS = ("/agent/v4?ii=bench&case=ok&api=v4", "/agent/v3?ii=bench&case=ok&api=v3")
+WEBHOOK_DELAY_MS = 500
+WEBHOOK_SECRET = "bench-webhook-secret"  # noqa: S105 (a throwaway for the local receiver)
+
+_WRK_LUA = """\
+-- POST like the JS agent, alternating agent v4 and v3 open responses (scripts/bench).
+-- Arguments after "--": a response limit (0: none) and a file to create on reaching it.
+local paths = {@PATHS@}
+local sent, received = 0, 0
+
+function init(args)
+  local limit, marker = tonumber(args[1]) or 0, args[2]
+  if limit > 0 then
+    -- Defined only when needed: wrk hands every response to Lua once this exists.
+    response = function(status, headers, body)
+      received = received + 1
+      if received == limit then
+        io.open(marker, "w"):close()
+        wrk.thread:stop()
+      end
+    end
+  end
+end
+
+function request()
+  sent = sent + 1
+  return wrk.format("POST", paths[sent % #paths + 1],
+    {["Content-Type"] = "application/json"}, "{}")
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_RESULT {"requests":%d,"duration_us":%d,"errors":%d,' ..
+    '"p50_us":%d,"p90_us":%d,"p99_us":%d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+end
+""".replace("@PATHS@", ", ".join(f'"{p}"' for p in PATHS))
+_WRK_RESULT = re.compile(r"^WRK_RESULT (\{.*\})$", re.MULTILINE)
+_ADDON_SUMMARY = re.compile(r"fp-tap summary: (\{.*\})")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """One bounded load run: responses, how long, failures, latency percentiles (ms)."""
+
+    requests: int
+    seconds: float
+    errors: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+def parse_wrk(output: str) -> LoadResult:
+    """The result line our Lua ``done`` prints (wrk's own summary is not parsed)."""
+    match = _WRK_RESULT.search(output)
+    if match is None:
+        raise ValueError(f"no WRK_RESULT line in wrk's output:\n{output[-2000:]}")
+    data = json.loads(match.group(1))
+    return LoadResult(
+        requests=int(data["requests"]),
+        seconds=data["duration_us"] / 1e6,
+        errors=int(data["errors"]),
+        p50_ms=data["p50_us"] / 1000,
+        p90_ms=data["p90_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+    )
+
+
+class LoadGenerator(Protocol):
+    name: str
+
+    def run(self, url: str, connections: int, seconds: int, limit: int = 0) -> LoadResult:
+        """Load ``url`` for ``seconds`` (or until ``limit`` responses, when not 0)."""
+        ...
+
+
+class Wrk:
+    """``wrk`` with :data:`_WRK_LUA`, one thread (the proxy under test needs the cores)."""
+
+    name = "wrk"
+
+    def __init__(self, workdir: Path) -> None:
+        self.script = workdir / "bench.lua"
+        self.script.write_text(_WRK_LUA, encoding="utf-8")
+
+    def run(self, url: str, connections: int, seconds: int, limit: int = 0) -> LoadResult:
+        marker = self.script.with_name("wrk-limit-reached")
+        marker.unlink(missing_ok=True)
+        args = [
+            shutil.which("wrk") or "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+        ]
+        args += ["-s", str(self.script), url, "--", str(limit), str(marker)]
+        with subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as proc:
+            # wrk sleeps out its whole duration even when its thread has stopped; SIGINT
+            # ends the sleep and it reports as usual.
+            while limit and proc.poll() is None and not marker.exists():
+                time.sleep(0.02)
+            if proc.poll() is None and limit:
+                proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=seconds + 60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"wrk failed ({proc.returncode}): {err[-2000:]}")
+        return parse_wrk(out)
+
+
+def version_of_wrk() -> str | None:
+    """``wrk``'s version line, or None when it is not installed."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    done = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
+    return (done.stdout or done.stderr).splitlines()[0].split(" Copyright")[0].strip()
+
+
+def ensure_wrk() -> bool:
+    """Install Debian's ``wrk`` when it is missing and apt-get can; True when it is there."""
+    if shutil.which("wrk"):
+        return True
+    apt = shutil.which("apt-get")
+    if apt is None:
+        return False
+    print("bench: wrk is missing; trying apt-get install -y wrk", flush=True)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": False}
+    if subprocess.run([apt, "install", "-y", "wrk"], **quiet).returncode != 0:  # type: ignore[call-overload]
+        subprocess.run([apt, "update"], **quiet)  # type: ignore[call-overload]
+        subprocess.run([apt, "install", "-y", "wrk"], **quiet)  # type: ignore[call-overload]
+    return shutil.which("wrk") is not None
+
+
+class PythonLoad:
+    """The fallback: one process per connection, each a keep-alive ``http.client`` loop."""
+
+    name = "python (fallback: wrk unavailable)"
+
+    def run(self, url: str, connections: int, seconds: int, limit: int = 0) -> LoadResult:
+        parts = urllib.parse.urlsplit(url)
+        share = -(-limit // connections) if limit else 0
+        # spawn, not fork: the bench process may run the receiver's threads.
+        with ProcessPoolExecutor(connections, mp_context=get_context("spawn")) as pool:
+            jobs = [
+                pool.submit(_client, parts.hostname or "", parts.port or 80, seconds, share)
+                for _ in range(connections)
+            ]
+            results = [job.result() for job in jobs]
+        latencies = sorted(ns for lats, _, _ in results for ns in lats)
+        elapsed = max((s for _, _, s in results), default=0.0)
+        if not latencies:
+            return LoadResult(0, elapsed, sum(e for _, e, _ in results), 0.0, 0.0, 0.0)
+
+        def pct(q: float) -> float:
+            return latencies[min(len(latencies) - 1, int(q * len(latencies)))] / 1e6
+
+        errors = sum(e for _, e, _ in results)
+        return LoadResult(len(latencies), elapsed, errors, pct(0.5), pct(0.9), pct(0.99))
+
+
+def _client(host: str, port: int, seconds: int, limit: int) -> tuple[list[int], int, float]:
+    """One connection's loop: latencies (ns) of 2xx answers, failures, seconds taken."""
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    latencies: list[int] = []
+    errors = 0
+    start = time.monotonic()
+    while time.monotonic() - start < seconds and not (limit and len(latencies) >= limit):
+        began = time.perf_counter_ns()
+        try:
+            path = PATHS[(len(latencies) + errors) % len(PATHS)]
+            conn.request("POST", path, b"{}", {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException):
+            errors += 1
+            conn.close()
+            continue
+        if 200 <= response.status < 300:
+            latencies.append(time.perf_counter_ns() - began)
+        else:
+            errors += 1
+    conn.close()
+    return latencies, errors, time.monotonic() - start
+
+
+def load_generator(workdir: Path) -> LoadGenerator:
+    """wrk if it is (or can be) installed, else the Python fallback."""
+    if ensure_wrk():
+        return Wrk(workdir)
+    print("bench: wrk unavailable; using the slower Python load generator", flush=True)
+    return PythonLoad()
+
+
+class SlowReceiver:
+    """A webhook receiver on 127.0.0.1 that takes ``delay_ms`` per request, then 204s."""
+
+    def __init__(self, delay_ms: int) -> None:
+        delay = delay_ms / 1000
+        received = self.received = [0]
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                time.sleep(delay)
+                received[0] += 1
+                self.send_response(204)
+                self.end_headers()
+
+            def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+                pass  # one line per delivery would only be noise
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhook"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row of the proxy table: how mitmdump runs, and what it needs.
+
+    Option values may hold ``{out}`` (the scenario's scratch folder) and ``{receiver}``
+    (the slow receiver's URL).
+    """
+
+    name: str
+    addon: bool = True
+    options: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    #: Options that this build of the addon must define, else the scenario is skipped.
+    requires: tuple[str, ...] = ()
+    receiver_delay_ms: int | None = None
+
+    def available(self) -> bool:
+        source = ADDON.read_text(encoding="utf-8")
+        return all(f'"{option}"' in source for option in self.requires)
+
+
+BASELINE = "no addon"
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario(BASELINE, addon=False),
+    Scenario("addon, no sinks"),
+    Scenario("addon + JSONL", options={"fp_jsonl": "{out}/events.jsonl"}),
+    Scenario(
+        "addon + JSONL + SQLite",
+        options={"fp_jsonl": "{out}/events.jsonl", "fp_sqlite": "{out}/events.sqlite"},
+        requires=("fp_sqlite",),
+    ),
+    Scenario(
+        f"addon + slow webhook ({WEBHOOK_DELAY_MS} ms)",
+        options={"fp_webhook_url": "{receiver}"},
+        env={"FP_WEBHOOK_SECRET": WEBHOOK_SECRET},
+        requires=("fp_webhook_url",),
+        receiver_delay_ms=WEBHOOK_DELAY_MS,
+    ),
+)
+
+
+@dataclass
+class ScenarioRuns:
+    """Everything measured for one scenario, one entry per round."""
+
+    name: str
+    throughput: list[LoadResult] = field(default_factory=list)
+    latency: list[LoadResult] = field(default_factory=list)
+    #: mitmdump's CPU time (all threads, user + system) per request at 8 connections.
+    cpu_ms: list[float] = field(default_factory=list)
+    addon_summaries: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRow:
+    """The proxy table: rates at 8 connections, latency at 1, compared with no addon."""
+
+    name: str
+    rate: Spread
+    vs_baseline: Spread
+    cpu_ms: Spread
+    p50_ms: Spread
+    p99_ms: Spread
+    p50_delta_ms: Spread
+    errors: int
+    dropped: int
+    written: dict[str, int]
+
+
+@dataclass
+class ProxyResults:
+    loadgen: str
+    rows: list[ProxyRow]
+    skipped: list[str]
+    endpoint_direct: Spread | None
+
+
+class Bench:
+    """The shared setup: scratch folder, key file, stand-in endpoint, load generator."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        # Services append to their logs and are found by the port they print: a log
+        # left by an earlier run would point at a port nobody listens on any more.
+        for stale in out.glob("**/*.out"):
+            stale.unlink()
+        self.key_file = out / "bench.key"
+        self.key_file.write_text(DecryptionKey.generate().to_base64() + "\n", encoding="utf-8")
+        self.key_file.chmod(0o600)
+        self.loadgen = load_generator(out)
+        self.endpoint: Service | None = None
+
+    def __enter__(self) -> Bench:
+        self.endpoint = start_endpoint(self.out, self.key_file)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.endpoint is not None:
+            self.endpoint.stop()
+
+    @property
+    def upstream(self) -> str:
+        assert self.endpoint is not None
+        return f"http://127.0.0.1:{self.endpoint.port}"
+
+    def start_proxy(self, scenario: Scenario, receiver: SlowReceiver | None) -> Service:
+        folder = self.out / re.sub(r"[^a-z0-9]+", "-", scenario.name.lower()).strip("-")
+        folder.mkdir(exist_ok=True)
+        places = {"out": str(folder), "receiver": receiver.url if receiver else ""}
+        options: dict[str, str | int | bool] = {}
+        if scenario.addon:
+            options["fp_keys_file"] = str(self.key_file)
+        options |= {name: value.format(**places) for name, value in scenario.options.items()}
+        config = MitmdumpConfig(
+            mode=f"reverse:{self.upstream}",
+            options=options,
+            addon=scenario.addon,
+            env=scenario.env,
+        )
+        return start_mitmdump(folder, config)
+
+
+def addon_summary(output: str) -> dict[str, Any]:
+    """The counters the addon logs on shutdown (empty without the addon)."""
+    match = _ADDON_SUMMARY.search(output)
+    return json.loads(match.group(1)) if match else {}
+
+
+def _clear(folder: Path) -> None:
+    # Records of a throughput run are hundreds of MB: drop them once counted.
+    for pattern in ("events.*", "*.out"):
+        for path in folder.glob(pattern):
+            path.unlink()
+
+
+def proxy_overhead(bench: Bench, rounds: int, seconds: int, warmup_s: int) -> ProxyResults:
+    """Section 3: each available scenario per round, in a rotating order."""
+    active = [s for s in SCENARIOS if s.available()]
+    skipped = [s.name for s in SCENARIOS if not s.available()]
+    runs = {s.name: ScenarioRuns(s.name) for s in active}
+    direct: list[float] = []
+    for round_no in range(rounds):
+        shift = round_no % len(active)
+        for scenario in active[shift:] + active[:shift]:
+            _run_scenario(bench, scenario, runs[scenario.name], seconds, warmup_s)
+        direct.append(bench.loadgen.run(bench.upstream + "/", 8, seconds).rate)
+        print(f"  round {round_no + 1}/{rounds} done", flush=True)
+    base = runs[BASELINE]
+    rows = [_row(runs[s.name], base) for s in active]
+    return ProxyResults(bench.loadgen.name, rows, skipped, Spread.of(direct) if direct else None)
+
+
+def _run_scenario(
+    bench: Bench, scenario: Scenario, runs: ScenarioRuns, seconds: int, warmup_s: int
+) -> None:
+    receiver = SlowReceiver(scenario.receiver_delay_ms) if scenario.receiver_delay_ms else None
+    proxy = bench.start_proxy(scenario, receiver)
+    try:
+        url = f"http://127.0.0.1:{proxy.port}/"
+        bench.loadgen.run(url, 8, warmup_s)  # imports, caches, the first connections
+        cpu = cpu_seconds(proxy.proc.pid)
+        result = bench.loadgen.run(url, 8, seconds)
+        # The writer thread may still be busy with the last records: count its CPU too.
+        time.sleep(0.5)
+        cpu = cpu_seconds(proxy.proc.pid) - cpu
+        runs.throughput.append(result)
+        runs.cpu_ms.append(cpu * 1000 / result.requests if result.requests else 0.0)
+        runs.latency.append(bench.loadgen.run(url, 1, seconds))
+    finally:
+        proxy.stop()
+        if receiver is not None:
+            receiver.close()
+    runs.addon_summaries.append(addon_summary(proxy.output()))
+    _clear(proxy.log.parent)
+
+
+def _row(runs: ScenarioRuns, base: ScenarioRuns) -> ProxyRow:
+    rates = [r.rate for r in runs.throughput]
+    p50 = [r.p50_ms for r in runs.latency]
+    written: dict[str, int] = {}
+    for summary in runs.addon_summaries:
+        for sink, count in summary.get("written", {}).items():
+            written[sink] = written.get(sink, 0) + count
+    return ProxyRow(
+        name=runs.name,
+        rate=Spread.of(rates),
+        vs_baseline=paired_ratios(rates, [r.rate for r in base.throughput]),
+        cpu_ms=Spread.of(runs.cpu_ms),
+        p50_ms=Spread.of(p50),
+        p99_ms=Spread.of([r.p99_ms for r in runs.latency]),
+        p50_delta_ms=Spread.of(
+            [a - b for a, b in zip(p50, [r.p50_ms for r in base.latency], strict=True)]
+        ),
+        errors=sum(r.errors for r in runs.throughput + runs.latency),
+        dropped=sum(int(s.get("dropped", 0)) for s in runs.addon_summaries),
+        written=written,
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far (user + system, all threads)."""
+    # /proc/<pid>/stat: fields 14 and 15 (utime, stime) after the ")" ending the name.
+    fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process, in MiB, from ``/proc/<pid>/status``."""
+    status = Path(f"/proc/{pid}/status").read_text(encoding="ascii")
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return int(match.group(1)) / 1024
+
+
+@dataclass
+class MemoryResults:
+    scenario: str
+    baseline_mb: float
+    warmup: int
+    #: (open responses so far, RSS in MiB)
+    checkpoints: list[tuple[int, float]]
+    errors: int
+    dropped: int
+    replay_cache_mb: float
+
+
+def memory(bench: Bench, checkpoints: Sequence[int], warmup: int) -> MemoryResults:
+    """Section 4: RSS of one mitmdump (addon + JSONL) as open responses pile up."""
+    scenario = next(s for s in SCENARIOS if s.name == "addon + JSONL")
+    proxy = bench.start_proxy(scenario, None)
+    points: list[tuple[int, float]] = []
+    errors = 0
+    try:
+        url = f"http://127.0.0.1:{proxy.port}/"
+        errors += bench.loadgen.run(url, 8, 600, limit=warmup).errors
+        time.sleep(1)  # let the writer drain before the baseline
+        baseline = rss_mb(proxy.proc.pid)
+        sent = warmup
+        for target in checkpoints:
+            result = bench.loadgen.run(url, 8, 1200, limit=target - sent)
+            sent += result.requests
+            errors += result.errors
+            time.sleep(1)
+            points.append((sent, rss_mb(proxy.proc.pid)))
+            print(f"  {sent:,} open responses: RSS {points[-1][1]:.1f} MiB", flush=True)
+    finally:
+        proxy.stop()
+    summary = addon_summary(proxy.output())
+    _clear(proxy.log.parent)
+    return MemoryResults(
+        scenario=scenario.name,
+        baseline_mb=baseline,
+        warmup=warmup,
+        checkpoints=points,
+        errors=errors,
+        dropped=int(summary.get("dropped", 0)),
+        replay_cache_mb=replay_cache_mb(max(checkpoints)),
+    )
+
+
+def replay_cache_mb(ids: int) -> float:
+    """What the replay memory holds at ``ids`` request ids (it keeps at most 100,000)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    cache = ReplayCache(3600, 100_000)
+    now = time.time()
+    for i in range(ids):
+        cache.check_and_add(f"{1795730334960 + i}.{i % 1_000_000:06d}", now)
+    size = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return size / 2**20

@@ -1,0 +1,64 @@
+"""scripts/bench_proxy.py: reading wrk's and the addon's output, the scenario table."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from scripts import bench_proxy
+from scripts.bench_proxy import SCENARIOS, addon_summary, parse_wrk
+
+WRK_OUTPUT = """\
+Running 8s test @ http://127.0.0.1:40000/
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    20.01ms    3.12ms  60.00ms   90.00%
+  3200 requests in 8.00s, 20.00MB read
+Requests/sec:    400.00
+WRK_RESULT {"requests":3200,"duration_us":8000000,"errors":2,\
+"p50_us":19500,"p90_us":23000,"p99_us":36800}
+"""
+
+
+def test_parse_wrk_reads_the_lua_result_line() -> None:
+    result = parse_wrk(WRK_OUTPUT)
+    assert (result.requests, result.seconds, result.errors) == (3200, 8.0, 2)
+    assert (result.p50_ms, result.p90_ms, result.p99_ms) == (19.5, 23.0, 36.8)
+    assert result.rate == 400.0
+
+
+def test_parse_wrk_without_the_line_says_so() -> None:
+    with pytest.raises(ValueError, match="no WRK_RESULT line"):
+        parse_wrk("Running 8s test\nunable to connect\n")
+
+
+def test_addon_summary() -> None:
+    out = '[12:00:00.000] fp-tap summary: {"dropped": 3, "written": {"jsonl": 7}}\n'
+    assert addon_summary(out) == {"dropped": 3, "written": {"jsonl": 7}}
+    assert addon_summary("no addon here\n") == {}
+
+
+def test_scenarios_start_with_the_baseline_and_need_their_options() -> None:
+    assert SCENARIOS[0].name == bench_proxy.BASELINE
+    assert not SCENARIOS[0].addon
+    built_in = [s for s in SCENARIOS if not s.requires]
+    assert all(s.available() for s in built_in)
+    missing = bench_proxy.Scenario("x", requires=("fp_no_such_option",))
+    assert not missing.available()
+
+
+def test_lua_script_names_every_path() -> None:
+    for path in bench_proxy.PATHS:
+        assert f'"{path}"' in bench_proxy._WRK_LUA
+
+
+def test_slow_receiver_answers_2xx_and_counts() -> None:
+    receiver = bench_proxy.SlowReceiver(delay_ms=0)
+    try:
+        request = urllib.request.Request(receiver.url, data=b'{"ok":true}', method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 204
+        assert receiver.received == [1]
+    finally:
+        receiver.close()
