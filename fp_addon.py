@@ -101,6 +101,7 @@ class FingerprintTap:
         self.delivery: Delivery | None = None
         self.drain_timeout = 5
         self.include_event = True
+        self.log_trusted = True
         self.view = FingerprintView(self)
         self.scrubber = Scrubber()
         self._log_filter = _ScrubFilter(self.scrubber)
@@ -163,6 +164,13 @@ class FingerprintTap:
             "kept on the flow or exported: dotted paths from the record (event.ip_address, "
             "event.products.*.data.ip, summary.url, client_ip) or a preset "
             f"({', '.join(PRESETS)}).",
+        )
+        loader.add_option(
+            "fp_log_trusted",
+            bool,
+            True,
+            "Log a line for trusted open responses too. False logs only suspicious ones and "
+            "failures: on a busy tap each log line costs mitmproxy more than unsealing.",
         )
         loader.add_option(
             "fp_max_body",
@@ -268,6 +276,8 @@ class FingerprintTap:
         opts = _options()
         if "fp_filter" in updated:
             self.filter = _parse_filter(opts.fp_filter)
+        if "fp_log_trusted" in updated:
+            self.log_trusted = opts.fp_log_trusted
         if "fp_max_body" in updated:
             self.max_body = _positive(opts, "fp_max_body")
         if "fp_drain_timeout" in updated:
@@ -383,8 +393,8 @@ class FingerprintTap:
         _mask_proxy_secret(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        _mask_proxy_secret(flow)
         try:
+            _mask_proxy_secret(flow)
             self._inspect(flow)
         except Exception as exc:  # an escaping exception would skip later addons' hooks
             self.stats.incr_group("errors", "internal")
@@ -453,7 +463,8 @@ class FingerprintTap:
         if record is None:
             return
         _annotate(flow, record)
-        _log_record(record)
+        if self.log_trusted or record["verdict"] != "trusted":
+            _log_record(record)
         if self.writer is not None:
             self.writer.submit(record)
 

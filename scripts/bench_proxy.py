@@ -296,13 +296,18 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("addon, no sinks"),
     Scenario("addon + JSONL", options={"fp_jsonl": "{out}/events.jsonl"}),
     Scenario(
+        "addon + JSONL, trusted not logged",
+        options={"fp_jsonl": "{out}/events.jsonl", "fp_log_trusted": "false"},
+        requires=("fp_log_trusted",),
+    ),
+    Scenario(
         "addon + JSONL + SQLite",
         options={"fp_jsonl": "{out}/events.jsonl", "fp_sqlite": "{out}/events.sqlite"},
         requires=("fp_sqlite",),
     ),
     Scenario(
         f"addon + slow webhook ({WEBHOOK_DELAY_MS} ms)",
-        options={"fp_webhook_url": "{receiver}"},
+        options={"fp_webhook_url": "{receiver}", "fp_state_dir": "{out}/state"},
         env={"FP_WEBHOOK_SECRET": WEBHOOK_SECRET},
         requires=("fp_webhook_url",),
         receiver_delay_ms=WEBHOOK_DELAY_MS,

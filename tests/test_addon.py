@@ -657,3 +657,17 @@ def test_webhook_bodies_are_redacted_too(addon, tmp_path: Path) -> None:
     assert ip.encode() not in body
     (record,) = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert "event" not in record  # fp_include_event=false still holds for the files
+
+
+def test_log_trusted_false_logs_only_what_needs_attention(addon, tmp_path: Path, caplog) -> None:
+    tap, tctx = addon
+    caplog.set_level(logging.INFO)
+    tctx.configure(tap, fp_log_trusted=False)
+    trusted = run(tap, make_flow(fp_body()[0]))
+    bad = run(tap, make_flow(fp_body(bot="bad")[0]))
+    failed = run(tap, make_flow(hostile_bodies()["decrypt_failed"]))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fp v")]
+    assert not any(trusted.id in line for line in lines)
+    assert sum(bad.id in line for line in lines) == 1
+    assert sum(failed.id in line for line in lines) == 1
+    assert len(records(tap, tmp_path / "out.jsonl")) == 3  # still recorded
