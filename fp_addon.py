@@ -88,6 +88,160 @@ _TAP_OPTIONS = {
 }
 
 
+# The options (names are a public interface; the README documents each with its
+# default). mitmproxy's option parser understands typing.Optional, not "str | None".
+OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
+    (
+        "fp_keys_file",
+        Optional[str],  # noqa: UP045
+        None,
+        f"File of base64 decryption keys, one per line, tried in order after those in "
+        f"the {ENV_VAR} environment variable. Keys are never taken as option values.",
+    ),
+    (
+        "fp_filter",
+        Optional[str],  # noqa: UP045
+        None,
+        "Only inspect responses matching this mitmproxy filter expression "
+        "(e.g. '~d fp.example.com'). Default: every response.",
+    ),
+    (
+        "fp_jsonl",
+        Optional[str],  # noqa: UP045
+        None,
+        "Append one JSON record per open response to this file (created with mode "
+        "0600); '-' writes to stdout.",
+    ),
+    (
+        "fp_include_event",
+        bool,
+        True,
+        "Put the full unsealed event in exported records (the summary is always there).",
+    ),
+    (
+        "fp_max_age",
+        int,
+        10,
+        "Seconds after which an event is stale (not fresh) at the time of the response.",
+    ),
+    (
+        "fp_replay_ttl",
+        int,
+        3600,
+        "Seconds a request id is remembered to flag a second sighting as a duplicate.",
+    ),
+    (
+        "fp_origins",
+        Sequence[str],
+        [],
+        "Origins (scheme://host[:port]) the event's URL must have; empty: no check.",
+    ),
+    (
+        "fp_redact",
+        Sequence[str],
+        [],
+        'Replace these parts of every record with "[redacted]" before it is logged, '
+        "kept on the flow or exported: dotted paths from the record (event.ip_address, "
+        "event.products.*.data.ip, summary.url, client_ip) or a preset "
+        f"({', '.join(PRESETS)}).",
+    ),
+    (
+        "fp_log_trusted",
+        bool,
+        True,
+        "Log a line for trusted open responses too. False logs only suspicious ones and "
+        "failures: on a busy tap each log line costs mitmproxy more than unsealing.",
+    ),
+    (
+        "fp_max_body",
+        int,
+        1024 * 1024,
+        "Response bodies larger than this many bytes (after decoding) are not parsed.",
+    ),
+    (
+        "fp_max_event",
+        int,
+        DEFAULT_MAX_SIZE,
+        "Largest unsealed event JSON in bytes; larger ones fail with too_large.",
+    ),
+    (
+        "fp_queue_size",
+        int,
+        10_000,
+        "Records waiting for the background writer; beyond this they are dropped "
+        "(counted and warned about) rather than slowing the proxy.",
+    ),
+    (
+        "fp_sqlite",
+        Optional[str],  # noqa: UP045
+        None,
+        "Also write one row per open response to this SQLite file (WAL, mode 0600); "
+        "its request ids count for the duplicate check after a restart.",
+    ),
+    (
+        "fp_webhook_url",
+        Optional[str],  # noqa: UP045
+        None,
+        "POST each unsealed event (signed like a Fingerprint webhook) to this http(s) "
+        "URL, at least once, from a spool in fp_state_dir.",
+    ),
+    (
+        "fp_webhook_secret_file",
+        Optional[str],  # noqa: UP045
+        None,
+        f"File holding the webhook signing secret (or set {SECRET_ENV_VAR}); the "
+        "secret is never an option value.",
+    ),
+    (
+        "fp_webhook_ca",
+        Optional[str],  # noqa: UP045
+        None,
+        "PEM file of the CA certificates to trust for an https webhook receiver, "
+        "instead of the system's.",
+    ),
+    (
+        "fp_webhook_timeout",
+        int,
+        10,
+        "Seconds to wait for the webhook receiver to connect, and then to answer.",
+    ),
+    (
+        "fp_webhook_concurrency",
+        int,
+        4,
+        "Webhook requests in flight at the same time, at most.",
+    ),
+    (
+        "fp_webhook_retry_ms",
+        int,
+        1000,
+        "Milliseconds before the first retry of a failed webhook delivery; doubles with "
+        "each failure (with jitter) up to fp_webhook_retry_max.",
+    ),
+    ("fp_webhook_retry_max", int, 300, "Longest wait between webhook retries, in seconds."),
+    (
+        "fp_webhook_give_up",
+        int,
+        86_400,
+        "Seconds after which an event that still cannot be delivered is parked: kept in "
+        "the spool and counted; fp.resend sends parked events again.",
+    ),
+    (
+        "fp_state_dir",
+        str,
+        "~/.fp-tap",
+        "Directory (created with mode 0700) for the webhook spool.",
+    ),
+    (
+        "fp_drain_timeout",
+        int,
+        5,
+        "On shutdown, keep delivering webhook events for up to this many seconds; what "
+        "is left stays in the spool for the next start.",
+    ),
+)
+
+
 class FingerprintTap:
     """Options, hooks and commands; each a few lines calling into fp_core."""
 
@@ -110,157 +264,8 @@ class FingerprintTap:
     # -- options ---------------------------------------------------------------------
 
     def load(self, loader: Loader) -> None:
-        # mitmproxy's option parser understands typing.Optional, not "str | None".
-        loader.add_option(
-            "fp_keys_file",
-            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
-            None,
-            f"File of base64 decryption keys, one per line, tried in order after those in "
-            f"the {ENV_VAR} environment variable. Keys are never taken as option values.",
-        )
-        loader.add_option(
-            "fp_filter",
-            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
-            None,
-            "Only inspect responses matching this mitmproxy filter expression "
-            "(e.g. '~d fp.example.com'). Default: every response.",
-        )
-        loader.add_option(
-            "fp_jsonl",
-            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
-            None,
-            "Append one JSON record per open response to this file (created with mode "
-            "0600); '-' writes to stdout.",
-        )
-        loader.add_option(
-            "fp_include_event",
-            bool,
-            True,
-            "Put the full unsealed event in exported records (the summary is always there).",
-        )
-        loader.add_option(
-            "fp_max_age",
-            int,
-            10,
-            "Seconds after which an event is stale (not fresh) at the time of the response.",
-        )
-        loader.add_option(
-            "fp_replay_ttl",
-            int,
-            3600,
-            "Seconds a request id is remembered to flag a second sighting as a duplicate.",
-        )
-        loader.add_option(
-            "fp_origins",
-            Sequence[str],
-            [],
-            "Origins (scheme://host[:port]) the event's URL must have; empty: no check.",
-        )
-        loader.add_option(
-            "fp_redact",
-            Sequence[str],
-            [],
-            'Replace these parts of every record with "[redacted]" before it is logged, '
-            "kept on the flow or exported: dotted paths from the record (event.ip_address, "
-            "event.products.*.data.ip, summary.url, client_ip) or a preset "
-            f"({', '.join(PRESETS)}).",
-        )
-        loader.add_option(
-            "fp_log_trusted",
-            bool,
-            True,
-            "Log a line for trusted open responses too. False logs only suspicious ones and "
-            "failures: on a busy tap each log line costs mitmproxy more than unsealing.",
-        )
-        loader.add_option(
-            "fp_max_body",
-            int,
-            1024 * 1024,
-            "Response bodies larger than this many bytes (after decoding) are not parsed.",
-        )
-        loader.add_option(
-            "fp_max_event",
-            int,
-            DEFAULT_MAX_SIZE,
-            "Largest unsealed event JSON in bytes; larger ones fail with too_large.",
-        )
-        loader.add_option(
-            "fp_queue_size",
-            int,
-            10_000,
-            "Records waiting for the background writer; beyond this they are dropped "
-            "(counted and warned about) rather than slowing the proxy.",
-        )
-        loader.add_option(
-            "fp_sqlite",
-            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
-            None,
-            "Also write one row per open response to this SQLite file (WAL, mode 0600); "
-            "its request ids count for the duplicate check after a restart.",
-        )
-        loader.add_option(
-            "fp_webhook_url",
-            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
-            None,
-            "POST each unsealed event (signed like a Fingerprint webhook) to this http(s) "
-            "URL, at least once, from a spool in fp_state_dir.",
-        )
-        loader.add_option(
-            "fp_webhook_secret_file",
-            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
-            None,
-            f"File holding the webhook signing secret (or set {SECRET_ENV_VAR}); the "
-            "secret is never an option value.",
-        )
-        loader.add_option(
-            "fp_webhook_ca",
-            Optional[str],  # type: ignore[arg-type]  # noqa: UP045
-            None,
-            "PEM file of the CA certificates to trust for an https webhook receiver, "
-            "instead of the system's.",
-        )
-        loader.add_option(
-            "fp_webhook_timeout",
-            int,
-            10,
-            "Seconds to wait for the webhook receiver to connect, and then to answer.",
-        )
-        loader.add_option(
-            "fp_webhook_concurrency",
-            int,
-            4,
-            "Webhook requests in flight at the same time, at most.",
-        )
-        loader.add_option(
-            "fp_webhook_retry_ms",
-            int,
-            1000,
-            "Milliseconds before the first retry of a failed webhook delivery; doubles with "
-            "each failure (with jitter) up to fp_webhook_retry_max.",
-        )
-        loader.add_option(
-            "fp_webhook_retry_max", int, 300, "Longest wait between webhook retries, in seconds."
-        )
-        loader.add_option(
-            "fp_webhook_give_up",
-            int,
-            86_400,
-            "Seconds after which an event that still cannot be delivered is parked: kept in "
-            "the spool and counted; fp.resend sends parked events again.",
-        )
-        loader.add_option(
-            "fp_state_dir",
-            str,
-            "~/.fp-tap",
-            "Directory (created with mode 0700) for the webhook spool.",
-        )
-        loader.add_option(
-            "fp_drain_timeout",
-            int,
-            5,
-            "On shutdown, keep delivering webhook events for up to this many seconds; what "
-            "is left stays in the spool for the next start.",
-        )
+        for name, typespec, default, help_text in OPTIONS:
+            loader.add_option(name, typespec, default, help_text)
         contentviews.add(self.view)
         self._filter_logs()
 

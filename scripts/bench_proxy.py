@@ -258,8 +258,13 @@ class SlowReceiver:
             def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
                 pass  # one line per delivery would only be noise
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # mitmdump dropping its connections when it stops is expected
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhook"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
