@@ -34,7 +34,7 @@ from fp_core.sqlite_files import (
     transaction,
 )
 from fp_core.stats import Stats
-from fp_core.tap import iso_time
+from fp_core.tap import RECORD_FIELDS, iso_time
 from fp_core.writer import dumps
 
 log = logging.getLogger(__name__)
@@ -96,25 +96,6 @@ _KNOWN = {*_PLAIN, *_JSON, "ok", "event"}
 _COLUMNS = (*_PLAIN, *_JSON, "ok", "event", "error_kind", "visitor_id", "bot", "duplicate", "extra")
 # Built from the constant column names above, never from data.
 _INSERT = f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"  # noqa: S608
-#: The field order of a record as the tap makes it (README "Record format").
-_RECORD_ORDER = (
-    "time",
-    "flow_id",
-    "host",
-    "path",
-    "method",
-    "status_code",
-    "client_ip",
-    "api",
-    "request_id",
-    "ok",
-    "error",
-    "key_id",
-    "checks",
-    "verdict",
-    "reasons",
-    "summary",
-)
 
 # While the file is locked: how long SQLite itself waits for the lock within one try,
 # and how long the store then leaves it alone (doubling per failure) so that the writer
@@ -151,7 +132,7 @@ def row_of(record: dict[str, Any]) -> tuple[Any, ...]:
 def record_of(row: sqlite3.Row) -> dict[str, Any]:
     """The record a row was made from (what the JSONL file holds for it)."""
     record: dict[str, Any] = {}
-    for name in _RECORD_ORDER:
+    for name in RECORD_FIELDS:
         if name in _JSON:
             record[name] = None if row[name] is None else json.loads(row[name])
         elif name == "ok":

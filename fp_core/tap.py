@@ -22,8 +22,16 @@ from fp_core.replay import ReplayCache
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats
 
-#: What the addon may keep on the flow (saved with it): no event, no plaintext.
-METADATA_FIELDS = (
+#: A record's fields in the order the tap writes them (README "Record format"); the full
+#: unsealed ``event`` comes last when the record carries it.
+RECORD_FIELDS = (
+    "time",
+    "flow_id",
+    "host",
+    "path",
+    "method",
+    "status_code",
+    "client_ip",
     "api",
     "request_id",
     "ok",
@@ -34,6 +42,9 @@ METADATA_FIELDS = (
     "reasons",
     "summary",
 )
+#: What the addon may keep on the flow (saved with it): no event, no plaintext, and
+#: nothing the flow itself already says.
+METADATA_FIELDS = RECORD_FIELDS[RECORD_FIELDS.index("api") :]
 
 
 @dataclass(frozen=True, slots=True)

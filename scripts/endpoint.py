@@ -39,7 +39,6 @@ import hashlib
 import importlib
 import json
 import random
-import signal
 import socket
 import ssl
 import sys
@@ -55,7 +54,6 @@ from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from socketserver import TCPServer
-from types import FrameType
 from typing import Any, NamedTuple, TextIO
 
 # `python scripts/endpoint.py` puts scripts/ on sys.path, not the repository root, and
@@ -69,6 +67,7 @@ from fp_core.generate import generate_event, new_request_id, open_response_body
 from fp_core.hostile import hostile_response
 from fp_core.keys import KEY_SIZE, DecryptionKey, read_key_file
 from fp_core.sealed import HEADER, NONCE_SIZE, deflate_raw, seal_event, seal_raw
+from scripts.harness import stop_on_signals
 
 #: Cases that answer with an open response (a sealed result, valid or broken).
 OPEN_CASES = (
@@ -656,13 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ssl.SSLError) as error:
         print(f"endpoint: cannot start: {error}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = stop_on_signals()
     # Serving runs in a thread because shutdown() blocks until serve_forever returns:
     # called from a signal handler on the serving thread, it would wait forever. A short
     # poll interval makes SIGTERM take effect within 0.1 s, which test teardowns feel.

@@ -17,10 +17,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,6 +36,19 @@ RECEIVER = REPO / "scripts" / "receiver.py"
 _ENDPOINT_READY = re.compile(r"listening on https?://127\.0\.0\.1:(\d+)")
 _RECEIVER_READY = re.compile(r"receiver on (https?://127\.0\.0\.1:(\d+)\S*)")
 _MITMDUMP_READY = re.compile(r"listening at (?:127\.0\.0\.1|\*|\[::\]):(\d+)")
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: how the tests, the demo and the bench stop the
+    stand-in servers. Install it before announcing the port, so no signal is missed."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop
 
 
 def venv_bin(name: str) -> Path:
