@@ -30,7 +30,7 @@ from fp_core.content import ContentError, decode_content
 from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import FpError, KeyConfigError, UnsealError
 from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
-from fp_core.redact import PRESETS, Redactor, parse_paths
+from fp_core.redact import PRESETS, REDACTED, Redactor, parse_paths
 from fp_core.scrub import Scrubber
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 PROXY_SECRET_HEADER = "FPJS-Proxy-Secret"  # noqa: S105 (a header name, not a secret)
 CLIENT_IP_HEADER = "FPJS-Proxy-Client-IP"
-MASK = "[redacted]"
 MARK_SUSPICIOUS = ":warning:"
 MARK_ERROR = ":x:"
 METADATA_KEY = "fp"
@@ -770,8 +769,8 @@ def _mask_proxy_secret(flow: http.HTTPFlow) -> None:
     no business. What the client and the upstream see is unaffected.
     """
     headers = flow.request.headers
-    if PROXY_SECRET_HEADER in headers and headers[PROXY_SECRET_HEADER] != MASK:
-        headers[PROXY_SECRET_HEADER] = MASK
+    if PROXY_SECRET_HEADER in headers and headers[PROXY_SECRET_HEADER] != REDACTED:
+        headers[PROXY_SECRET_HEADER] = REDACTED
 
 
 def _annotate(flow: http.HTTPFlow, record: dict[str, Any]) -> None:

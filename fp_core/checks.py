@@ -14,6 +14,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: The checks of every record, in record order (all null when unsealing failed).
+CHECK_NAMES = ("id_match", "fresh", "age_ms", "duplicate", "replayed", "ip_match", "origin_ok")
 
 
 @dataclass(frozen=True)

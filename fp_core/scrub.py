@@ -12,7 +12,8 @@ import base64
 import re
 from collections import OrderedDict
 
-MASK = "[redacted]"
+from fp_core.redact import REDACTED
+
 # The header in the forms logs show it: "Name: value" on the wire (repr'd bytes stop
 # at a backslash), "Name=value", and "('Name', 'value')" tuples.
 _HEADER_VALUE = re.compile(
@@ -30,7 +31,7 @@ class Scrubber:
 
     def add(self, secret: str) -> None:
         """Remember a secret value (the most recent ``max_literals`` are kept)."""
-        if len(secret) < _MIN_LITERAL or secret == MASK:
+        if len(secret) < _MIN_LITERAL or secret == REDACTED:
             return
         self._literals.pop(secret, None)
         self._literals[secret] = None
@@ -51,7 +52,7 @@ class Scrubber:
         """``text`` with every secret masked (unchanged, same object, when there is none)."""
         for literal in self._literals:
             if literal in text:
-                text = text.replace(literal, MASK)
+                text = text.replace(literal, REDACTED)
         if "ecret" in text:  # cheap test before the regular expression
-            text = _HEADER_VALUE.sub(lambda m: m.group(1) + MASK, text)
+            text = _HEADER_VALUE.sub(lambda m: m.group(1) + REDACTED, text)
         return text

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from fp_core.checks import CheckConfig, comparable_client_ip, evaluate, verdict
+from fp_core.checks import CHECK_NAMES, CheckConfig, comparable_client_ip, evaluate, verdict
 from fp_core.envelope import OpenResponse, parse_open_response
 from fp_core.errors import UnsealError
 from fp_core.events import summarize
@@ -141,9 +141,7 @@ class Tap:
             ok=False,
             error=exc.to_dict(),
             key_id=None,
-            checks=dict.fromkeys(
-                ("id_match", "fresh", "age_ms", "duplicate", "replayed", "ip_match", "origin_ok")
-            ),
+            checks=dict.fromkeys(CHECK_NAMES),
             verdict="error",
             reasons=[exc.kind],
             summary=summarize(None) | {"api": opened.api},

@@ -31,7 +31,14 @@ from typing import Any, Protocol
 from fp_core.keys import DecryptionKey
 from fp_core.replay import ReplayCache
 from scripts.bench_stats import Spread, paired_ratios
-from scripts.harness import ADDON, MitmdumpConfig, Service, start_endpoint, start_mitmdump
+from scripts.harness import (
+    ADDON,
+    MitmdumpConfig,
+    Service,
+    addon_summary,
+    start_endpoint,
+    start_mitmdump,
+)
 
 #: What the load generators send: the JS agent's POST, alternating agent v4 and v3,
 #: each answered by the stand-in with a fresh open response (new id, stamped now).
@@ -75,7 +82,6 @@ function done(summary, latency, requests)
 end
 """.replace("@PATHS@", ", ".join(f'"{p}"' for p in PATHS))
 _WRK_RESULT = re.compile(r"^WRK_RESULT (\{.*\})$", re.MULTILINE)
-_ADDON_SUMMARY = re.compile(r"fp-tap summary: (\{.*\})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,12 +406,6 @@ class Bench:
             env=scenario.env,
         )
         return start_mitmdump(folder, config)
-
-
-def addon_summary(output: str) -> dict[str, Any]:
-    """The counters the addon logs on shutdown (empty without the addon)."""
-    match = _ADDON_SUMMARY.search(output)
-    return json.loads(match.group(1)) if match else {}
 
 
 def _clear(folder: Path) -> None:

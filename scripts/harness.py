@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,6 +37,7 @@ ENDPOINT = REPO / "scripts" / "endpoint.py"
 RECEIVER = REPO / "scripts" / "receiver.py"
 _ENDPOINT_READY = re.compile(r"listening on https?://127\.0\.0\.1:(\d+)")
 _RECEIVER_READY = re.compile(r"receiver on (https?://127\.0\.0\.1:(\d+)\S*)")
+_ADDON_SUMMARY = re.compile(r"fp-tap summary: (\{.*\})")
 _MITMDUMP_READY = re.compile(r"listening at (?:127\.0\.0\.1|\*|\[::\]):(\d+)")
 
 
@@ -49,6 +52,12 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return stop
+
+
+def addon_summary(output: str) -> dict[str, Any]:
+    """The counters fp_addon logs when mitmdump stops (empty when there is no such line)."""
+    match = _ADDON_SUMMARY.search(output)
+    return json.loads(match.group(1)) if match else {}
 
 
 def venv_bin(name: str) -> Path:

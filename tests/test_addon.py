@@ -23,6 +23,7 @@ from fp_core import seal_event
 from fp_core.generate import generate_event, open_response_body
 from fp_core.hostile import hostile_response
 from fp_core.keys import ENV_VAR, DecryptionKey
+from fp_core.redact import REDACTED
 from fp_core.sealed import deflate_raw, seal_raw
 
 KEY = DecryptionKey.generate()
@@ -330,7 +331,7 @@ def test_proxy_secret_is_masked_after_it_went_upstream(addon, caplog) -> None:
     flow = make_flow(fp_body()[0], request_headers=[(b"FPJS-Proxy-Secret", SECRET.encode())])
     response_before = copy.deepcopy(flow.response.get_state())
     tap.responseheaders(flow)
-    assert flow.request.headers["FPJS-Proxy-Secret"] == fp_addon.MASK
+    assert flow.request.headers["FPJS-Proxy-Secret"] == REDACTED
     tap.response(flow)
     assert flow.response.get_state() == response_before
     assert SECRET not in json.dumps(flow.get_state(), default=repr)
@@ -342,7 +343,7 @@ def test_proxy_secret_masked_on_error_flows(addon) -> None:
     flow = tflow.tflow(err=True)
     flow.request.headers["FPJS-Proxy-Secret"] = SECRET
     tap.error(flow)
-    assert flow.request.headers["FPJS-Proxy-Secret"] == fp_addon.MASK
+    assert flow.request.headers["FPJS-Proxy-Secret"] == REDACTED
 
 
 def test_include_event_false(addon, tmp_path: Path) -> None:

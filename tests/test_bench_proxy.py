@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 
 from scripts import bench_proxy
-from scripts.bench_proxy import SCENARIOS, addon_summary, parse_wrk
+from scripts.bench_proxy import SCENARIOS, parse_wrk
 
 WRK_OUTPUT = """\
 Running 8s test @ http://127.0.0.1:40000/
@@ -31,12 +31,6 @@ def test_parse_wrk_reads_the_lua_result_line() -> None:
 def test_parse_wrk_without_the_line_says_so() -> None:
     with pytest.raises(ValueError, match="no WRK_RESULT line"):
         parse_wrk("Running 8s test\nunable to connect\n")
-
-
-def test_addon_summary() -> None:
-    out = '[12:00:00.000] fp-tap summary: {"dropped": 3, "written": {"jsonl": 7}}\n'
-    assert addon_summary(out) == {"dropped": 3, "written": {"jsonl": 7}}
-    assert addon_summary("no addon here\n") == {}
 
 
 def test_scenarios_start_with_the_baseline_and_need_their_options() -> None:

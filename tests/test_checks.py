@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from fp_core.checks import (
+    CHECK_NAMES,
     CheckConfig,
     comparable_client_ip,
     evaluate,
@@ -173,6 +174,7 @@ def run(
 def test_evaluate_returns_every_check() -> None:
     checks = run()
     assert set(checks) == CHECK_KEYS
+    assert tuple(checks) == CHECK_NAMES  # error records use the same names, in this order
     assert checks == {
         "id_match": True,
         "fresh": True,

@@ -5,7 +5,8 @@ import base64
 import pytest
 
 from fp_core.keys import DecryptionKey
-from fp_core.scrub import MASK, Scrubber
+from fp_core.redact import REDACTED as MASK
+from fp_core.scrub import Scrubber
 
 SECRET = "s3cr3t-proxy-value"
 

@@ -17,6 +17,7 @@ from mitmproxy import io as mitmio
 from scripts.harness import (
     MitmdumpConfig,
     Service,
+    addon_summary,
     make_tls_files,
     mitmproxy_ca,
     start_endpoint,
@@ -95,8 +96,10 @@ def check_records(records: list[dict[str, Any]], expected: dict[str, str]) -> No
 
 
 def summary_of(log: str) -> dict[str, Any]:
-    line = next(x for x in log.splitlines() if "fp-tap summary: " in x)
-    return json.loads(line.split("fp-tap summary: ", 1)[1])
+    """The addon's shutdown counters; the line must be there."""
+    summary = addon_summary(log)
+    assert summary, "no 'fp-tap summary' line in mitmdump's output"
+    return summary
 
 
 def test_reverse_proxy_end_to_end(tmp_path: Path, keys: Keys, endpoint: Service) -> None:
