@@ -11,46 +11,47 @@ every option, the record format and the commands.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
-import os
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
-from mitmproxy import command, contentviews, ctx, exceptions, flowfilter, http, types
+from mitmproxy import command, contentviews, ctx, exceptions, flowfilter, hooks, http, types
 from mitmproxy import flow as mflow
 from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http import url
 
-from fp_core.checks import CheckConfig, parse_origins
 from fp_core.content import ContentError, decode_content
 from fp_core.envelope import might_be_open_response, parse_open_response
-from fp_core.errors import FpError, KeyConfigError, UnsealError
+from fp_core.errors import ConfigError, FpError, KeyConfigError, UnsealError
 from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
-from fp_core.redact import PRESETS, REDACTED, Redactor, parse_paths
+from fp_core.pipeline import (
+    DELIVERY_OPTIONS,
+    OUTPUT_OPTIONS,
+    TAP_OPTIONS,
+    Pipeline,
+    non_negative,
+    positive,
+    tap_config,
+)
+from fp_core.pipeline import OPTIONS as PIPELINE_OPTIONS
+from fp_core.redact import PRESETS, REDACTED
 from fp_core.scrub import Scrubber
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
-from fp_core.stats import Stats
+from fp_core.stats import GAUGES, Stats, merge_counts, without_gauges
 from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
-from fp_core.webhook import (
-    SECRET_ENV_VAR,
-    WebhookSink,
-    check_url,
-    describe_url,
-    is_plaintext_remote,
-    load_secret,
-    tls_context,
-)
-from fp_core.writer import JsonlSink, RecordWriter, Sink, WithoutEvent, dumps, open_private
+from fp_core.webhook import SECRET_ENV_VAR, load_secret
+from fp_core.worker import Records, WorkerClient
+from fp_core.writer import dumps, open_private
 
 if TYPE_CHECKING:
-    # At run time these are imported where fp_sqlite or fp_webhook_url needs them: they
-    # use sqlite3, which mitmproxy's standalone binaries do not bundle, and the rest of
-    # the addon must load there all the same.
-    from fp_core.delivery import Delivery, DeliveryConfig
+    from fp_core.delivery import Delivery
+    from fp_core.writer import RecordWriter
 
 log = logging.getLogger(__name__)
 
@@ -59,33 +60,8 @@ CLIENT_IP_HEADER = "FPJS-Proxy-Client-IP"
 MARK_SUSPICIOUS = ":warning:"
 MARK_ERROR = ":x:"
 METADATA_KEY = "fp"
-
-# Options whose change means a new record writer (its sinks are opened once).
-_WRITER_OPTIONS = {"fp_jsonl", "fp_queue_size", "fp_sqlite", "fp_include_event"}
-# Options of the webhook delivery (a new one only for a new fp_state_dir).
-_DELIVERY_OPTIONS = {
-    "fp_webhook_url",
-    "fp_webhook_secret_file",
-    "fp_webhook_ca",
-    "fp_webhook_timeout",
-    "fp_webhook_concurrency",
-    "fp_webhook_retry_ms",
-    "fp_webhook_retry_max",
-    "fp_webhook_give_up",
-    "fp_state_dir",
-}
-# Options whose change means a new tap configuration.
-_TAP_OPTIONS = {
-    "fp_keys_file",
-    "fp_include_event",
-    "fp_max_age",
-    "fp_replay_ttl",
-    "fp_origins",
-    "fp_max_event",
-    "fp_redact",
-    "fp_webhook_url",  # the webhook needs the event in records even without fp_include_event
-}
-
+#: Seconds to wait for the worker process to take a configuration with outputs.
+WORKER_TIMEOUT = 60.0
 
 # The options (names are a public interface; the README documents each with its
 # default). mitmproxy's option parser understands typing.Optional, not "str | None".
@@ -150,6 +126,22 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         True,
         "Log a line for trusted open responses too. False logs only suspicious ones and "
         "failures: on a busy tap each log line costs mitmproxy more than unsealing.",
+    ),
+    (
+        "fp_worker",
+        bool,
+        True,
+        "Unseal, check and write records in a worker process of their own, so that "
+        "mitmproxy's event loop only hands response bodies over. False does it all in "
+        "mitmproxy's process (as standalone mitmproxy binaries do: they cannot start one).",
+    ),
+    (
+        "fp_hold",
+        bool,
+        False,
+        "Hold each open response until its record is on the flow, so that addons after "
+        "fp-tap see it in their response hook. On by itself when flows are saved (-w). "
+        "Off, the client gets the response at once and the annotation follows.",
     ),
     (
         "fp_max_body",
@@ -247,18 +239,39 @@ class FingerprintTap:
     def __init__(self) -> None:
         self.stats = Stats()
         self.keys: list[DecryptionKey] = []
+        # Re-reads flows for the content view and fp.export (never counts, never
+        # remembers); the live work is the pipeline's, here or in the worker process.
         self.tap = Tap(TapConfig(), self.stats)
+        self.pipeline: Pipeline | None = None
+        self.worker: WorkerClient | None = None
         self.filter: flowfilter.TFilter | None = None
         self.max_body = 1024 * 1024
-        self.writer: RecordWriter | None = None
-        self.delivery: Delivery | None = None
         self.drain_timeout = 5
         self.include_event = True
         self.log_trusted = True
+        self.hold = False
         self.view = FingerprintView(self)
         self.scrubber = Scrubber()
         self._log_filter = _ScrubFilter(self.scrubber)
         self._background: list[threading.Thread] = []
+        self._has_view = False
+        self._running = False
+        #: fp_worker is on but the process is not started yet (see _start_pipeline).
+        self._worker_wanted = False
+        #: Counters of worker processes that are gone (their last report).
+        self._carried: dict[str, Any] = {}
+        self._drop_warned_at = float("-inf")
+        self._final: dict[str, Any] | None = None
+
+    @property
+    def writer(self) -> RecordWriter | None:
+        """The in-process record writer (None with a worker process)."""
+        return self.pipeline.writer if self.pipeline else None
+
+    @property
+    def delivery(self) -> Delivery | None:
+        """The in-process webhook delivery (None with a worker process)."""
+        return self.pipeline.delivery if self.pipeline else None
 
     # -- options ---------------------------------------------------------------------
 
@@ -270,6 +283,12 @@ class FingerprintTap:
 
     def running(self) -> None:
         self._filter_logs()  # handlers added after the script was loaded
+        self._running = True
+        if self._worker_wanted:
+            self._spawn_worker(_options())
+        # Only an interactive tool shows flows; telling it about late annotations
+        # costs a hook dispatch to every addon, which mitmdump can do without.
+        self._has_view = ctx.master.addons.get("view") is not None
 
     def _filter_logs(self) -> None:
         for handler in logging.getLogger().handlers:
@@ -277,111 +296,110 @@ class FingerprintTap:
                 handler.addFilter(self._log_filter)
 
     def configure(self, updated: set[str]) -> None:
-        opts = _options()
+        try:
+            self._configure(_options(), updated)
+        except ConfigError as exc:
+            raise exceptions.OptionsError(exc.message) from None
+
+    def _configure(self, opts: Any, updated: set[str]) -> None:
         if "fp_filter" in updated:
             self.filter = _parse_filter(opts.fp_filter)
         if "fp_log_trusted" in updated:
             self.log_trusted = opts.fp_log_trusted
         if "fp_max_body" in updated:
-            self.max_body = _positive(opts, "fp_max_body")
+            self.max_body = positive(opts, "fp_max_body")
         if "fp_drain_timeout" in updated:
-            self.drain_timeout = _non_negative(opts, "fp_drain_timeout")
-        if updated & (_WRITER_OPTIONS | _DELIVERY_OPTIONS):
-            self._configure_outputs(opts, updated)
-        if updated & _TAP_OPTIONS:
-            self._configure_tap(opts, reload_keys="fp_keys_file" in updated)
-        if opts.fp_sqlite and updated & {"fp_sqlite", "fp_replay_ttl"}:
-            self._preload_replay(opts.fp_sqlite)
+            self.drain_timeout = non_negative(opts, "fp_drain_timeout")
+        if updated & {"fp_hold", "save_stream_file"}:
+            # Flows saved with -w are written in the response hook of the addon after
+            # this one: only a held response is saved with its annotations.
+            self.hold = opts.fp_hold or bool(getattr(opts, "save_stream_file", None))
+        if updated & TAP_OPTIONS:
+            if "fp_keys_file" in updated:
+                self.keys = _load_keys(opts.fp_keys_file)
+                for key in self.keys:
+                    self.scrubber.add_key(key.raw())
+            self.tap = Tap(tap_config(opts, self.keys), self.stats)
+            self.include_event = opts.fp_include_event
+        if updated & DELIVERY_OPTIONS:
+            self._scrub_webhook_secret(opts)
+        positive(opts, "fp_queue_size")
+        if "fp_worker" in updated or (self.pipeline is self.worker is None):
+            self._start_pipeline(opts)
+        elif names := updated & PIPELINE_OPTIONS:
+            if self.worker is not None:
+                self.worker.max_in_flight = positive(opts, "fp_queue_size")
+                self.worker.configure(
+                    _values(opts), names, wait=_has_outputs(opts), timeout=WORKER_TIMEOUT
+                )
+            elif self.pipeline is not None:
+                self.pipeline.configure(opts, names, self.keys)
 
-    def _configure_tap(self, opts: Any, reload_keys: bool) -> None:
-        if reload_keys:
-            self.keys = _load_keys(opts.fp_keys_file)
-            for key in self.keys:
-                self.scrubber.add_key(key.raw())
+    def _scrub_webhook_secret(self, opts: Any) -> None:
+        # Read here only to mask it in log lines; the pipeline reads and checks it.
         try:
-            origins = parse_origins(opts.fp_origins)
-        except ValueError as exc:
-            raise exceptions.OptionsError(f"fp_origins: {exc}") from None
-        try:
-            redactor = Redactor(parse_paths(opts.fp_redact))
-        except ValueError as exc:
-            raise exceptions.OptionsError(f"fp_redact: {exc}") from None
-        self.include_event = opts.fp_include_event
-        config = TapConfig(
-            keys=self.keys,
-            include_event=opts.fp_include_event or bool(opts.fp_webhook_url),
-            max_event=_positive(opts, "fp_max_event"),
-            checks=CheckConfig(max_age_ms=_positive(opts, "fp_max_age") * 1000, origins=origins),
-            replay_ttl=_positive(opts, "fp_replay_ttl"),
-            redactor=redactor,
-        )
-        replay = self.tap.replay
-        self.tap = Tap(config, self.stats)
-        if replay.ttl == config.replay_ttl:
-            self.tap.replay = replay  # keep what was seen across unrelated option changes
-
-    def _configure_outputs(self, opts: Any, updated: set[str]) -> None:
-        """Open what the options ask for first; only then swap it in and retire the old
-        writer and delivery (in that order, off the event loop), so that a bad value
-        leaves the running ones untouched."""
-        delivery, retired = self.delivery, None
-        if updated & _DELIVERY_OPTIONS:
-            config = _delivery_config(opts)
-            if config is not None and config.secret is not None:
-                self.scrubber.add(config.secret.text())
-            if config is None:
-                delivery, retired = None, self.delivery
-            elif delivery is None or delivery.spool.state_dir != _state_dir(opts):
-                delivery, retired = _open_delivery(_state_dir(opts), config, self.stats), delivery
-            else:
-                delivery.configure(config)
-        writer, old_writer = self.writer, None
-        if delivery is not self.delivery or updated & _WRITER_OPTIONS:
-            try:
-                writer, old_writer = self._new_writer(opts, delivery), self.writer
-            except exceptions.OptionsError:
-                if delivery is not self.delivery and delivery is not None:
-                    delivery.close(drain=0)
-                raise
-        self.writer, self.delivery = writer, delivery
-        if old_writer is not None or retired is not None:
-            self._in_background(_retire(old_writer, retired))
-
-    def _new_writer(self, opts: Any, delivery: Delivery | None) -> RecordWriter | None:
-        # The spool comes first: a record found in the JSONL file or the store is
-        # already in the spool, so a crash right after cannot lose its delivery.
-        max_queue = _positive(opts, "fp_queue_size")
-        sinks: list[Sink] = []
-        if delivery is not None:
-            sinks.append(WebhookSink(delivery.spool, self.stats, delivery.wake))
-        files = _file_sinks(opts, self.stats)
-        if delivery is not None and not opts.fp_include_event:
-            files = [WithoutEvent(sink) for sink in files]
-        sinks += files
-        if not sinks:
-            return None
-        writer = RecordWriter(sinks, self.stats, max_queue=max_queue)
-        writer.start()
-        return writer
-
-    def _preload_replay(self, path: str) -> None:
-        """Ids the store saw within the replay ttl count as seen (a one-off read at start)."""
-        from fp_core.store import recent_request_ids
-
-        now, replay = time.time(), self.tap.replay
-        try:
-            items = recent_request_ids(path, now - replay.ttl, replay.max_entries)
-        except FpError as exc:
-            log.warning("fp-tap: duplicate check: cannot read earlier ids: %s", exc.message)
+            secret = load_secret(opts.fp_webhook_secret_file)
+        except FpError:
             return
-        replay.preload(items, now)
-        if items:
-            log.info(
-                "fp-tap: duplicate check: %d request id(s) from the last %d s of %s",
-                len(items),
-                replay.ttl,
-                path,
+        if secret is not None:
+            self.scrubber.add(secret.text())
+
+    def _start_pipeline(self, opts: Any) -> None:
+        """Run the pipeline where ``fp_worker`` says, retiring the one running before
+        (its queued records written out, undelivered events left in the spool)."""
+        self._stop_pipeline(drain=0)
+        self._worker_wanted = False
+        if opts.fp_worker and getattr(sys, "frozen", False):
+            log.info("fp-tap: a standalone mitmproxy cannot start a worker process")
+        elif opts.fp_worker:
+            # Outputs are opened (and their errors reported) now; without any, the
+            # process starts once mitmproxy runs (no process for a mere option check).
+            if self._running or _has_outputs(opts):
+                self._spawn_worker(opts)
+            else:
+                self._worker_wanted = True
+            return
+        pipeline = Pipeline(self.stats)
+        pipeline.configure(opts, PIPELINE_OPTIONS, self.keys)
+        self.pipeline = pipeline
+
+    def _spawn_worker(self, opts: Any) -> None:
+        """Start the worker process; if it cannot start, work in this process."""
+        self._worker_wanted = False
+        worker = WorkerClient(
+            on_records=self._on_records,
+            on_exit=self._on_worker_exit,
+            max_in_flight=positive(opts, "fp_queue_size"),
+        )
+        try:
+            worker.start()
+        except ConfigError as exc:
+            log.warning("fp-tap: %s; unsealing in mitmproxy's process", exc.message)
+            pipeline = Pipeline(self.stats)
+            pipeline.configure(opts, PIPELINE_OPTIONS, self.keys)
+            self.pipeline = pipeline
+            return
+        try:
+            worker.configure(
+                _values(opts), PIPELINE_OPTIONS, wait=_has_outputs(opts), timeout=WORKER_TIMEOUT
             )
+        except ConfigError:
+            worker.close(drain=0)
+            raise
+        self.worker = worker
+
+    def _stop_pipeline(self, drain: float) -> None:
+        worker, pipeline = self.worker, self.pipeline
+        self.worker = self.pipeline = None
+        if worker is not None:
+            worker.close(drain)
+            self._carry(worker.stats)
+            self._release(worker.take_pending())
+        if pipeline is not None:
+            pipeline.close(drain)
+
+    def _carry(self, stats: dict[str, Any]) -> None:
+        self._carried = merge_counts(self._carried, without_gauges(stats))
 
     # -- hooks -----------------------------------------------------------------------
 
@@ -396,23 +414,27 @@ class FingerprintTap:
     def error(self, flow: http.HTTPFlow) -> None:
         _mask_proxy_secret(flow)
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> asyncio.Future[None] | None:
+        """Inspects the response; returns something to await only when holding it."""
         try:
             _mask_proxy_secret(flow)
-            self._inspect(flow)
+            return self._inspect(flow)
         except Exception as exc:  # an escaping exception would skip later addons' hooks
             self.stats.incr_group("errors", "internal")
             log.warning("fp-tap: internal error on flow %s: %s", flow.id, type(exc).__name__)
+            return None
 
     def done(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.delivery is not None:
-            self.delivery.close(drain=self.drain_timeout)
+        worker, pipeline = self.worker, self.pipeline
+        if worker is not None:
+            worker.close(self.drain_timeout)
+        if pipeline is not None:
+            pipeline.close(self.drain_timeout)
+        self._final = self.snapshot()  # what fp.stats says from now on
+        self.worker = self.pipeline = None
         for thread in self._background:
             thread.join(timeout=10)
-        log.info("fp-tap summary: %s", json.dumps(self.snapshot(), sort_keys=True))
+        log.info("fp-tap summary: %s", json.dumps(self._final, sort_keys=True))
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
 
@@ -438,39 +460,126 @@ class FingerprintTap:
     @command.command("fp.resend")
     def resend_command(self) -> None:
         """Send the parked webhook events again (in the background; see fp.stats)."""
-        delivery = self.delivery
-        if delivery is None:
+        if not _options().fp_webhook_url:
             raise exceptions.CommandError("fp.resend: no webhook configured (fp_webhook_url)")
+        if self.worker is not None:
+            self.worker.resend()
+            return
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
 
         def resend() -> None:
-            log.info("fp.resend: %d parked webhook event(s) queued again", delivery.resend())
+            try:
+                count = pipeline.resend()
+            except ConfigError as exc:
+                log.warning("fp.resend: %s", exc.message)
+            else:
+                log.info("fp.resend: %d parked webhook event(s) queued again", count)
 
         self._in_background(resend)
 
     # -- the work --------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        out = self.tap.snapshot()
-        out["queued"] = self.writer.pending() if self.writer else 0
-        if self.delivery is not None:
-            out.update(self.delivery.snapshot())
-        return out
+        if self.worker is not None:
+            # This process counts what it sees before the worker does (responses,
+            # skipped, responses it could not hand over); the worker the rest.
+            live = merge_counts(self.stats.snapshot(), self.worker.stats)
+            for gauge in GAUGES:
+                if gauge in self.worker.stats:
+                    live[gauge] = self.worker.stats[gauge]
+            live.setdefault("queued", 0)
+            live["queued"] += self.worker.in_flight
+        elif self.pipeline is not None:
+            live = self.pipeline.snapshot()
+        elif self._final is not None:
+            return self._final
+        else:
+            live = self.stats.snapshot()
+        return merge_counts(live, self._carried) if self._carried else live
 
-    def _inspect(self, flow: http.HTTPFlow) -> None:
+    def _inspect(self, flow: http.HTTPFlow) -> asyncio.Future[None] | None:
         if flow.response is None or (self.filter is not None and not self.filter(flow)):
-            return
+            return None
         self.stats.incr("responses")
         info = self._response_info(flow, count=True)
         if info is None:
+            return None
+        if self._worker_wanted:
+            self._spawn_worker(_options())
+        worker = self.worker
+        if worker is None:
+            record = self.pipeline.inspect(info) if self.pipeline else None
+            if record is not None:
+                self._show(flow, record)
+            return None
+        held = asyncio.get_running_loop().create_future() if self.hold else None
+        if worker.submit(info, (flow, held)):
+            return held
+        self._dropped(1)
+        return None
+
+    def _on_records(self, records: Records) -> None:
+        """Answers from the worker process, on the event loop."""
+        for context, record in records:
+            if context is None:
+                continue
+            flow, held = context
+            if record is not None:
+                self._show(flow, record, late=held is None)
+            if held is not None and not held.done():
+                held.set_result(None)
+
+    def _on_worker_exit(self, code: int | None) -> None:
+        worker = self.worker
+        if worker is None:
             return
-        record = self.tap.inspect(info)
-        if record is None:
+        lost = worker.take_pending()
+        log.error(
+            "fp-tap: the worker process stopped (exit code %s) with %d response(s) not "
+            "inspected; unsealing in mitmproxy's process from now on",
+            code,
+            len(lost),
+        )
+        self.stats.incr_group("errors", "worker_exit")
+        self._dropped(len(lost))
+        self._release(lost)
+        self._carry(worker.stats)
+        self.worker = None
+        pipeline = Pipeline(self.stats)
+        try:
+            pipeline.configure(_options(), PIPELINE_OPTIONS, self.keys)
+        except ConfigError as exc:
+            log.error("fp-tap: cannot carry on in mitmproxy's process: %s", exc.message)
+        self.pipeline = pipeline
+
+    def _release(self, contexts: Iterable[Any]) -> None:
+        for _, held in contexts:
+            if held is not None and not held.done():
+                held.set_result(None)
+
+    def _dropped(self, count: int) -> None:
+        if not count:
             return
+        self.stats.incr("dropped", count)
+        now = time.monotonic()
+        # One warning per 10 s at most: a flood of drops must not flood the log too.
+        if now - self._drop_warned_at > 10:
+            self._drop_warned_at = now
+            log.warning(
+                "fp-tap: the worker process is %d responses behind; not inspecting more "
+                "until it catches up (%d so far)",
+                self.worker.in_flight if self.worker else 0,
+                self.stats.get("dropped"),
+            )
+
+    def _show(self, flow: http.HTTPFlow, record: dict[str, Any], late: bool = False) -> None:
         _annotate(flow, record)
         if self.log_trusted or record["verdict"] != "trusted":
             _log_record(record)
-        if self.writer is not None:
-            self.writer.submit(record)
+        if late and self._has_view:
+            ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
     def _response_info(self, flow: http.HTTPFlow, count: bool) -> ResponseInfo | None:
         response = flow.response
@@ -588,137 +697,13 @@ def _options() -> Any:
     return ctx.options
 
 
-def _positive(opts: Any, name: str) -> int:
-    value = getattr(opts, name)
-    if value <= 0:
-        raise exceptions.OptionsError(f"{name} must be a positive number, got {value}")
-    return int(value)
+def _values(opts: Any) -> dict[str, Any]:
+    """What the worker process needs of the options: plain values, no secrets."""
+    return {name: getattr(opts, name) for name in (*PIPELINE_OPTIONS, "fp_drain_timeout")}
 
 
-def _non_negative(opts: Any, name: str) -> int:
-    value = getattr(opts, name)
-    if value < 0:
-        raise exceptions.OptionsError(f"{name} cannot be negative, got {value}")
-    return int(value)
-
-
-def _state_dir(opts: Any) -> str:
-    if not str(opts.fp_state_dir).strip():
-        raise exceptions.OptionsError("fp_state_dir cannot be empty")
-    return os.path.abspath(os.path.expanduser(str(opts.fp_state_dir)))
-
-
-def _delivery_config(opts: Any) -> DeliveryConfig | None:
-    """The webhook settings, validated (the secret read once, here); None: no webhook."""
-    if not opts.fp_webhook_url:
-        return None
-    _require_sqlite("fp_webhook_url")  # for the spool
-    from fp_core.delivery import DeliveryConfig
-
-    try:
-        url = check_url(opts.fp_webhook_url)
-        secret = load_secret(opts.fp_webhook_secret_file)
-        if opts.fp_webhook_ca:
-            tls_context(opts.fp_webhook_ca)  # a bad file is an error now, not per request
-    except FpError as exc:
-        raise exceptions.OptionsError(f"fp_webhook: {exc.message}") from None
-    secret_file = opts.fp_webhook_secret_file
-    if secret_file and key_file_too_open(secret_file):
-        log.warning(
-            "fp-tap: webhook secret file %s is readable by others; chmod 600 it", secret_file
-        )
-    if secret is None:
-        log.warning(
-            "fp-tap: webhook events are not signed: set %s or fp_webhook_secret_file",
-            SECRET_ENV_VAR,
-        )
-    if is_plaintext_remote(url):
-        log.warning(
-            "fp-tap: fp_webhook_url is plain http to another host: events travel unencrypted"
-        )
-    return DeliveryConfig(
-        url=url,
-        secret=secret,
-        timeout=_positive(opts, "fp_webhook_timeout"),
-        concurrency=_positive(opts, "fp_webhook_concurrency"),
-        retry_first=_positive(opts, "fp_webhook_retry_ms") / 1000,
-        retry_max=_positive(opts, "fp_webhook_retry_max"),
-        give_up=_positive(opts, "fp_webhook_give_up"),
-        ca_file=opts.fp_webhook_ca or None,
-    )
-
-
-def _open_delivery(state_dir: str, config: DeliveryConfig, stats: Stats) -> Delivery:
-    from fp_core.delivery import Delivery
-    from fp_core.spool import Spool
-
-    try:
-        spool = Spool(state_dir)
-    except FpError as exc:
-        raise exceptions.OptionsError(f"fp_state_dir: {exc.message}") from None
-    try:
-        delivery = Delivery(spool, config, stats)
-    except FpError as exc:
-        spool.close()
-        raise exceptions.OptionsError(f"fp_webhook: {exc.message}") from None
-    delivery.start()
-    log.info(
-        "fp-tap: forwarding unsealed events to %s (%s), spool %s",
-        describe_url(config.url),
-        "signed" if config.secret else "unsigned",
-        spool.path,
-    )
-    return delivery
-
-
-def _file_sinks(opts: Any, stats: Stats) -> list[Sink]:
-    """The SQLite store and the JSONL file, as configured; all or none opened."""
-    sinks: list[Sink] = []
-    try:
-        if opts.fp_sqlite:
-            _require_sqlite("fp_sqlite")
-            from fp_core.store import SqliteStore
-
-            try:
-                sinks.append(SqliteStore(opts.fp_sqlite, stats))
-            except FpError as exc:
-                raise exceptions.OptionsError(f"fp_sqlite: {exc.message}") from None
-        if opts.fp_jsonl:
-            try:
-                sinks.append(JsonlSink(opts.fp_jsonl))
-            except OSError as exc:
-                raise exceptions.OptionsError(
-                    f"fp_jsonl: cannot open {opts.fp_jsonl}: {exc.strerror}"
-                ) from None
-    except exceptions.OptionsError:
-        for sink in sinks:
-            sink.close()
-        raise
-    return sinks
-
-
-def _require_sqlite(option: str) -> None:
-    """A clear start-up error when ``option`` needs sqlite3 and this Python has none."""
-    try:
-        import sqlite3  # noqa: F401
-    except ImportError:
-        raise exceptions.OptionsError(
-            f"{option} needs Python's sqlite3 module, which this mitmproxy does not include "
-            "(the standalone binaries leave it out): run a mitmproxy installed from PyPI "
-            "(e.g. pipx install mitmproxy)"
-        ) from None
-
-
-def _retire(writer: RecordWriter | None, delivery: Delivery | None) -> Callable[[], None]:
-    """Close a replaced writer, then the delivery whose spool it may still be feeding."""
-
-    def retire() -> None:
-        if writer is not None:
-            writer.close()
-        if delivery is not None:
-            delivery.close(drain=0)
-
-    return retire
+def _has_outputs(opts: Any) -> bool:
+    return any(getattr(opts, name) for name in OUTPUT_OPTIONS)
 
 
 def _parse_filter(expression: str | None) -> flowfilter.TFilter | None:

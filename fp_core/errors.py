@@ -32,6 +32,12 @@ class KeyConfigError(FpError):
     kind = "bad_key"
 
 
+class ConfigError(FpError):
+    """An option value the tap cannot run with (the addon reports it as an option error)."""
+
+    kind = "bad_config"
+
+
 class UnsealError(FpError):
     """Unsealing failed; ``kind`` says at which step."""
 

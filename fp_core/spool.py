@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 SPOOL_FILE = "webhook-spool.sqlite3"
 LOCK_FILE = "webhook-spool.lock"
+#: Seconds to wait for the lock: a tap that was just stopped (or killed: its worker
+#: process then closes the spool itself) may still be letting go of it.
+LOCK_WAIT = 5.0
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -91,7 +94,13 @@ def private_dir(path: str) -> bool:
 class Spool:
     """The spool file of one state directory; every method is thread-safe and quick."""
 
-    def __init__(self, state_dir: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        state_dir: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        lock_wait: float = LOCK_WAIT,
+    ) -> None:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, SPOOL_FILE)
         self._clock = clock
@@ -104,7 +113,7 @@ class Spool:
                 )
         except OSError as exc:
             raise SqliteFileError(f"cannot create {state_dir}: {reason(exc)}") from None
-        self._owner = _own(os.path.join(state_dir, LOCK_FILE))
+        self._owner = _own(os.path.join(state_dir, LOCK_FILE), lock_wait)
         try:
             self._conn = connect(self.path)
             migrate(self._conn, MIGRATIONS, f"webhook spool {self.path}")
@@ -222,9 +231,10 @@ class Spool:
         return int(pending), int(parked)
 
 
-def _own(lock_path: str) -> int:
+def _own(lock_path: str, wait: float) -> int:
     """Take the directory's lock (released when the returned fd is closed, or the
-    process dies); an error naming the holder when another process has it."""
+    process dies), waiting up to ``wait`` seconds for it; an error naming the holder
+    when another process keeps it."""
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
@@ -232,9 +242,15 @@ def _own(lock_path: str) -> int:
     if sys.platform != "win32":  # no flock there; one tap per state dir is then on you
         import fcntl
 
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
             holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
             os.close(fd)
             raise SqliteFileError(

@@ -41,3 +41,40 @@ class Stats:
             for group, counter in sorted(self._groups.items()):
                 out[group] = dict(sorted(counter.items()))
             return out
+
+
+#: Snapshot entries that say how things are now (sizes of queues and memories) rather
+#: than count events: adding two of them up means nothing.
+GAUGES = frozenset(
+    {
+        "queued",
+        "replay_ids",
+        "replay_evicted",
+        "webhook_pending",
+        "webhook_parked",
+        "webhook_in_flight",
+    }
+)
+
+
+def merge_counts(*snapshots: dict[str, Any]) -> dict[str, Any]:
+    """Snapshots added up, counter by counter and group by group, in sorted order."""
+    counts: dict[str, int] = {}
+    groups: dict[str, dict[str, int]] = {}
+    for snapshot in snapshots:
+        for name, value in snapshot.items():
+            if isinstance(value, dict):
+                group = groups.setdefault(name, {})
+                for key, n in value.items():
+                    group[key] = group.get(key, 0) + n
+            else:
+                counts[name] = counts.get(name, 0) + value
+    out: dict[str, Any] = dict(sorted(counts.items()))
+    for name, group in sorted(groups.items()):
+        out[name] = dict(sorted(group.items()))
+    return out
+
+
+def without_gauges(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The counters of ``snapshot`` only."""
+    return {name: value for name, value in snapshot.items() if name not in GAUGES}

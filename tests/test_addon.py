@@ -45,7 +45,12 @@ def addon(
     monkeypatch.delenv(ENV_VAR, raising=False)
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(tmp_path / "out.jsonl"))
+        tctx.configure(
+            tap,
+            fp_keys_file=str(keyfile),
+            fp_jsonl=str(tmp_path / "out.jsonl"),
+            fp_worker=False,  # in-process: the hooks' effects are there when they return
+        )
         yield tap, tctx
         if tap.writer is not None:
             tap.writer.close()
@@ -114,9 +119,10 @@ def run(tap: fp_addon.FingerprintTap, flow: http.HTTPFlow) -> http.HTTPFlow:
 
 
 def records(tap: fp_addon.FingerprintTap, path: Path) -> list[dict[str, Any]]:
-    assert tap.writer is not None
-    tap.writer.close()
-    tap.writer = None
+    assert tap.pipeline is not None
+    assert tap.pipeline.writer is not None
+    tap.pipeline.writer.close()
+    tap.pipeline.writer = None
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -202,7 +208,7 @@ def test_no_keys_warns_once_and_records_no_keys(tmp_path: Path, monkeypatch, cap
     caplog.set_level(logging.INFO)
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_jsonl=str(tmp_path / "out.jsonl"))
+        tctx.configure(tap, fp_jsonl=str(tmp_path / "out.jsonl"), fp_worker=False)
         flow = run(tap, make_flow(fp_body()[0]))
         assert flow.metadata["fp"]["error"]["kind"] == "no_keys"
         assert len([r for r in caplog.records if "no decryption keys" in r.getMessage()]) == 1
@@ -214,7 +220,8 @@ def test_keys_from_environment(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv(ENV_VAR, f"{other.to_base64()},{KEY.to_base64()}")
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file="")  # as at startup: keys come from the environment
+        # As at startup: keys come from the environment.
+        tctx.configure(tap, fp_keys_file="", fp_worker=False)
         flow = run(tap, make_flow(fp_body()[0]))
         assert flow.metadata["fp"]["key_id"] == KEY.key_id
         tap.done()
@@ -321,7 +328,7 @@ def test_open_key_file_warns(tmp_path: Path, caplog, monkeypatch) -> None:
     path.chmod(0o644)
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(path))
+        tctx.configure(tap, fp_keys_file=str(path), fp_worker=False)
     assert any("readable by group or others" in r.getMessage() for r in caplog.records)
 
 
@@ -393,7 +400,8 @@ def test_no_exception_escapes_a_hook(addon, monkeypatch, caplog) -> None:
     def boom(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(tap.tap, "inspect", boom)
+    assert tap.pipeline is not None
+    monkeypatch.setattr(tap.pipeline.tap, "inspect", boom)
     flow = run(tap, make_flow(fp_body()[0]))
     assert "fp" not in flow.metadata
     assert tap.stats.group("errors") == {"internal": 1}

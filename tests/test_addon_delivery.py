@@ -93,6 +93,7 @@ def start(
             "fp_state_dir": str(tmp_path / "state"),
             "fp_webhook_retry_ms": 20,
             "fp_webhook_retry_max": 1,
+            "fp_worker": False,  # in-process: see test_addon_worker.py for the other way
         }
         tctx.configure(addon, **(defaults | options))
         return Tap(tctx, addon)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,9 +140,19 @@ def test_one_tap_per_state_dir(tmp_path: Path, clock: Clock) -> None:
     state = str(tmp_path / "state")
     first = Spool(state, clock=clock)
     with pytest.raises(SqliteFileError, match="in use by another fp-tap"):
-        Spool(state, clock=clock)
+        Spool(state, clock=clock, lock_wait=0.2)
     first.close()
     Spool(state, clock=clock).close()  # free again once the owner closed it
+
+
+def test_a_spool_being_let_go_is_waited_for(tmp_path: Path, clock: Clock) -> None:
+    # A tap restarted right after a SIGKILL: its worker process still closes the spool.
+    state = str(tmp_path / "state")
+    first = Spool(state, clock=clock)
+    threading.Timer(0.3, first.close).start()
+    began = time.monotonic()
+    Spool(state, clock=clock, lock_wait=10).close()
+    assert 0.25 < time.monotonic() - began < 10
 
 
 def test_the_spool_has_a_versioned_schema(spool: Spool) -> None:

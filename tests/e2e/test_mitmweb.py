@@ -68,7 +68,7 @@ def test_content_view_comments_marks_and_commands(
         ):
             assert fetch(f"{proxy}/agent?{query}").status == 200
         client = WebClient(url, token)
-        flows = wait_for_flows(client, 4)
+        flows = wait_for_flows(client, 4, annotated=3)
         by_comment = {f["comment"].split(" ")[1] if f["comment"] else "": f for f in flows}
         assert set(by_comment) == {"trusted", "suspicious", "error:", ""}
         assert by_comment["trusted"]["marked"] == ""
@@ -87,7 +87,11 @@ def test_content_view_comments_marks_and_commands(
         html = client.get(f"/flows/{by_comment['']['id']}/response/content/auto.json")
         assert html["view_name"] != "fingerprint"
 
-        stats = json.loads(client.command("fp.stats"))
+        # The worker process reports its counters at most every 0.1 s.
+        deadline = time.monotonic() + 10
+        while (stats := json.loads(client.command("fp.stats"))).get("open_responses") != 3:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
         assert (stats["open_responses"], stats["unsealed"]) == (3, 2)
         assert stats["errors"] == {"decrypt_failed": 1}
 
@@ -101,14 +105,20 @@ def test_content_view_comments_marks_and_commands(
     assert keys.key.to_base64() not in web.output()
 
 
-def wait_for_flows(client: WebClient, count: int) -> list[dict[str, Any]]:
+def wait_for_flows(client: WebClient, count: int, annotated: int = 0) -> list[dict[str, Any]]:
+    """``count`` finished flows, ``annotated`` of them with a comment: the worker process's
+    answer reaches the flow a moment after the response went to the client."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         flows: list[dict[str, Any]] = client.get("/flows")
-        if len(flows) >= count and all(f.get("response") for f in flows):
+        if (
+            len(flows) >= count
+            and all(f.get("response") for f in flows)
+            and sum(bool(f.get("comment")) for f in flows) >= annotated
+        ):
             return flows
         time.sleep(0.1)
-    raise AssertionError(f"mitmweb did not show {count} finished flows")
+    raise AssertionError(f"mitmweb did not show {count} finished flows ({annotated} annotated)")
 
 
 def wait_for_lines(path: Path, count: int) -> list[dict[str, Any]]:

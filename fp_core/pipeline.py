@@ -1,0 +1,362 @@
+"""The tap's heavy half: unseal and judge, then hand records to the sinks.
+
+One :class:`Pipeline` holds the :class:`~fp_core.tap.Tap` (with its replay memory), the
+record writer and the webhook delivery, built from the addon's option values. The addon
+runs it in mitmproxy's own process (``fp_worker=false``) or has :mod:`fp_core.worker`
+run it in a separate process; the code is the same either way, which is why it takes
+``opts``: any object with the ``fp_*`` option names as attributes (mitmproxy's options,
+or the plain values the worker was sent). Keys are passed in, loaded by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING, Any
+
+from fp_core.checks import CheckConfig, parse_origins
+from fp_core.errors import ConfigError, FpError
+from fp_core.keys import DecryptionKey, key_file_too_open
+from fp_core.redact import Redactor, parse_paths
+from fp_core.stats import Stats
+from fp_core.tap import ResponseInfo, Tap, TapConfig
+from fp_core.webhook import (
+    SECRET_ENV_VAR,
+    WebhookSink,
+    check_url,
+    describe_url,
+    is_plaintext_remote,
+    load_secret,
+    tls_context,
+)
+from fp_core.writer import JsonlSink, RecordWriter, Sink, WithoutEvent
+
+if TYPE_CHECKING:
+    # At run time these are imported where fp_sqlite or fp_webhook_url needs them: they
+    # use sqlite3, which mitmproxy's standalone binaries do not bundle, and the rest of
+    # the tap must load there all the same.
+    from fp_core.delivery import Delivery, DeliveryConfig
+
+log = logging.getLogger(__name__)
+
+#: Options whose change means a new record writer (its sinks are opened once).
+WRITER_OPTIONS = frozenset({"fp_jsonl", "fp_queue_size", "fp_sqlite", "fp_include_event"})
+#: Options of the webhook delivery (a new one only for a new fp_state_dir).
+DELIVERY_OPTIONS = frozenset(
+    {
+        "fp_webhook_url",
+        "fp_webhook_secret_file",
+        "fp_webhook_ca",
+        "fp_webhook_timeout",
+        "fp_webhook_concurrency",
+        "fp_webhook_retry_ms",
+        "fp_webhook_retry_max",
+        "fp_webhook_give_up",
+        "fp_state_dir",
+    }
+)
+#: Options whose change means a new tap configuration.
+TAP_OPTIONS = frozenset(
+    {
+        "fp_keys_file",
+        "fp_include_event",
+        "fp_max_age",
+        "fp_replay_ttl",
+        "fp_origins",
+        "fp_max_event",
+        "fp_redact",
+        "fp_webhook_url",  # the webhook needs the event in records even without fp_include_event
+    }
+)
+#: Every option a pipeline reads.
+OPTIONS = WRITER_OPTIONS | DELIVERY_OPTIONS | TAP_OPTIONS
+#: Options that open files or connections: a configuration with any of them set can fail
+#: in ways only opening them tells.
+OUTPUT_OPTIONS = ("fp_jsonl", "fp_sqlite", "fp_webhook_url")
+
+
+class Pipeline:
+    """Tap, writer and delivery; :meth:`inspect` is the per-response entry point."""
+
+    def __init__(self, stats: Stats | None = None) -> None:
+        self.stats = stats or Stats()
+        self.tap = Tap(TapConfig(), self.stats)
+        self.writer: RecordWriter | None = None
+        self.delivery: Delivery | None = None
+        self._background: list[threading.Thread] = []
+        self._closed = False
+
+    def configure(
+        self, opts: Any, updated: AbstractSet[str], keys: Sequence[DecryptionKey]
+    ) -> None:
+        """Apply the options named in ``updated``; raises :class:`ConfigError`, leaving
+        what ran before untouched."""
+        if updated & (WRITER_OPTIONS | DELIVERY_OPTIONS):
+            self._configure_outputs(opts, updated)
+        if updated & TAP_OPTIONS:
+            config = tap_config(opts, keys)
+            replay = self.tap.replay
+            self.tap = Tap(config, self.stats)
+            if replay.ttl == config.replay_ttl:
+                self.tap.replay = replay  # keep what was seen across unrelated option changes
+        if opts.fp_sqlite and updated & {"fp_sqlite", "fp_replay_ttl"}:
+            self._preload_replay(opts.fp_sqlite)
+
+    def inspect(self, info: ResponseInfo) -> dict[str, Any] | None:
+        """The record for ``info`` (queued for the sinks), or None: not an open response."""
+        record = self.tap.inspect(info)
+        if record is not None and self.writer is not None:
+            self.writer.submit(record)
+        return record
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and gauges (see the addon's ``fp.stats``)."""
+        out = self.tap.snapshot()
+        out["queued"] = self.writer.pending() if self.writer else 0
+        if self.delivery is not None:
+            out.update(self.delivery.snapshot())
+        return out
+
+    def resend(self) -> int:
+        """Queue the parked webhook events again; how many."""
+        if self.delivery is None:
+            raise ConfigError("no webhook configured (fp_webhook_url)")
+        return self.delivery.resend()
+
+    def close(self, drain: float) -> None:
+        """Write what is queued, deliver for up to ``drain`` seconds, close everything."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.delivery is not None:
+            # Kept (closed): its spool's last gauges stay in snapshot().
+            self.delivery.close(drain=drain)
+        for thread in self._background:
+            thread.join(timeout=10)
+
+    def in_background(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on a thread of its own (joined by :meth:`close`)."""
+        thread = threading.Thread(target=fn, name="fp-tap-background", daemon=True)
+        self._background = [t for t in self._background if t.is_alive()] + [thread]
+        thread.start()
+
+    def _configure_outputs(self, opts: Any, updated: AbstractSet[str]) -> None:
+        """Open what the options ask for first; only then swap it in and retire the old
+        writer and delivery (in that order, in the background), so that a bad value
+        leaves the running ones untouched."""
+        delivery, retired = self.delivery, None
+        if updated & DELIVERY_OPTIONS:
+            config = delivery_config(opts)
+            if config is None:
+                delivery, retired = None, self.delivery
+            elif delivery is None or delivery.spool.state_dir != state_dir(opts):
+                delivery, retired = _open_delivery(state_dir(opts), config, self.stats), delivery
+            else:
+                delivery.configure(config)
+        writer, old_writer = self.writer, None
+        if delivery is not self.delivery or updated & WRITER_OPTIONS:
+            try:
+                writer, old_writer = self._new_writer(opts, delivery), self.writer
+            except ConfigError:
+                if delivery is not self.delivery and delivery is not None:
+                    delivery.close(drain=0)
+                raise
+        self.writer, self.delivery = writer, delivery
+        if old_writer is not None or retired is not None:
+            self.in_background(_retire(old_writer, retired))
+
+    def _new_writer(self, opts: Any, delivery: Delivery | None) -> RecordWriter | None:
+        # The spool comes first: a record found in the JSONL file or the store is
+        # already in the spool, so a crash right after cannot lose its delivery.
+        max_queue = positive(opts, "fp_queue_size")
+        sinks: list[Sink] = []
+        if delivery is not None:
+            sinks.append(WebhookSink(delivery.spool, self.stats, delivery.wake))
+        files = _file_sinks(opts, self.stats)
+        if delivery is not None and not opts.fp_include_event:
+            files = [WithoutEvent(sink) for sink in files]
+        sinks += files
+        if not sinks:
+            return None
+        writer = RecordWriter(sinks, self.stats, max_queue=max_queue)
+        writer.start()
+        return writer
+
+    def _preload_replay(self, path: str) -> None:
+        """Ids the store saw within the replay ttl count as seen (a one-off read at start)."""
+        from fp_core.store import recent_request_ids
+
+        now, replay = time.time(), self.tap.replay
+        try:
+            items = recent_request_ids(path, now - replay.ttl, replay.max_entries)
+        except FpError as exc:
+            log.warning("fp-tap: duplicate check: cannot read earlier ids: %s", exc.message)
+            return
+        replay.preload(items, now)
+        if items:
+            log.info(
+                "fp-tap: duplicate check: %d request id(s) from the last %d s of %s",
+                len(items),
+                replay.ttl,
+                path,
+            )
+
+
+def tap_config(opts: Any, keys: Sequence[DecryptionKey]) -> TapConfig:
+    """The tap's settings from the options; :class:`ConfigError` names a bad one."""
+    try:
+        origins = parse_origins(opts.fp_origins)
+    except ValueError as exc:
+        raise ConfigError(f"fp_origins: {exc}") from None
+    try:
+        redactor = Redactor(parse_paths(opts.fp_redact))
+    except ValueError as exc:
+        raise ConfigError(f"fp_redact: {exc}") from None
+    return TapConfig(
+        keys=list(keys),
+        include_event=opts.fp_include_event or bool(opts.fp_webhook_url),
+        max_event=positive(opts, "fp_max_event"),
+        checks=CheckConfig(max_age_ms=positive(opts, "fp_max_age") * 1000, origins=origins),
+        replay_ttl=positive(opts, "fp_replay_ttl"),
+        redactor=redactor,
+    )
+
+
+def positive(opts: Any, name: str) -> int:
+    value = getattr(opts, name)
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value}")
+    return int(value)
+
+
+def non_negative(opts: Any, name: str) -> int:
+    value = getattr(opts, name)
+    if value < 0:
+        raise ConfigError(f"{name} cannot be negative, got {value}")
+    return int(value)
+
+
+def state_dir(opts: Any) -> str:
+    if not str(opts.fp_state_dir).strip():
+        raise ConfigError("fp_state_dir cannot be empty")
+    return os.path.abspath(os.path.expanduser(str(opts.fp_state_dir)))
+
+
+def delivery_config(opts: Any) -> DeliveryConfig | None:
+    """The webhook settings, validated (the secret read once, here); None: no webhook."""
+    if not opts.fp_webhook_url:
+        return None
+    require_sqlite("fp_webhook_url")  # for the spool
+    from fp_core.delivery import DeliveryConfig
+
+    try:
+        url = check_url(opts.fp_webhook_url)
+        secret = load_secret(opts.fp_webhook_secret_file)
+        if opts.fp_webhook_ca:
+            tls_context(opts.fp_webhook_ca)  # a bad file is an error now, not per request
+    except FpError as exc:
+        raise ConfigError(f"fp_webhook: {exc.message}") from None
+    secret_file = opts.fp_webhook_secret_file
+    if secret_file and key_file_too_open(secret_file):
+        log.warning(
+            "fp-tap: webhook secret file %s is readable by others; chmod 600 it", secret_file
+        )
+    if secret is None:
+        log.warning(
+            "fp-tap: webhook events are not signed: set %s or fp_webhook_secret_file",
+            SECRET_ENV_VAR,
+        )
+    if is_plaintext_remote(url):
+        log.warning(
+            "fp-tap: fp_webhook_url is plain http to another host: events travel unencrypted"
+        )
+    return DeliveryConfig(
+        url=url,
+        secret=secret,
+        timeout=positive(opts, "fp_webhook_timeout"),
+        concurrency=positive(opts, "fp_webhook_concurrency"),
+        retry_first=positive(opts, "fp_webhook_retry_ms") / 1000,
+        retry_max=positive(opts, "fp_webhook_retry_max"),
+        give_up=positive(opts, "fp_webhook_give_up"),
+        ca_file=opts.fp_webhook_ca or None,
+    )
+
+
+def require_sqlite(option: str) -> None:
+    """A clear start-up error when ``option`` needs sqlite3 and this Python has none."""
+    try:
+        import sqlite3  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"{option} needs Python's sqlite3 module, which this mitmproxy does not include "
+            "(the standalone binaries leave it out): run a mitmproxy installed from PyPI "
+            "(e.g. pipx install mitmproxy)"
+        ) from None
+
+
+def _open_delivery(folder: str, config: DeliveryConfig, stats: Stats) -> Delivery:
+    from fp_core.delivery import Delivery
+    from fp_core.spool import Spool
+
+    try:
+        spool = Spool(folder)
+    except FpError as exc:
+        raise ConfigError(f"fp_state_dir: {exc.message}") from None
+    try:
+        delivery = Delivery(spool, config, stats)
+    except FpError as exc:
+        spool.close()
+        raise ConfigError(f"fp_webhook: {exc.message}") from None
+    delivery.start()
+    log.info(
+        "fp-tap: forwarding unsealed events to %s (%s), spool %s",
+        describe_url(config.url),
+        "signed" if config.secret else "unsigned",
+        spool.path,
+    )
+    return delivery
+
+
+def _file_sinks(opts: Any, stats: Stats) -> list[Sink]:
+    """The SQLite store and the JSONL file, as configured; all or none opened."""
+    sinks: list[Sink] = []
+    try:
+        if opts.fp_sqlite:
+            require_sqlite("fp_sqlite")
+            from fp_core.store import SqliteStore
+
+            try:
+                sinks.append(SqliteStore(opts.fp_sqlite, stats))
+            except FpError as exc:
+                raise ConfigError(f"fp_sqlite: {exc.message}") from None
+        if opts.fp_jsonl:
+            try:
+                sinks.append(JsonlSink(opts.fp_jsonl))
+            except OSError as exc:
+                raise ConfigError(
+                    f"fp_jsonl: cannot open {opts.fp_jsonl}: {exc.strerror}"
+                ) from None
+    except ConfigError:
+        for sink in sinks:
+            sink.close()
+        raise
+    return sinks
+
+
+def _retire(writer: RecordWriter | None, delivery: Delivery | None) -> Callable[[], None]:
+    """Close a replaced writer, then the delivery whose spool it may still be feeding."""
+
+    def retire() -> None:
+        if writer is not None:
+            writer.close()
+        if delivery is not None:
+            delivery.close(drain=0)
+
+    return retire

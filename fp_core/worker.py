@@ -1,0 +1,499 @@
+"""The pipeline in a process of its own: mitmproxy's event loop only hands bodies over.
+
+Unsealing, checking and writing records cost mitmproxy's single event-loop thread more
+than a third of what proxying a request does (BENCHMARKS.md), and a thread would not
+help: the work holds the GIL. So the addon starts this module as a child process
+(:class:`WorkerClient`) and sends it each candidate response; the child runs a
+:class:`~fp_core.pipeline.Pipeline` and answers with the record (without the event),
+which the addon puts on the flow and logs.
+
+The two talk over pipes the parent created, in frames: a 4-byte big-endian length, then
+a pickle. Nothing else can write to those pipes, so unpickling them is safe. The child
+loads keys and the webhook secret itself, from the same options and environment as the
+parent: no secret ever travels in a frame.
+
+Parent to child: ``("configure", seq, values, updated)``, ``("inspect", token, info)``,
+``("resend",)``, ``("close", seq, drain)``. Child to parent: ``("reply", seq, ok,
+payload)``, ``("record", token, record_or_None)``, ``("stats", snapshot)``,
+``("log", level, logger, message)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from fp_core.errors import ConfigError, FpError
+from fp_core.keys import load_keys
+from fp_core.pipeline import Pipeline
+from fp_core.tap import RECORD_FIELDS, ResponseInfo
+
+log = logging.getLogger(__name__)
+
+_FRAME = struct.Struct(">I")
+_CHUNK = 1 << 18
+STATS_EVERY = 0.1
+#: Where ``fp_core`` lives: the child imports it from there, installed or not.
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+Records = list[tuple[Any, dict[str, Any] | None]]
+
+
+def encode(message: tuple[Any, ...]) -> bytes:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _FRAME.pack(len(data)) + data
+
+
+class FrameReader:
+    """Frames from a file descriptor, as many as one read brings."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = bytearray()
+
+    def read(self) -> list[tuple[Any, ...]] | None:
+        """At least one frame (blocking), or None at end of file."""
+        while True:
+            frames = self._split()
+            if frames:
+                return frames
+            chunk = os.read(self.fd, _CHUNK)
+            if not chunk:
+                return None
+            self._buffer += chunk
+
+    def read_available(self) -> list[tuple[Any, ...]] | None:
+        """The frames complete after reading what is there now (a non-blocking file
+        descriptor); None at end of file."""
+        while True:
+            try:
+                chunk = os.read(self.fd, _CHUNK)
+            except BlockingIOError:
+                break
+            if not chunk:
+                return None
+            self._buffer += chunk
+            if len(chunk) < _CHUNK:
+                break
+        return self._split()
+
+    def _split(self) -> list[tuple[Any, ...]]:
+        frames, buffer, at = [], self._buffer, 0
+        while len(buffer) - at >= _FRAME.size:
+            (size,) = _FRAME.unpack_from(buffer, at)
+            end = at + _FRAME.size + size
+            if end > len(buffer):
+                break
+            # Only our own two processes write these pipes (see the module docstring).
+            frames.append(pickle.loads(memoryview(buffer)[at + _FRAME.size : end]))  # noqa: S301
+            at = end
+        del buffer[:at]
+        return frames
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _pack(info: ResponseInfo) -> tuple[Any, ...]:
+    return (
+        info.flow_id,
+        info.time,
+        info.host,
+        info.path,
+        info.method,
+        info.status_code,
+        info.body,
+        info.peer_ip,
+        info.header_client_ip,
+    )
+
+
+def slim(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the addon needs of a record: everything but the event."""
+    return None if record is None else {name: record[name] for name in RECORD_FIELDS}
+
+
+# -- the parent's side ------------------------------------------------------------------
+
+
+class WorkerClient:
+    """Starts the worker process and talks to it, all on the caller's thread.
+
+    In mitmproxy that thread is the event loop's: :meth:`submit` writes without
+    blocking (what the pipe cannot take waits in memory until the loop says it can),
+    and the loop reads the answers as they come, handing them to ``on_records`` (a list
+    of ``(context, record)``, in order). No helper threads: each wake-up of a thread
+    costs the event loop a GIL hand-over, which measured more than the work moved away.
+    :meth:`configure` and :meth:`close` block for the child's answer; they are for
+    start-up, option changes and shutdown, not for each flow.
+    """
+
+    def __init__(
+        self,
+        *,
+        on_records: Callable[[Records], None],
+        on_exit: Callable[[int | None], None],
+        max_in_flight: int,
+        python: str = sys.executable,
+    ) -> None:
+        self.on_records = on_records
+        self.on_exit = on_exit
+        self.max_in_flight = max_in_flight
+        self.stats: dict[str, Any] = {}
+        self.alive = False
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._python = python
+        self._pending: dict[int, Any] = {}
+        self._tokens = itertools.count()
+        self._seq = itertools.count()
+        self._replies: dict[int, tuple[bool, Any]] = {}
+        self._backlog: collections.deque[memoryview] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: FrameReader | None = None
+        self._to_child = -1
+        self._closing = False
+
+    def start(self) -> None:
+        """Start the child; raises :class:`ConfigError` when it cannot be started."""
+        answers, to_parent = os.pipe()
+        requests, to_child = os.pipe()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (ROOT, env.get("PYTHONPATH"))))
+        try:
+            self.proc = subprocess.Popen(
+                [self._python, "-m", "fp_core.worker", str(to_parent)],
+                stdin=requests,
+                pass_fds=(to_parent,),
+                env=env,
+                # Its own session: a Ctrl-C meant for mitmproxy must not stop the worker
+                # before mitmproxy has asked it to write out what it holds.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            os.close(answers)
+            os.close(to_child)
+            raise ConfigError(f"cannot start the worker process: {exc.strerror}") from None
+        finally:
+            os.close(to_parent)
+            os.close(requests)
+        os.set_blocking(to_child, False)
+        os.set_blocking(answers, False)
+        self._to_child = to_child
+        self._reader = FrameReader(answers)
+        self.alive = True
+        self._attach()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def submit(self, info: ResponseInfo, context: Any) -> bool:
+        """Queue ``info``; False when the worker is gone or ``max_in_flight`` are queued."""
+        if not self.alive or len(self._pending) >= self.max_in_flight:
+            return False
+        if self._loop is None:
+            self._attach()
+        token = next(self._tokens)
+        self._pending[token] = context
+        # A tuple: pickling the dataclass itself costs the event loop twice as much.
+        self._send(encode(("inspect", token, _pack(info))))
+        return True
+
+    def configure(
+        self, values: Mapping[str, Any], updated: AbstractSet[str], *, wait: bool, timeout: float
+    ) -> None:
+        """Send option values; with ``wait``, raise :class:`ConfigError` if the child refuses
+        them (otherwise a refusal is logged when it comes)."""
+        seq = next(self._seq)
+        self._send(encode(("configure", seq, dict(values), sorted(updated))))
+        if wait:
+            ok, payload = self._wait(seq, timeout)
+            if not ok:
+                raise ConfigError(payload)
+
+    def resend(self) -> None:
+        """Ask for the parked webhook events to be queued again (the child logs how many)."""
+        self._send(encode(("resend",)))
+
+    def poll(self, timeout: float) -> None:
+        """Take the child's answers for up to ``timeout`` seconds (without an event loop)."""
+        reader = self._reader
+        if reader is not None and self.alive and select.select([reader.fd], [], [], timeout)[0]:
+            self._on_readable()
+
+    def close(self, drain: float) -> dict[str, Any] | None:
+        """Let the child write out and deliver (for up to ``drain`` seconds) and stop; its
+        final counters, or None when it did not answer in time (it is then killed)."""
+        if self.proc is None:
+            return None
+        self._closing = True
+        final: dict[str, Any] | None = None
+        if self.alive:
+            seq = next(self._seq)
+            self._send(encode(("close", seq, drain)))
+            try:
+                ok, payload = self._wait(seq, drain + 30)
+                final = payload if ok else None
+            except ConfigError as exc:
+                log.warning("fp-tap: %s", exc.message)
+        self._detach()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.alive = False
+        if final is not None:
+            self.stats = final
+        return final
+
+    def take_pending(self) -> list[Any]:
+        """Forget every queued response (the worker is gone); their contexts."""
+        contexts = list(self._pending.values())
+        self._pending.clear()
+        return contexts
+
+    # -- the pipes ---------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        """Have the running event loop (if any) read answers and drain the backlog."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        assert self._reader is not None
+        self._loop = loop
+        loop.add_reader(self._reader.fd, self._on_readable)
+        if self._backlog:
+            loop.add_writer(self._to_child, self._flush)
+
+    def _detach(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            if self._reader is not None:
+                self._loop.remove_reader(self._reader.fd)
+            self._loop.remove_writer(self._to_child)
+        self._loop = None
+        for fd in (self._to_child, self._reader.fd if self._reader else -1):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._to_child = -1
+        self._reader = None
+
+    def _send(self, data: bytes) -> None:
+        if not self._backlog:
+            try:
+                written = os.write(self._to_child, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return  # the child is gone; reading its end says so
+            if written == len(data):
+                return
+            data = data[written:]
+        self._backlog.append(memoryview(data))
+        if self._loop is not None and len(self._backlog) == 1:
+            self._loop.add_writer(self._to_child, self._flush)
+
+    def _flush(self) -> None:
+        """Write what waits, as far as the pipe takes it."""
+        while self._backlog:
+            head = self._backlog[0]
+            try:
+                written = os.write(self._to_child, head)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._backlog.clear()
+                break
+            if written < len(head):
+                self._backlog[0] = head[written:]
+                return
+            self._backlog.popleft()
+        if self._loop is not None:
+            self._loop.remove_writer(self._to_child)
+
+    def _wait(self, seq: int, timeout: float) -> tuple[bool, Any]:
+        """Block (event loop included) until the child answers ``seq``."""
+        deadline = time.monotonic() + timeout
+        while seq not in self._replies:
+            left = deadline - time.monotonic()
+            if not self.alive or self._reader is None:
+                raise ConfigError("the worker process exited")
+            if left <= 0:
+                raise ConfigError(f"the worker process did not answer in {timeout:.0f} s")
+            writing = [self._to_child] if self._backlog else []
+            readable, writable, _ = select.select([self._reader.fd], writing, [], left)
+            if writable:
+                self._flush()
+            if readable:
+                self._on_readable()
+        return self._replies.pop(seq)
+
+    def _on_readable(self) -> None:
+        assert self._reader is not None
+        try:
+            frames = self._reader.read_available()
+        except (OSError, pickle.UnpicklingError, EOFError, struct.error) as exc:
+            log.error("fp-tap: lost the worker process's answers: %s", exc)
+            frames = None
+        if frames is None:
+            self._gone()
+            return
+        records: Records = []
+        pending = self._pending
+        for frame in frames:
+            kind = frame[0]
+            if kind == "record":
+                records.append((pending.pop(frame[1], None), frame[2]))
+            elif kind == "stats":
+                self.stats = frame[1]
+            elif kind == "log":
+                logging.getLogger(frame[2]).log(frame[1], "%s", frame[3])
+            elif kind == "reply":
+                self._replies[frame[1]] = (frame[2], frame[3])
+        if records:
+            self.on_records(records)
+
+    def _gone(self) -> None:
+        self.alive = False
+        closing = self._closing
+        self._detach()
+        if not closing and self.proc is not None:
+            self.on_exit(self.proc.wait())
+
+
+# -- the child's side -------------------------------------------------------------------
+
+
+class _Out:
+    """Frames to the parent, whole, from any thread of the child."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, *messages: tuple[Any, ...]) -> None:
+        data = b"".join(encode(m) for m in messages)
+        with self._lock:
+            _write_all(self.fd, data)
+
+
+class _ForwardLogs(logging.Handler):
+    def __init__(self, out: _Out) -> None:
+        super().__init__(logging.INFO)
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            self.out.send(("log", record.levelno, record.name, message))
+        except Exception:  # noqa: S110 (the parent is gone: nobody to tell)
+            pass
+
+
+class _Child:
+    def __init__(self, out: _Out) -> None:
+        self.out = out
+        self.pipeline = Pipeline()
+        self.drain = 5.0
+        self.values: dict[str, Any] = {}
+
+    def handle(self, frame: tuple[Any, ...], answers: list[tuple[Any, ...]]) -> bool:
+        """Act on one frame; False once told to close."""
+        kind = frame[0]
+        if kind == "inspect":
+            answers.append(("record", frame[1], slim(self._inspect(ResponseInfo(*frame[2])))))
+        elif kind == "configure":
+            answers.append(("reply", frame[1], *self._configure(frame[2], set(frame[3]))))
+        elif kind == "resend":
+            try:
+                count = self.pipeline.resend()
+            except ConfigError as exc:
+                log.warning("fp.resend: %s", exc.message)
+            else:
+                log.info("fp.resend: %d parked webhook event(s) queued again", count)
+        elif kind == "close":
+            self.pipeline.close(frame[2])
+            answers.append(("reply", frame[1], True, self.pipeline.snapshot()))
+            return False
+        return True
+
+    def _inspect(self, info: ResponseInfo) -> dict[str, Any] | None:
+        try:
+            return self.pipeline.inspect(info)
+        except Exception as exc:
+            self.pipeline.stats.incr_group("errors", "internal")
+            log.warning("fp-tap: internal error on flow %s: %s", info.flow_id, type(exc).__name__)
+            return None
+
+    def _configure(self, values: dict[str, Any], updated: set[str]) -> tuple[bool, Any]:
+        opts = SimpleNamespace(**values)
+        try:
+            keys = load_keys(opts.fp_keys_file)  # as the parent did: same file, same env
+            self.pipeline.configure(opts, updated, keys)
+        except FpError as exc:
+            return False, exc.message
+        self.drain = float(values.get("fp_drain_timeout", self.drain))
+        return True, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child: ``python -m fp_core.worker FD`` (FD: where its answers go)."""
+    args = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent says when to stop
+    out = _Out(int(args[0]))
+    root = logging.getLogger()
+    root.addHandler(_ForwardLogs(out))
+    root.setLevel(logging.INFO)
+    child, reader = _Child(out), FrameReader(sys.stdin.fileno())
+    running, stats_due = True, None
+    while running:
+        if stats_due is not None:
+            # Counters go out at most every STATS_EVERY seconds, and once things are
+            # quiet: one snapshot per answer would cost the parent more than the answer.
+            left = stats_due - time.monotonic()
+            if left <= 0 or not select.select([reader.fd], [], [], left)[0]:
+                out.send(("stats", child.pipeline.snapshot()))
+                stats_due = None
+        frames = reader.read()
+        if frames is None:
+            # The parent is gone (killed?): write out what is queued and let go of the
+            # spool quickly, as the parent itself would have, for the next tap to start.
+            child.pipeline.close(0)
+            break
+        answers: list[tuple[Any, ...]] = []
+        for frame in frames:
+            if not (running := child.handle(frame, answers)):
+                break
+        if answers:
+            out.send(*answers)
+            if stats_due is None:
+                stats_due = time.monotonic() + STATS_EVERY
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
