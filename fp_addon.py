@@ -324,7 +324,7 @@ class FingerprintTap:
         if updated & DELIVERY_OPTIONS:
             self._scrub_webhook_secret(opts)
         positive(opts, "fp_queue_size")
-        if "fp_worker" in updated or (self.pipeline is self.worker is None):
+        if "fp_worker" in updated or (self.pipeline is None and self.worker is None):
             self._start_pipeline(opts)
         elif names := updated & PIPELINE_OPTIONS:
             if self.worker is not None:
