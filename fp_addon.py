@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from mitmproxy import command, contentviews, ctx, exceptions, flowfilter, hooks, http, types
 from mitmproxy import flow as mflow
 from mitmproxy.addonmanager import Loader
+from mitmproxy.log import LegacyLogEvents
 from mitmproxy.net.http import url
 
 from fp_core.content import ContentError, decode_content
@@ -54,6 +55,12 @@ if TYPE_CHECKING:
     from fp_core.writer import RecordWriter
 
 log = logging.getLogger(__name__)
+#: The one line per open response. It reaches every log handler (the terminal,
+#: mitmweb's and the console's event log, any added with logging) but not mitmproxy's
+#: deprecated ``add_log`` event: that one hands every line to every loaded addon, which
+#: measured 0.15 ms a line (BENCHMARKS.md), more than all else fp-tap still costs the
+#: event loop per open response.
+record_log = logging.getLogger(f"{__name__}.records")
 
 PROXY_SECRET_HEADER = "FPJS-Proxy-Secret"  # noqa: S105 (a header name, not a secret)
 CLIENT_IP_HEADER = "FPJS-Proxy-Client-IP"
@@ -294,6 +301,8 @@ class FingerprintTap:
         for handler in logging.getLogger().handlers:
             if self._log_filter not in handler.filters:
                 handler.addFilter(self._log_filter)
+            if isinstance(handler, LegacyLogEvents) and _NOT_RECORDS not in handler.filters:
+                handler.addFilter(_NOT_RECORDS)
 
     def configure(self, updated: set[str]) -> None:
         try:
@@ -437,6 +446,7 @@ class FingerprintTap:
         log.info("fp-tap summary: %s", json.dumps(self._final, sort_keys=True))
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
+            handler.removeFilter(_NOT_RECORDS)
 
     # -- commands --------------------------------------------------------------------
 
@@ -633,6 +643,16 @@ class FingerprintTap:
         thread.start()
 
 
+class _NotRecords(logging.Filter):
+    """Keeps the per-record lines from mitmproxy's add_log event (see ``record_log``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != record_log.name
+
+
+_NOT_RECORDS = _NotRecords()
+
+
 class _ScrubFilter(logging.Filter):
     """Masks secrets in every log record, whoever logged it (see fp_core.scrub)."""
 
@@ -778,7 +798,7 @@ def _comment(record: dict[str, Any]) -> str:
 
 def _log_record(record: dict[str, Any]) -> None:
     if not record["ok"]:
-        log.warning(
+        record_log.warning(
             "fp %s %s error %s: %s [flow %s]",
             record["api"],
             record["request_id"],
@@ -789,7 +809,7 @@ def _log_record(record: dict[str, Any]) -> None:
         return
     summary, checks = record["summary"], record["checks"]
     reasons = f" ({','.join(record['reasons'])})" if record["reasons"] else ""
-    log.info(
+    record_log.info(
         "fp %s %s %s%s visitor=%s bot=%s key=%s %s [flow %s]",
         record["api"],
         record["request_id"],

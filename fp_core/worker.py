@@ -236,9 +236,16 @@ class WorkerClient:
         self._send(encode(("resend",)))
 
     def poll(self, timeout: float) -> None:
-        """Take the child's answers for up to ``timeout`` seconds (without an event loop)."""
+        """Without an event loop: write what waits and take the answers there are, waiting up
+        to ``timeout`` seconds for either."""
         reader = self._reader
-        if reader is not None and self.alive and select.select([reader.fd], [], [], timeout)[0]:
+        if reader is None or not self.alive:
+            return
+        writing = [self._to_child] if self._backlog else []
+        readable, writable, _ = select.select([reader.fd], writing, [], timeout)
+        if writable:
+            self._flush()
+        if readable:
             self._on_readable()
 
     def close(self, drain: float) -> dict[str, Any] | None:
@@ -342,12 +349,7 @@ class WorkerClient:
                 raise ConfigError("the worker process exited")
             if left <= 0:
                 raise ConfigError(f"the worker process did not answer in {timeout:.0f} s")
-            writing = [self._to_child] if self._backlog else []
-            readable, writable, _ = select.select([self._reader.fd], writing, [], left)
-            if writable:
-                self._flush()
-            if readable:
-                self._on_readable()
+            self.poll(left)
         return self._replies.pop(seq)
 
     def _on_readable(self) -> None:
@@ -391,12 +393,20 @@ class _Out:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.gone = False
         self._lock = threading.Lock()
 
     def send(self, *messages: tuple[Any, ...]) -> None:
+        if self.gone:
+            return
         data = b"".join(encode(m) for m in messages)
         with self._lock:
-            _write_all(self.fd, data)
+            try:
+                _write_all(self.fd, data)
+            except OSError:
+                # The parent is gone: nobody to answer, but what it sent before still
+                # goes to the sinks (the loop reads on to the end of its requests).
+                self.gone = True
 
 
 class _ForwardLogs(logging.Handler):

@@ -1,0 +1,215 @@
+"""fp_addon with its worker process (the default), on a real asyncio event loop.
+
+test_addon.py covers the hooks in-process (``fp_worker=false``), where a hook's effects
+are there when it returns. Here the answer comes back through the loop a moment later,
+or before the hook's awaitable completes when the response is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy.addons import save
+from mitmproxy.log import LogEntry
+from mitmproxy.test import taddons
+
+import fp_addon
+from fp_core.keys import ENV_VAR
+from tests.test_addon import KEY, fp_body, hostile_bodies, make_flow, state
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    path = tmp_path / "keys.txt"
+    path.write_text(KEY.to_base64() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def on_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(test())
+
+
+def running_worker(tap: fp_addon.FingerprintTap) -> bool:
+    """Whether a worker process runs (a call: the hooks change it behind mypy's back)."""
+    return tap.worker is not None
+
+
+def holding(tap: fp_addon.FingerprintTap) -> bool:
+    return tap.hold
+
+
+def test_the_answer_reaches_the_flow_after_the_hook_returns(keyfile: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+
+    async def test() -> None:
+        tap = fp_addon.FingerprintTap()
+        with taddons.context(tap) as tctx:
+            tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
+            assert tap.worker is not None, "outputs configured: the worker runs already"
+            assert tap.pipeline is None
+            flows = [make_flow(fp_body()[0]), make_flow(hostile_bodies()["decrypt_failed"])]
+            before = [state(f) for f in flows]
+            assert [tap.response(f) for f in flows] == [None, None], "nothing to wait for"
+            await until(lambda: all("fp" in f.metadata for f in flows), "the annotations")
+            assert [state(f) for f in flows] == before, "only fp metadata, comment, mark"
+            good, bad = flows
+            assert good.metadata["fp"]["verdict"] == "trusted"
+            assert good.comment.startswith("fp trusted")
+            assert bad.metadata["fp"]["error"]["kind"] == "decrypt_failed"
+            assert bad.marked == fp_addon.MARK_ERROR
+            await until(lambda: json.loads(tap.stats_command()).get("open_responses"), "counts")
+            stats = json.loads(tap.stats_command())
+            assert (stats["responses"], stats["open_responses"], stats["unsealed"]) == (2, 2, 1)
+            assert stats["errors"] == {"decrypt_failed": 1}
+            tap.done()
+            assert json.loads(tap.stats_command())["written"] == {"jsonl": 2}
+        assert len(out.read_text().splitlines()) == 2
+
+    on_loop(test)
+
+
+def test_a_held_response_waits_for_its_annotation(keyfile: Path) -> None:
+    async def test() -> None:
+        tap = fp_addon.FingerprintTap()
+        with taddons.context(tap) as tctx:
+            tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+            tap.running()
+            flow = make_flow(fp_body()[0])
+            held = tap.response(flow)
+            assert held is not None
+            assert "fp" not in flow.metadata
+            await asyncio.wait_for(held, 30)
+            assert flow.metadata["fp"]["verdict"] == "trusted", "there once the wait is over"
+            assert tap.response(make_flow(b"<html></html>")) is None, "ordinary traffic"
+            tap.done()
+
+    on_loop(test)
+
+
+def test_saving_flows_holds_responses(tmp_path: Path) -> None:
+    async def test() -> None:
+        tap = fp_addon.FingerprintTap()
+        with taddons.context(save.Save(), tap) as tctx:
+            assert not holding(tap)
+            tctx.configure(tap, save_stream_file=str(tmp_path / "flows"))
+            assert holding(tap), "-w writes flows in the hook after fp-tap's"
+            tctx.configure(tap, save_stream_file=None)
+            assert not holding(tap)
+
+    on_loop(test)
+
+
+def test_without_outputs_the_worker_starts_with_mitmproxy(keyfile: Path) -> None:
+    async def test() -> None:
+        tap = fp_addon.FingerprintTap()
+        with taddons.context(tap) as tctx:
+            tctx.configure(tap, fp_keys_file=str(keyfile))
+            assert not running_worker(tap), "no process for an option check"
+            tap.running()
+            assert running_worker(tap)
+            tap.done()
+
+    on_loop(test)
+
+
+def test_a_dead_worker_is_replaced_by_in_process_work(
+    keyfile: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test() -> None:
+        tap = fp_addon.FingerprintTap()
+        with taddons.context(tap) as tctx:
+            tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+            tap.running()
+            first = make_flow(fp_body()[0])
+            held = tap.response(first)
+            assert held is not None
+            await asyncio.wait_for(held, 30)
+            worker = tap.worker
+            assert worker is not None
+            assert worker.proc is not None
+            await until(lambda: worker.stats.get("open_responses") == 1, "its counters")
+            os.kill(worker.proc.pid, signal.SIGKILL)
+            await until(lambda: tap.worker is None, "the switch to in-process work")
+            assert "the worker process stopped" in caplog.text
+            second = make_flow(fp_body()[0])
+            assert tap.response(second) is None
+            assert second.metadata["fp"]["verdict"] == "trusted", "inspected right away"
+            stats: dict[str, Any] = json.loads(tap.stats_command())
+            assert stats["errors"] == {"worker_exit": 1}
+            assert (stats["open_responses"], stats["unsealed"]) == (2, 2), "nothing forgotten"
+            tap.done()
+
+    on_loop(test)
+
+
+def test_switching_fp_worker_off_and_on(keyfile: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+
+    async def test() -> None:
+        tap = fp_addon.FingerprintTap()
+        with taddons.context(tap) as tctx:
+            tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
+            tap.response(make_flow(fp_body()[0]))
+            await until(lambda: tap.worker is not None and not tap.worker.in_flight, "answer")
+            tctx.configure(tap, fp_worker=False)
+            assert tap.worker is None
+            assert tap.pipeline is not None
+            flow = make_flow(fp_body()[0])
+            tap.response(flow)
+            assert "fp" in flow.metadata
+            tctx.configure(tap, fp_worker=True)
+            assert running_worker(tap)
+            tap.response(make_flow(fp_body()[0]))
+            tap.done()
+            stats = json.loads(tap.stats_command())
+            assert (stats["open_responses"], stats["written"]) == (3, {"jsonl": 3})
+        assert len(out.read_text().splitlines()) == 3
+
+    on_loop(test)
+
+
+def test_record_lines_skip_the_deprecated_add_log_event(
+    keyfile: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Probe:
+        def __init__(self) -> None:
+            self.entries: list[str] = []
+
+        def add_log(self, entry: LogEntry) -> None:
+            self.entries.append(entry.msg)
+
+    caplog.set_level(logging.INFO)
+
+    async def test() -> None:
+        probe, tap = Probe(), fp_addon.FingerprintTap()
+        with taddons.context(probe, tap) as tctx:
+            tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+            tap.running()
+            held = tap.response(make_flow(fp_body()[0]))
+            assert held is not None
+            await asyncio.wait_for(held, 30)
+            logging.getLogger("fp_addon").info("fp-tap: another line")
+            await until(lambda: any("another" in e for e in probe.entries), "add_log events")
+            tap.done()
+        assert any(" trusted visitor=" in r.getMessage() for r in caplog.records), "logged"
+        assert not any("visitor=" in e for e in probe.entries)
+
+    on_loop(test)

@@ -1,0 +1,275 @@
+"""fp_core.worker: the worker process, and the parent's side of its pipes (no mitmproxy).
+
+Without an event loop the client is pumped with ``poll``; the addon's use of it on a
+real loop is in test_addon_worker.py and every e2e test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fp_addon
+from fp_core.errors import ConfigError
+from fp_core.keys import ENV_VAR, DecryptionKey
+from fp_core.pipeline import OPTIONS
+from fp_core.tap import RECORD_FIELDS, ResponseInfo
+from fp_core.worker import FrameReader, WorkerClient, encode
+from tests.test_addon import KEY, fp_body, hostile_bodies
+
+DEFAULTS = {name: default for name, _, default, _ in fp_addon.OPTIONS}
+
+
+def values(**overrides: Any) -> dict[str, Any]:
+    """Option values as the addon sends them (its defaults, then ``overrides``)."""
+    return {name: DEFAULTS[name] for name in (*OPTIONS, "fp_drain_timeout")} | overrides
+
+
+def info(body: bytes, n: int = 0) -> ResponseInfo:
+    return ResponseInfo(f"flow-{n}", time.time(), "fp.shop.example", "/agent", "POST", 200, body)
+
+
+class Answers:
+    """What the client hands back: ``(context, record)`` pairs and exit codes."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[Any, dict[str, Any] | None]] = []
+        self.exits: list[int | None] = []
+
+
+def pump(client: WorkerClient, done: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        client.poll(0.05)
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    path = tmp_path / "keys.txt"
+    path.write_text(KEY.to_base64() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., tuple[WorkerClient, Answers]]]:
+    started: list[WorkerClient] = []
+
+    def start(max_in_flight: int = 1000) -> tuple[WorkerClient, Answers]:
+        answers = Answers()
+        client = WorkerClient(
+            on_records=answers.records.extend,
+            on_exit=answers.exits.append,
+            max_in_flight=max_in_flight,
+        )
+        client.start()
+        started.append(client)
+        return client, answers
+
+    yield start
+    for client in started:
+        if client.proc is not None and client.proc.poll() is None:
+            os.kill(client.proc.pid, signal.SIGCONT)  # in case a test left it stopped
+        client.close(0)
+
+
+def test_records_come_back_in_order_with_their_contexts(
+    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    client, answers = start()
+    client.configure(
+        values(fp_keys_file=str(keyfile), fp_jsonl=str(out)), OPTIONS, wait=True, timeout=60
+    )
+    bodies = [fp_body("v4" if n % 2 else "v3")[0] for n in range(16)]
+    bodies += [hostile_bodies()["decrypt_failed"], b'{"requestId": "x", "other": 1}']
+    for n, body in enumerate(bodies):
+        assert client.submit(info(body, n), context=("ctx", n))
+    pump(client, lambda: len(answers.records) == len(bodies), "every answer")
+
+    assert [context for context, _ in answers.records] == [("ctx", n) for n in range(18)]
+    *unsealed, failed, not_open = [record for _, record in answers.records]
+    assert all(r is not None and r["verdict"] == "trusted" for r in unsealed)
+    assert failed is not None
+    assert failed["error"]["kind"] == "decrypt_failed"
+    assert not_open is None
+    # The parent gets what it puts on the flow and logs: never the event itself.
+    assert all(r is not None and list(r) == list(RECORD_FIELDS) for r in answers.records[0][1:])
+    assert [r["flow_id"] for r in unsealed if r] == [f"flow-{n}" for n in range(16)]
+
+    final = client.close(5)
+    assert final is not None
+    assert (final["open_responses"], final["unsealed"], final["written"]) == (17, 16, {"jsonl": 17})
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["flow_id"] for r in written] == [f"flow-{n}" for n in range(17)]
+    assert all("event" in r for r in written if r["ok"]), "the sinks get the whole record"
+    assert client.proc is not None
+    assert client.proc.returncode == 0
+
+
+def test_keys_come_from_the_environment_not_the_pipe(
+    start: Callable[..., tuple[WorkerClient, Answers]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = DecryptionKey.generate()
+    monkeypatch.setenv(ENV_VAR, key.to_base64())
+    client, answers = start()
+    sent = values()
+    client.configure(sent, OPTIONS, wait=True, timeout=60)
+    client.submit(info(fp_body(key=key)[0]), context=1)
+    pump(client, lambda: bool(answers.records), "the answer")
+    record = answers.records[0][1]
+    assert record is not None
+    assert record["key_id"] == key.key_id
+    frame = encode(("configure", 0, sent, sorted(OPTIONS)))
+    for form in (key.raw(), key.to_base64().encode(), key.raw().hex().encode()):
+        assert form not in frame
+
+
+def test_a_refused_configuration_names_the_option_and_changes_nothing(
+    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path, tmp_path: Path
+) -> None:
+    client, answers = start()
+    client.configure(values(fp_keys_file=str(keyfile)), OPTIONS, wait=True, timeout=60)
+    bad = values(fp_keys_file=str(keyfile), fp_jsonl=str(tmp_path / "missing" / "out.jsonl"))
+    with pytest.raises(ConfigError, match="fp_jsonl: cannot open"):
+        client.configure(bad, {"fp_jsonl"}, wait=True, timeout=60)
+    client.submit(info(fp_body()[0]), context=1)
+    pump(client, lambda: bool(answers.records), "an answer after the refusal")
+    assert answers.records[0][1] is not None
+
+
+def test_counters_follow_the_answers(
+    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path
+) -> None:
+    client, _ = start()
+    client.configure(values(fp_keys_file=str(keyfile)), OPTIONS, wait=True, timeout=60)
+    for n in range(5):
+        client.submit(info(fp_body()[0], n), context=n)
+    pump(client, lambda: client.stats.get("unsealed") == 5, "the counters")
+    assert client.stats["replay_ids"] == 5
+    assert client.in_flight == 0
+
+
+def test_the_childs_log_lines_reach_the_parents_logging(
+    start: Callable[..., tuple[WorkerClient, Answers]],
+    keyfile: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    client, _ = start()
+    options = values(
+        fp_keys_file=str(keyfile),
+        fp_webhook_url="http://127.0.0.1:9/hook",
+        fp_state_dir=str(tmp_path / "state"),
+    )
+    client.configure(options, OPTIONS, wait=True, timeout=60)
+    pump(client, lambda: "events are not signed" in caplog.text, "the forwarded warning")
+    (line,) = [r for r in caplog.records if "events are not signed" in r.getMessage()]
+    assert (line.levelno, line.name) == (logging.WARNING, "fp_core.pipeline")
+
+
+def test_a_dead_worker_is_reported_once_and_takes_nothing_more(
+    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path
+) -> None:
+    client, answers = start()
+    client.configure(values(fp_keys_file=str(keyfile)), OPTIONS, wait=True, timeout=60)
+    assert client.proc is not None
+    os.kill(client.proc.pid, signal.SIGSTOP)
+    assert client.submit(info(fp_body()[0]), context="lost")
+    os.kill(client.proc.pid, signal.SIGKILL)
+    pump(client, lambda: bool(answers.exits), "the exit report")
+    assert answers.exits == [-signal.SIGKILL]
+    assert not client.alive
+    assert not client.submit(info(fp_body()[0]), context="refused")
+    assert client.take_pending() == ["lost"]
+    client.poll(0.1)
+    assert answers.exits == [-signal.SIGKILL], "reported once"
+
+
+def test_handing_over_never_blocks_on_a_stalled_worker(
+    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path
+) -> None:
+    client, answers = start(max_in_flight=40)
+    client.configure(values(fp_keys_file=str(keyfile)), OPTIONS, wait=True, timeout=60)
+    assert client.proc is not None
+    os.kill(client.proc.pid, signal.SIGSTOP)
+    big = info(b"x" * 300_000)  # a megabyte pipe would hold three of these
+    signal.alarm(60)  # a blocking write would hang here: fail instead
+    try:
+        accepted = [client.submit(big, context=n) for n in range(50)]
+    finally:
+        signal.alarm(0)
+    assert accepted == [True] * 40 + [False] * 10, "bounded by max_in_flight"
+    assert client._backlog, "what the pipe could not take waits in memory"
+    os.kill(client.proc.pid, signal.SIGCONT)
+    pump(client, lambda: len(answers.records) == 40, "the stalled answers")
+    assert [c for c, _ in answers.records] == list(range(40))
+    assert not client._backlog
+
+
+def test_the_child_writes_out_and_exits_when_the_parent_vanishes(
+    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    client, _ = start()
+    client.configure(
+        values(fp_keys_file=str(keyfile), fp_jsonl=str(out)), OPTIONS, wait=True, timeout=60
+    )
+    for n in range(10):
+        client.submit(info(fp_body()[0], n), context=n)
+    client._closing = True  # what a killed parent leaves: its ends of the pipes closed
+    client._detach()
+    assert client.proc is not None
+    assert client.proc.wait(30) == 0
+    assert len(out.read_text().splitlines()) == 10
+
+
+messages = st.lists(
+    st.tuples(
+        st.sampled_from(["record", "stats", "log"]),
+        st.integers(0, 2**40),
+        st.one_of(st.none(), st.binary(max_size=3000), st.dictionaries(st.text(), st.integers())),
+    ),
+    max_size=20,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(messages, st.lists(st.integers(1, 5000), min_size=1, max_size=8))
+def test_frames_come_out_whole_however_the_bytes_arrive(
+    sent: list[tuple[Any, ...]], cuts: list[int]
+) -> None:
+    data = b"".join(encode(m) for m in sent)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    reader, got, at = FrameReader(read_end), [], 0
+    try:
+        for size in cuts * (len(data) // sum(cuts) + 1):
+            chunk = data[at : at + size]
+            at += len(chunk)
+            if chunk:
+                os.write(write_end, chunk)
+            got += reader.read_available() or []
+            if at >= len(data):
+                break
+        os.close(write_end)
+        write_end = -1
+        assert reader.read_available() is None, "end of file"
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    assert got == sent
