@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 _FRAME = struct.Struct(">I")
 _CHUNK = 1 << 18
 STATS_EVERY = 0.1
+#: How much lower the worker's CPU priority is than mitmproxy's (see ``main``).
+NICENESS = 10
 #: Where ``fp_core`` lives: the child imports it from there, installed or not.
 ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -474,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     """The child: ``python -m fp_core.worker FD`` (FD: where its answers go)."""
     args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent says when to stop
+    with contextlib.suppress(OSError):
+        # Background work: when the CPUs are short, proxying goes first. Measured in
+        # scripts/bench on two cores, where the worker otherwise takes CPU time from
+        # mitmproxy and from the upstream on the request's path.
+        os.nice(NICENESS)
     out = _Out(int(args[0]))
     root = logging.getLogger()
     root.addHandler(_ForwardLogs(out))

@@ -67,7 +67,7 @@ class Plan:
     memory_warmup: int
 
 
-FULL = Plan(15, 0.1, 9, 3, 8, 2, (20_000, 50_000, 100_000), 2_000)
+FULL = Plan(15, 0.1, 9, 5, 8, 2, (20_000, 50_000, 100_000), 2_000)
 QUICK = Plan(3, 0.03, 3, 1, 3, 1, (2_000, 5_000, 10_000), 500)
 
 
@@ -227,7 +227,8 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
                 "scenario",
                 "req/s @8",
                 "vs no addon",
-                "CPU ms/req",
+                "mitmdump CPU ms/req",
+                "worker CPU ms/req",
                 "p50 ms @1",
                 "p50 +ms",
                 "p99 ms @1",
@@ -241,6 +242,7 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
                     r.rate.show(),
                     r.vs_baseline.show(3),
                     r.cpu_ms.show(2),
+                    r.worker_cpu_ms.show(2),
                     r.p50_ms.show(2),
                     r.p50_delta_ms.show(2),
                     r.p99_ms.show(2),
@@ -282,11 +284,12 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
 
 
 def _report_memory(mem: bench_proxy.MemoryResults) -> list[Target]:
-    rows = [(f"{mem.warmup:,} (baseline)", f"{mem.baseline_mb:.1f}", "-")]
+    rows = [(f"{mem.warmup:,} (baseline)", f"{mem.baseline_mb:.1f}", "-", "-")]
     rows += [
-        (f"{n:,}", f"{rss:.1f}", f"{rss - mem.baseline_mb:+.1f}") for n, rss in mem.checkpoints
+        (f"{n:,}", f"{rss:.1f}", f"{rss - mem.baseline_mb:+.1f}", f"{worker:.1f}")
+        for (n, rss), worker in zip(mem.checkpoints, mem.worker_mb, strict=True)
     ]
-    print(table(["open responses", "RSS MiB", "vs baseline"], rows))
+    print(table(["open responses", "RSS MiB (mitmdump + worker)", "vs baseline", "worker"], rows))
     print(
         f"replay memory at {max(n for n, _ in mem.checkpoints):,} ids (bounded at 100,000): "
         f"{mem.replay_cache_mb:.1f} MiB; errors {mem.errors}, dropped {mem.dropped}"

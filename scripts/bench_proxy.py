@@ -305,6 +305,11 @@ BASELINE = "no addon"
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(BASELINE, addon=False),
     Scenario("addon, no sinks"),
+    Scenario(
+        "addon, no sinks, in-process (fp_worker=false)",
+        options={"fp_worker": "false"},
+        requires=("fp_worker",),
+    ),
     Scenario("addon + JSONL", options={"fp_jsonl": "{out}/events.jsonl"}),
     Scenario(
         "addon + JSONL, trusted not logged",
@@ -335,6 +340,8 @@ class ScenarioRuns:
     latency: list[LoadResult] = field(default_factory=list)
     #: mitmdump's CPU time (all threads, user + system) per request at 8 connections.
     cpu_ms: list[float] = field(default_factory=list)
+    #: The same for its worker process (fp_worker), 0 without one.
+    worker_cpu_ms: list[float] = field(default_factory=list)
     addon_summaries: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -346,6 +353,7 @@ class ProxyRow:
     rate: Spread
     vs_baseline: Spread
     cpu_ms: Spread
+    worker_cpu_ms: Spread
     p50_ms: Spread
     p99_ms: Spread
     p50_delta_ms: Spread
@@ -440,13 +448,16 @@ def _run_scenario(
     try:
         url = f"http://127.0.0.1:{proxy.port}/"
         bench.loadgen.run(url, 8, warmup_s)  # imports, caches, the first connections
-        cpu = cpu_seconds(proxy.proc.pid)
+        cpu, worker = cpu_seconds(proxy.proc.pid), children_cpu_seconds(proxy.proc.pid)
         result = bench.loadgen.run(url, 8, seconds)
         # The writer thread may still be busy with the last records: count its CPU too.
         time.sleep(0.5)
         cpu = cpu_seconds(proxy.proc.pid) - cpu
+        worker = children_cpu_seconds(proxy.proc.pid) - worker
         runs.throughput.append(result)
-        runs.cpu_ms.append(cpu * 1000 / result.requests if result.requests else 0.0)
+        per_request = 1000 / result.requests if result.requests else 0.0
+        runs.cpu_ms.append(cpu * per_request)
+        runs.worker_cpu_ms.append(worker * per_request)
         runs.latency.append(bench.loadgen.run(url, 1, seconds))
     finally:
         proxy.stop()
@@ -468,6 +479,7 @@ def _row(runs: ScenarioRuns, base: ScenarioRuns) -> ProxyRow:
         rate=Spread.of(rates),
         vs_baseline=paired_ratios(rates, [r.rate for r in base.throughput]),
         cpu_ms=Spread.of(runs.cpu_ms),
+        worker_cpu_ms=Spread.of(runs.worker_cpu_ms),
         p50_ms=Spread.of(p50),
         p99_ms=Spread.of([r.p99_ms for r in runs.latency]),
         p50_delta_ms=Spread.of(
@@ -486,6 +498,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (mitmdump's: the addon's worker)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text(encoding="ascii")
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """CPU time the live children of ``pid`` have used so far."""
+    return sum(cpu_seconds(child) for child in children(pid))
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of ``pid`` and its children together (mitmdump and its worker)."""
+    return rss_mb(pid) + sum(rss_mb(child) for child in children(pid))
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of a process, in MiB, from ``/proc/<pid>/status``."""
     status = Path(f"/proc/{pid}/status").read_text(encoding="ascii")
@@ -500,15 +531,18 @@ class MemoryResults:
     scenario: str
     baseline_mb: float
     warmup: int
-    #: (open responses so far, RSS in MiB)
+    #: (open responses so far, RSS in MiB of mitmdump and its worker together)
     checkpoints: list[tuple[int, float]]
+    #: The worker's share at each checkpoint (MiB).
+    worker_mb: list[float]
     errors: int
     dropped: int
     replay_cache_mb: float
 
 
 def memory(bench: Bench, checkpoints: Sequence[int], warmup: int) -> MemoryResults:
-    """Section 4: RSS of one mitmdump (addon + JSONL) as open responses pile up."""
+    """Section 4: RSS of one mitmdump (addon + JSONL), its worker process included, as
+    open responses pile up."""
     scenario = next(s for s in SCENARIOS if s.name == "addon + JSONL")
     proxy = bench.start_proxy(scenario, None)
     points: list[tuple[int, float]] = []
@@ -517,14 +551,16 @@ def memory(bench: Bench, checkpoints: Sequence[int], warmup: int) -> MemoryResul
         url = f"http://127.0.0.1:{proxy.port}/"
         errors += bench.loadgen.run(url, 8, 600, limit=warmup).errors
         time.sleep(1)  # let the writer drain before the baseline
-        baseline = rss_mb(proxy.proc.pid)
+        baseline = tree_rss_mb(proxy.proc.pid)
         sent = warmup
+        worker: list[float] = []
         for target in checkpoints:
             result = bench.loadgen.run(url, 8, 1200, limit=target - sent)
             sent += result.requests
             errors += result.errors
             time.sleep(1)
-            points.append((sent, rss_mb(proxy.proc.pid)))
+            points.append((sent, tree_rss_mb(proxy.proc.pid)))
+            worker.append(points[-1][1] - rss_mb(proxy.proc.pid))
             print(f"  {sent:,} open responses: RSS {points[-1][1]:.1f} MiB", flush=True)
     finally:
         proxy.stop()
@@ -535,6 +571,7 @@ def memory(bench: Bench, checkpoints: Sequence[int], warmup: int) -> MemoryResul
         baseline_mb=baseline,
         warmup=warmup,
         checkpoints=points,
+        worker_mb=worker,
         errors=errors,
         dropped=int(summary.get("dropped", 0)),
         replay_cache_mb=replay_cache_mb(max(checkpoints)),

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 import urllib.request
 
 import pytest
@@ -56,3 +60,21 @@ def test_slow_receiver_answers_2xx_and_counts() -> None:
         assert receiver.received == [1]
     finally:
         receiver.close()
+
+
+def test_a_childs_cpu_and_memory_count_for_its_parent() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; x = bytearray(64 << 20); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        me = os.getpid()
+        deadline = time.monotonic() + 30
+        while bench_proxy.tree_rss_mb(me) - bench_proxy.rss_mb(me) < 60:
+            assert time.monotonic() < deadline, "the child's 64 MiB never showed"
+            time.sleep(0.01)
+        assert child.pid in bench_proxy.children(me)
+        assert bench_proxy.children_cpu_seconds(me) > 0
+    finally:
+        child.communicate(b"")
+    assert child.pid not in bench_proxy.children(me)
