@@ -36,6 +36,7 @@ from scripts.harness import (
     MitmdumpConfig,
     Service,
     addon_summary,
+    children,
     start_endpoint,
     start_mitmdump,
 )
@@ -496,15 +497,6 @@ def cpu_seconds(pid: int) -> float:
     # /proc/<pid>/stat: fields 14 and 15 (utime, stime) after the ")" ending the name.
     fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    """The live child processes of ``pid`` (mitmdump's: the addon's worker)."""
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text(encoding="ascii")
-    except OSError:
-        return []
-    return [int(child) for child in text.split()]
 
 
 def children_cpu_seconds(pid: int) -> float:

@@ -60,6 +60,15 @@ def addon_summary(output: str) -> dict[str, Any]:
     return json.loads(match.group(1)) if match else {}
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (mitmdump's: the addon's worker)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text(encoding="ascii")
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
 def venv_bin(name: str) -> Path:
     """A console script installed beside the running interpreter (e.g. mitmdump)."""
     return Path(sys.executable).parent / name

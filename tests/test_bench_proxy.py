@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from scripts import bench_proxy
+from scripts import bench_proxy, harness
 from scripts.bench_proxy import SCENARIOS, parse_wrk
 
 WRK_OUTPUT = """\
@@ -73,8 +73,8 @@ def test_a_childs_cpu_and_memory_count_for_its_parent() -> None:
         while bench_proxy.tree_rss_mb(me) - bench_proxy.rss_mb(me) < 60:
             assert time.monotonic() < deadline, "the child's 64 MiB never showed"
             time.sleep(0.01)
-        assert child.pid in bench_proxy.children(me)
+        assert child.pid in harness.children(me)
         assert bench_proxy.children_cpu_seconds(me) > 0
     finally:
         child.communicate(b"")
-    assert child.pid not in bench_proxy.children(me)
+    assert child.pid not in harness.children(me)

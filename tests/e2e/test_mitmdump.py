@@ -18,6 +18,7 @@ from scripts.harness import (
     MitmdumpConfig,
     Service,
     addon_summary,
+    children,
     make_tls_files,
     mitmproxy_ca,
     start_endpoint,
@@ -102,7 +103,10 @@ def summary_of(log: str) -> dict[str, Any]:
     return summary
 
 
-def test_reverse_proxy_end_to_end(tmp_path: Path, keys: Keys, endpoint: Service) -> None:
+@pytest.mark.parametrize("worker", [True, False], ids=["worker", "in-process"])
+def test_reverse_proxy_end_to_end(
+    tmp_path: Path, keys: Keys, endpoint: Service, worker: bool
+) -> None:
     jsonl, flows = tmp_path / "events.jsonl", tmp_path / "flows.mitm"
     proxy = start_mitmdump(
         tmp_path,
@@ -111,15 +115,20 @@ def test_reverse_proxy_end_to_end(tmp_path: Path, keys: Keys, endpoint: Service)
             options={
                 "fp_keys_file": str(keys.file),
                 "fp_jsonl": str(jsonl),
+                "fp_worker": worker,
                 "termlog_verbosity": "debug",
             },
             save_flows=flows,
         ),
     )
     try:
+        workers = children(proxy.proc.pid)
+        assert len(workers) == (1 if worker else 0)
         expected = run_batch(f"http://127.0.0.1:{proxy.port}", f"http://127.0.0.1:{endpoint.port}")
     finally:
         assert proxy.stop(signal.SIGTERM) == 0
+    for pid in workers:  # the worker wrote out and ended with mitmdump
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
     check_records(read_jsonl(jsonl), expected)
     assert jsonl.stat().st_mode & 0o777 == 0o600
 
