@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import sys
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
@@ -35,6 +34,7 @@ from fp_core.pipeline import (
     DELIVERY_OPTIONS,
     OUTPUT_OPTIONS,
     TAP_OPTIONS,
+    Background,
     Pipeline,
     non_negative,
     positive,
@@ -44,7 +44,7 @@ from fp_core.pipeline import OPTIONS as PIPELINE_OPTIONS
 from fp_core.redact import PRESETS, REDACTED
 from fp_core.scrub import Scrubber
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
-from fp_core.stats import GAUGES, Stats, merge_counts, without_gauges
+from fp_core.stats import Stats, merge_counts, without_gauges
 from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
 from fp_core.webhook import SECRET_ENV_VAR, load_secret
 from fp_core.worker import Records, WorkerClient
@@ -260,7 +260,7 @@ class FingerprintTap:
         self.view = FingerprintView(self)
         self.scrubber = Scrubber()
         self._log_filter = _ScrubFilter(self.scrubber)
-        self._background: list[threading.Thread] = []
+        self._background = Background()
         self._has_view = False
         self._running = False
         #: fp_worker is on but the process is not started yet (see _start_pipeline).
@@ -368,6 +368,9 @@ class FingerprintTap:
             else:
                 self._worker_wanted = True
             return
+        self._run_in_process(opts)
+
+    def _run_in_process(self, opts: Any) -> None:
         pipeline = Pipeline(self.stats)
         pipeline.configure(opts, PIPELINE_OPTIONS, self.keys)
         self.pipeline = pipeline
@@ -384,9 +387,7 @@ class FingerprintTap:
             worker.start()
         except ConfigError as exc:
             log.warning("fp-tap: %s; unsealing in mitmproxy's process", exc.message)
-            pipeline = Pipeline(self.stats)
-            pipeline.configure(opts, PIPELINE_OPTIONS, self.keys)
-            self.pipeline = pipeline
+            self._run_in_process(opts)
             return
         try:
             worker.configure(
@@ -441,8 +442,7 @@ class FingerprintTap:
             pipeline.close(self.drain_timeout)
         self._final = self.snapshot()  # what fp.stats says from now on
         self.worker = self.pipeline = None
-        for thread in self._background:
-            thread.join(timeout=10)
+        self._background.join()
         log.info("fp-tap summary: %s", json.dumps(self._final, sort_keys=True))
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
@@ -465,7 +465,7 @@ class FingerprintTap:
                 handle.write("".join(dumps(r) + "\n" for r in records))
             log.info("fp.export: wrote %d record(s) to %s", len(records), path)
 
-        self._in_background(write)
+        self._background.run(write)
 
     @command.command("fp.resend")
     def resend_command(self) -> None:
@@ -487,7 +487,7 @@ class FingerprintTap:
             else:
                 log.info("fp.resend: %d parked webhook event(s) queued again", count)
 
-        self._in_background(resend)
+        self._background.run(resend)
 
     # -- the work --------------------------------------------------------------------
 
@@ -495,12 +495,9 @@ class FingerprintTap:
         if self.worker is not None:
             # This process counts what it sees before the worker does (responses,
             # skipped, responses it could not hand over); the worker the rest.
+            # (This process keeps no gauges: the worker's come through as they are.)
             live = merge_counts(self.stats.snapshot(), self.worker.stats)
-            for gauge in GAUGES:
-                if gauge in self.worker.stats:
-                    live[gauge] = self.worker.stats[gauge]
-            live.setdefault("queued", 0)
-            live["queued"] += self.worker.in_flight
+            live["queued"] = live.get("queued", 0) + self.worker.in_flight
         elif self.pipeline is not None:
             live = self.pipeline.snapshot()
         elif self._final is not None:
@@ -557,12 +554,10 @@ class FingerprintTap:
         self._release(lost)
         self._carry(worker.stats)
         self.worker = None
-        pipeline = Pipeline(self.stats)
         try:
-            pipeline.configure(_options(), PIPELINE_OPTIONS, self.keys)
+            self._run_in_process(_options())
         except ConfigError as exc:
             log.error("fp-tap: cannot carry on in mitmproxy's process: %s", exc.message)
-        self.pipeline = pipeline
 
     def _release(self, contexts: Iterable[Any]) -> None:
         for _, held in contexts:
@@ -636,11 +631,6 @@ class FingerprintTap:
         if record is not None and not self.include_event:
             record.pop("event", None)  # the tap keeps it for the webhook only
         return record
-
-    def _in_background(self, fn: Any) -> None:
-        thread = threading.Thread(target=fn, name="fp-tap-background", daemon=True)
-        self._background = [t for t in self._background if t.is_alive()] + [thread]
-        thread.start()
 
 
 class _NotRecords(logging.Filter):
@@ -719,7 +709,7 @@ def _options() -> Any:
 
 def _values(opts: Any) -> dict[str, Any]:
     """What the worker process needs of the options: plain values, no secrets."""
-    return {name: getattr(opts, name) for name in (*PIPELINE_OPTIONS, "fp_drain_timeout")}
+    return {name: getattr(opts, name) for name in PIPELINE_OPTIONS}
 
 
 def _has_outputs(opts: Any) -> bool:

@@ -79,6 +79,22 @@ OPTIONS = WRITER_OPTIONS | DELIVERY_OPTIONS | TAP_OPTIONS
 OUTPUT_OPTIONS = ("fp_jsonl", "fp_sqlite", "fp_webhook_url")
 
 
+class Background:
+    """One-off jobs on threads of their own, kept off the event loop; joined at the end."""
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+
+    def run(self, fn: Callable[[], None]) -> None:
+        thread = threading.Thread(target=fn, name="fp-tap-background", daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def join(self, timeout: float = 10) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+
 class Pipeline:
     """Tap, writer and delivery; :meth:`inspect` is the per-response entry point."""
 
@@ -87,7 +103,7 @@ class Pipeline:
         self.tap = Tap(TapConfig(), self.stats)
         self.writer: RecordWriter | None = None
         self.delivery: Delivery | None = None
-        self._background: list[threading.Thread] = []
+        self.background = Background()
         self._closed = False
 
     def configure(
@@ -138,14 +154,7 @@ class Pipeline:
         if self.delivery is not None:
             # Kept (closed): its spool's last gauges stay in snapshot().
             self.delivery.close(drain=drain)
-        for thread in self._background:
-            thread.join(timeout=10)
-
-    def in_background(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on a thread of its own (joined by :meth:`close`)."""
-        thread = threading.Thread(target=fn, name="fp-tap-background", daemon=True)
-        self._background = [t for t in self._background if t.is_alive()] + [thread]
-        thread.start()
+        self.background.join()
 
     def _configure_outputs(self, opts: Any, updated: AbstractSet[str]) -> None:
         """Open what the options ask for first; only then swap it in and retire the old
@@ -170,7 +179,7 @@ class Pipeline:
                 raise
         self.writer, self.delivery = writer, delivery
         if old_writer is not None or retired is not None:
-            self.in_background(_retire(old_writer, retired))
+            self.background.run(_retire(old_writer, retired))
 
     def _new_writer(self, opts: Any, delivery: Delivery | None) -> RecordWriter | None:
         # The spool comes first: a record found in the JSONL file or the store is

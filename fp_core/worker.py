@@ -427,11 +427,8 @@ class _ForwardLogs(logging.Handler):
 
 
 class _Child:
-    def __init__(self, out: _Out) -> None:
-        self.out = out
+    def __init__(self) -> None:
         self.pipeline = Pipeline()
-        self.drain = 5.0
-        self.values: dict[str, Any] = {}
 
     def handle(self, frame: tuple[Any, ...], answers: list[tuple[Any, ...]]) -> bool:
         """Act on one frame; False once told to close."""
@@ -468,7 +465,6 @@ class _Child:
             self.pipeline.configure(opts, updated, keys)
         except FpError as exc:
             return False, exc.message
-        self.drain = float(values.get("fp_drain_timeout", self.drain))
         return True, None
 
 
@@ -485,16 +481,20 @@ def main(argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     root.addHandler(_ForwardLogs(out))
     root.setLevel(logging.INFO)
-    child, reader = _Child(out), FrameReader(sys.stdin.fileno())
-    running, stats_due = True, None
+    child, reader = _Child(), FrameReader(sys.stdin.fileno())
+    running, reported, next_report = True, None, 0.0
     while running:
-        if stats_due is not None:
-            # Counters go out at most every STATS_EVERY seconds, and once things are
-            # quiet: one snapshot per answer would cost the parent more than the answer.
-            left = stats_due - time.monotonic()
-            if left <= 0 or not select.select([reader.fd], [], [], left)[0]:
-                out.send(("stats", child.pipeline.snapshot()))
-                stats_due = None
+        # Counters go out every STATS_EVERY seconds when they changed (the delivery's
+        # change with no response coming in): one snapshot per answer would cost the
+        # parent more than the answer.
+        if (now := time.monotonic()) >= next_report:
+            snapshot = child.pipeline.snapshot()
+            if snapshot != reported:
+                out.send(("stats", snapshot))
+                reported = snapshot
+            next_report = now + STATS_EVERY
+        if not select.select([reader.fd], [], [], max(0.0, next_report - time.monotonic()))[0]:
+            continue
         frames = reader.read()
         if frames is None:
             # The parent is gone (killed?): write out what is queued and let go of the
@@ -507,8 +507,6 @@ def main(argv: list[str] | None = None) -> int:
                 break
         if answers:
             out.send(*answers)
-            if stats_due is None:
-                stats_due = time.monotonic() + STATS_EVERY
     return 0
 
 

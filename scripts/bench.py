@@ -67,8 +67,8 @@ class Plan:
     memory_warmup: int
 
 
-FULL = Plan(15, 0.1, 9, 5, 8, 2, (20_000, 50_000, 100_000), 2_000)
-QUICK = Plan(3, 0.03, 3, 1, 3, 1, (2_000, 5_000, 10_000), 500)
+FULL = Plan(15, 0.1, 9, 8, 3, 2, (20_000, 50_000, 100_000), 2_000)
+QUICK = Plan(3, 0.03, 3, 1, 2, 1, (2_000, 5_000, 10_000), 500)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,8 +218,9 @@ def _report_growth(
 
 def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
     print(
-        f"({plan.proxy_rounds} rounds; each: {plan.proxy_seconds} s at 8 connections, "
-        f"then {plan.proxy_seconds} s at 1)"
+        f"({plan.proxy_rounds} rounds; in each, every scenario next to no addon: "
+        f"{plan.proxy_seconds} s each at 8 connections, then {plan.proxy_seconds} s each at 1; "
+        "ratios and p50 differences are of those pairs)"
     )
     print(
         table(

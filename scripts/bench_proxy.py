@@ -343,6 +343,8 @@ class ScenarioRuns:
     cpu_ms: list[float] = field(default_factory=list)
     #: The same for its worker process (fp_worker), 0 without one.
     worker_cpu_ms: list[float] = field(default_factory=list)
+    #: The baseline's (throughput, latency) measured next to each of this scenario's.
+    paired_base: list[tuple[LoadResult, LoadResult]] = field(default_factory=list)
     addon_summaries: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -425,67 +427,89 @@ def _clear(folder: Path) -> None:
 
 
 def proxy_overhead(bench: Bench, rounds: int, seconds: int, warmup_s: int) -> ProxyResults:
-    """Section 3: each available scenario per round, in a rotating order."""
+    """Section 3: every available scenario against no addon, in adjacent pairs.
+
+    The machine's speed drifts by tens of percent within minutes (a shared VM), so each
+    scenario's slice is paired with a slice of the baseline run right before or right
+    after it (the order alternating), and every proxy runs for the whole section: a
+    ratio compares two measurements a few seconds apart, not two rounds minutes apart.
+    """
     active = [s for s in SCENARIOS if s.available()]
     skipped = [s.name for s in SCENARIOS if not s.available()]
     runs = {s.name: ScenarioRuns(s.name) for s in active}
+    receivers = {s.name: SlowReceiver(s.receiver_delay_ms) for s in active if s.receiver_delay_ms}
+    proxies: dict[str, Service] = {}
     direct: list[float] = []
-    for round_no in range(rounds):
-        shift = round_no % len(active)
-        for scenario in active[shift:] + active[:shift]:
-            _run_scenario(bench, scenario, runs[scenario.name], seconds, warmup_s)
-        direct.append(bench.loadgen.run(bench.upstream + "/", 8, seconds).rate)
-        print(f"  round {round_no + 1}/{rounds} done", flush=True)
-    base = runs[BASELINE]
-    rows = [_row(runs[s.name], base) for s in active]
+    try:
+        for scenario in active:
+            proxy = bench.start_proxy(scenario, receivers.get(scenario.name))
+            proxies[scenario.name] = proxy
+            bench.loadgen.run(_url(proxy), 8, warmup_s)  # imports, caches, first connections
+        base = proxies[BASELINE]
+        others = [s for s in active if s.name != BASELINE]
+        for round_no in range(rounds):
+            for scenario in others[round_no % len(others) :] + others[: round_no % len(others)]:
+                pair = [(base, runs[BASELINE]), (proxies[scenario.name], runs[scenario.name])]
+                if round_no % 2:
+                    pair.reverse()
+                for proxy, into in pair:
+                    _throughput_slice(bench, proxy, into, seconds)
+                for proxy, into in pair:
+                    into.latency.append(bench.loadgen.run(_url(proxy), 1, seconds))
+                runs[scenario.name].paired_base.append(
+                    (runs[BASELINE].throughput[-1], runs[BASELINE].latency[-1])
+                )
+            direct.append(bench.loadgen.run(bench.upstream + "/", 8, seconds).rate)
+            print(f"  round {round_no + 1}/{rounds} done", flush=True)
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()
+        for receiver in receivers.values():
+            receiver.close()
+    for scenario in active:
+        if scenario.name in proxies:
+            runs[scenario.name].addon_summaries.append(
+                addon_summary(proxies[scenario.name].output())
+            )
+            _clear(proxies[scenario.name].log.parent)
+    rows = [_row(runs[s.name]) for s in active]
     return ProxyResults(bench.loadgen.name, rows, skipped, Spread.of(direct) if direct else None)
 
 
-def _run_scenario(
-    bench: Bench, scenario: Scenario, runs: ScenarioRuns, seconds: int, warmup_s: int
-) -> None:
-    receiver = SlowReceiver(scenario.receiver_delay_ms) if scenario.receiver_delay_ms else None
-    proxy = bench.start_proxy(scenario, receiver)
-    try:
-        url = f"http://127.0.0.1:{proxy.port}/"
-        bench.loadgen.run(url, 8, warmup_s)  # imports, caches, the first connections
-        cpu, worker = cpu_seconds(proxy.proc.pid), children_cpu_seconds(proxy.proc.pid)
-        result = bench.loadgen.run(url, 8, seconds)
-        # The writer thread may still be busy with the last records: count its CPU too.
-        time.sleep(0.5)
-        cpu = cpu_seconds(proxy.proc.pid) - cpu
-        worker = children_cpu_seconds(proxy.proc.pid) - worker
-        runs.throughput.append(result)
-        per_request = 1000 / result.requests if result.requests else 0.0
-        runs.cpu_ms.append(cpu * per_request)
-        runs.worker_cpu_ms.append(worker * per_request)
-        runs.latency.append(bench.loadgen.run(url, 1, seconds))
-    finally:
-        proxy.stop()
-        if receiver is not None:
-            receiver.close()
-    runs.addon_summaries.append(addon_summary(proxy.output()))
-    _clear(proxy.log.parent)
+def _url(proxy: Service) -> str:
+    return f"http://127.0.0.1:{proxy.port}/"
 
 
-def _row(runs: ScenarioRuns, base: ScenarioRuns) -> ProxyRow:
+def _throughput_slice(bench: Bench, proxy: Service, runs: ScenarioRuns, seconds: int) -> None:
+    pid = proxy.proc.pid
+    cpu, worker = cpu_seconds(pid), children_cpu_seconds(pid)
+    result = bench.loadgen.run(_url(proxy), 8, seconds)
+    # The writer may still be busy with the last records: count its CPU too.
+    time.sleep(0.3)
+    per_request = 1000 / result.requests if result.requests else 0.0
+    runs.throughput.append(result)
+    runs.cpu_ms.append((cpu_seconds(pid) - cpu) * per_request)
+    runs.worker_cpu_ms.append((children_cpu_seconds(pid) - worker) * per_request)
+
+
+def _row(runs: ScenarioRuns) -> ProxyRow:
     rates = [r.rate for r in runs.throughput]
     p50 = [r.p50_ms for r in runs.latency]
     written: dict[str, int] = {}
     for summary in runs.addon_summaries:
         for sink, count in summary.get("written", {}).items():
             written[sink] = written.get(sink, 0) + count
+    base_rates = [b.rate for b, _ in runs.paired_base] or rates
+    base_p50 = [b.p50_ms for _, b in runs.paired_base] or p50
     return ProxyRow(
         name=runs.name,
         rate=Spread.of(rates),
-        vs_baseline=paired_ratios(rates, [r.rate for r in base.throughput]),
+        vs_baseline=paired_ratios(rates, base_rates),
         cpu_ms=Spread.of(runs.cpu_ms),
         worker_cpu_ms=Spread.of(runs.worker_cpu_ms),
         p50_ms=Spread.of(p50),
         p99_ms=Spread.of([r.p99_ms for r in runs.latency]),
-        p50_delta_ms=Spread.of(
-            [a - b for a, b in zip(p50, [r.p50_ms for r in base.latency], strict=True)]
-        ),
+        p50_delta_ms=Spread.of([a - b for a, b in zip(p50, base_p50, strict=True)]),
         errors=sum(r.errors for r in runs.throughput + runs.latency),
         dropped=sum(int(s.get("dropped", 0)) for s in runs.addon_summaries),
         written=written,

@@ -213,3 +213,34 @@ def test_record_lines_skip_the_deprecated_add_log_event(
         assert not any("visitor=" in e for e in probe.entries)
 
     on_loop(test)
+
+
+def test_resend_reaches_the_worker(
+    keyfile: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def test() -> None:
+        tap = fp_addon.FingerprintTap()
+        with taddons.context(tap) as tctx:
+            tctx.configure(
+                tap,
+                fp_keys_file=str(keyfile),
+                fp_webhook_url="http://127.0.0.1:9/nobody-listens",
+                fp_state_dir=str(tmp_path / "state"),
+                fp_webhook_retry_ms=10,
+                fp_webhook_retry_max=1,
+                fp_webhook_give_up=1,
+            )
+            worker = tap.worker
+            assert worker is not None
+            tap.response(make_flow(fp_body()[0]))
+            await until(lambda: worker.stats.get("webhook_parked") == 1, "a parked event", 60)
+            tap.resend_command()
+            await until(lambda: "1 parked webhook event(s) queued again" in caplog.text, "it")
+            await until(
+                lambda: json.loads(tap.stats_command())["webhook"].get("resent") == 1, "count"
+            )
+            tap.done()
+
+    on_loop(test)

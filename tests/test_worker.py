@@ -32,7 +32,7 @@ DEFAULTS = {name: default for name, _, default, _ in fp_addon.OPTIONS}
 
 def values(**overrides: Any) -> dict[str, Any]:
     """Option values as the addon sends them (its defaults, then ``overrides``)."""
-    return {name: DEFAULTS[name] for name in (*OPTIONS, "fp_drain_timeout")} | overrides
+    return {name: DEFAULTS[name] for name in OPTIONS} | overrides
 
 
 def info(body: bytes, n: int = 0) -> ResponseInfo:

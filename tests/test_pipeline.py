@@ -1,0 +1,101 @@
+"""fp_core.pipeline: the tap and its sinks, configured from plain option values."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import fp_addon
+from fp_core.errors import ConfigError
+from fp_core.pipeline import OPTIONS, Background, Pipeline, tap_config
+from fp_core.tap import ResponseInfo
+from tests.test_addon import KEY, fp_body
+
+DEFAULTS = {name: default for name, _, default, _ in fp_addon.OPTIONS}
+
+
+def opts(**overrides: Any) -> SimpleNamespace:
+    return SimpleNamespace(**({name: DEFAULTS[name] for name in OPTIONS} | overrides))
+
+
+def info(body: bytes, n: int = 0) -> ResponseInfo:
+    return ResponseInfo(f"flow-{n}", time.time(), "fp.shop.example", "/agent", "POST", 200, body)
+
+
+def test_records_go_to_the_sinks_it_was_configured_with(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    pipeline = Pipeline()
+    pipeline.configure(opts(fp_jsonl=str(out)), OPTIONS, [KEY])
+    record = pipeline.inspect(info(fp_body()[0]))
+    assert record is not None
+    assert record["verdict"] == "trusted"
+    assert pipeline.inspect(info(b"<html></html>")) is None
+    pipeline.close(0)
+    pipeline.close(0)  # a second close is harmless
+    (written,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written["request_id"] == record["request_id"]
+    assert pipeline.snapshot()["written"] == {"jsonl": 1}
+
+
+def test_a_bad_value_leaves_the_running_sinks_alone(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    pipeline = Pipeline()
+    pipeline.configure(opts(fp_jsonl=str(out)), OPTIONS, [KEY])
+    writer = pipeline.writer
+    with pytest.raises(ConfigError, match="fp_jsonl: cannot open"):
+        pipeline.configure(opts(fp_jsonl=str(tmp_path / "no" / "x.jsonl")), {"fp_jsonl"}, [KEY])
+    assert pipeline.writer is writer
+    pipeline.inspect(info(fp_body()[0]))
+    pipeline.close(0)
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_the_replay_memory_survives_unrelated_changes() -> None:
+    pipeline = Pipeline()
+    pipeline.configure(opts(), OPTIONS, [KEY])
+    body = fp_body()[0]
+    pipeline.inspect(info(body))
+    pipeline.configure(opts(fp_max_age=30), {"fp_max_age"}, [KEY])
+    again = pipeline.inspect(info(body))
+    assert again is not None
+    assert again["checks"]["duplicate"] is True
+    pipeline.configure(opts(fp_replay_ttl=60), {"fp_replay_ttl"}, [KEY])
+    fresh = pipeline.inspect(info(body))
+    assert fresh is not None
+    assert fresh["checks"]["duplicate"] is False, "a new ttl is a new memory"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"fp_origins": ["not an origin"]}, "fp_origins"),
+        ({"fp_redact": ["no.such..path"]}, "fp_redact"),
+        ({"fp_max_age": 0}, "fp_max_age must be a positive number"),
+    ],
+)
+def test_tap_settings_are_checked(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tap_config(opts(**overrides), [KEY])
+
+
+def test_resend_without_a_webhook_says_so() -> None:
+    with pytest.raises(ConfigError, match="no webhook configured"):
+        Pipeline().resend()
+
+
+def test_background_jobs_are_joined() -> None:
+    background, done = Background(), threading.Event()
+
+    def job() -> None:
+        time.sleep(0.2)
+        done.set()
+
+    background.run(job)
+    background.join()
+    assert done.is_set()
