@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from fp_core.keys import DecryptionKey
+from fp_core.keys import ENV_VAR, DecryptionKey
 
 
 @pytest.fixture
@@ -13,3 +15,17 @@ def key() -> DecryptionKey:
 @pytest.fixture
 def other_key() -> DecryptionKey:
     return DecryptionKey.generate()
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A key file (mode 0600) with ``tests.test_addon.KEY``, and no key in the environment.
+
+    (test_addon.py and test_addon_delivery.py have their own.)"""
+    from tests.test_addon import KEY
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    path = tmp_path / "keys.txt"
+    path.write_text(KEY.to_base64() + "\n")
+    path.chmod(0o600)
+    return path

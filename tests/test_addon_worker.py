@@ -23,17 +23,7 @@ from mitmproxy.log import LogEntry
 from mitmproxy.test import taddons
 
 import fp_addon
-from fp_core.keys import ENV_VAR
-from tests.test_addon import KEY, fp_body, hostile_bodies, make_flow, state
-
-
-@pytest.fixture
-def keyfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    path = tmp_path / "keys.txt"
-    path.write_text(KEY.to_base64() + "\n")
-    path.chmod(0o600)
-    return path
+from tests.test_addon import fp_body, hostile_bodies, make_flow, state
 
 
 async def until(condition: Callable[[], object], what: str, timeout: float = 30) -> None:

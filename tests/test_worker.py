@@ -25,7 +25,7 @@ from fp_core.keys import ENV_VAR, DecryptionKey
 from fp_core.pipeline import OPTIONS
 from fp_core.tap import RECORD_FIELDS, ResponseInfo
 from fp_core.worker import FrameReader, WorkerClient, encode
-from tests.test_addon import KEY, fp_body, hostile_bodies
+from tests.test_addon import fp_body, hostile_bodies
 
 DEFAULTS = {name: default for name, _, default, _ in fp_addon.OPTIONS}
 
@@ -52,15 +52,6 @@ def pump(client: WorkerClient, done: Callable[[], bool], what: str, timeout: flo
     while not done():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         client.poll(0.05)
-
-
-@pytest.fixture
-def keyfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    path = tmp_path / "keys.txt"
-    path.write_text(KEY.to_base64() + "\n")
-    path.chmod(0o600)
-    return path
 
 
 @pytest.fixture
