@@ -90,7 +90,8 @@ class FrameReader:
             except BlockingIOError:
                 break
             if not chunk:
-                return None
+                # The last complete frames first; the end of file at the next call.
+                return self._split() or None
             self._buffer += chunk
             if len(chunk) < _CHUNK:
                 break

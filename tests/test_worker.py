@@ -264,3 +264,23 @@ def test_frames_come_out_whole_however_the_bytes_arrive(
         if write_end >= 0:
             os.close(write_end)
     assert got == sent
+
+
+def test_frames_read_together_with_the_end_of_file_are_not_lost(tmp_path: Path) -> None:
+    # A read that ends exactly at a chunk boundary, then the end of file: the frames in
+    # the buffer must come out before the end is reported.
+    target = 2 * (1 << 18)
+    n = target - len(encode(("record", 1, b"")))
+    while len(encode(("record", 1, b"x" * n))) > target:
+        n -= 1
+    frame = encode(("record", 1, b"x" * n))
+    assert len(frame) == target
+    path = tmp_path / "frames"
+    path.write_bytes(frame)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reader = FrameReader(fd)
+        assert reader.read_available() == [("record", 1, b"x" * n)]
+        assert reader.read_available() is None
+    finally:
+        os.close(fd)
