@@ -550,7 +550,7 @@ class FingerprintTap:
             len(lost),
         )
         self.stats.incr_group("errors", "worker_exit")
-        self._dropped(len(lost))
+        self.stats.incr("dropped", len(lost))
         self._release(lost)
         self._carry(worker.stats)
         self.worker = None
@@ -565,16 +565,15 @@ class FingerprintTap:
                 held.set_result(None)
 
     def _dropped(self, count: int) -> None:
-        if not count:
-            return
+        """Count responses the worker could not take (too far behind, or just died)."""
         self.stats.incr("dropped", count)
         now = time.monotonic()
         # One warning per 10 s at most: a flood of drops must not flood the log too.
         if now - self._drop_warned_at > 10:
             self._drop_warned_at = now
             log.warning(
-                "fp-tap: the worker process is %d responses behind; not inspecting more "
-                "until it catches up (%d so far)",
+                "fp-tap: the worker process takes no more responses (%d waiting for it); "
+                "these are not inspected (%d so far)",
                 self.worker.in_flight if self.worker else 0,
                 self.stats.get("dropped"),
             )

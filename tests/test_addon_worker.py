@@ -234,3 +234,29 @@ def test_resend_reaches_the_worker(
             tap.done()
 
     on_loop(test)
+
+
+def test_a_worker_too_far_behind_costs_inspections_not_the_proxy(
+    keyfile: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test() -> None:
+        tap = fp_addon.FingerprintTap()
+        with taddons.context(tap) as tctx:
+            tctx.configure(tap, fp_keys_file=str(keyfile), fp_queue_size=2)
+            tap.running()
+            worker = tap.worker
+            assert worker is not None
+            assert worker.proc is not None
+            os.kill(worker.proc.pid, signal.SIGSTOP)
+            try:
+                flows = [make_flow(fp_body()[0]) for _ in range(5)]
+                assert [tap.response(f) for f in flows] == [None] * 5
+            finally:
+                os.kill(worker.proc.pid, signal.SIGCONT)
+            await until(lambda: not worker.in_flight, "the two it took")
+            assert ["fp" in f.metadata for f in flows] == [True, True, False, False, False]
+            assert json.loads(tap.stats_command())["dropped"] == 3
+            assert caplog.text.count("the worker process takes no more responses") == 1
+            tap.done()
+
+    on_loop(test)
