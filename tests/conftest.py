@@ -19,9 +19,7 @@ def other_key() -> DecryptionKey:
 
 @pytest.fixture
 def keyfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A key file (mode 0600) with ``tests.test_addon.KEY``, and no key in the environment.
-
-    (test_addon.py and test_addon_delivery.py have their own.)"""
+    """A key file (mode 0600) with ``tests.test_addon.KEY``, and no key in the environment."""
     from tests.test_addon import KEY
 
     monkeypatch.delenv(ENV_VAR, raising=False)

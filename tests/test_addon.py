@@ -31,14 +31,6 @@ SECRET = "proxy-secret-value-9f8e7d"
 
 
 @pytest.fixture
-def keyfile(tmp_path: Path) -> Path:
-    path = tmp_path / "keys.txt"
-    path.write_text(KEY.to_base64() + "\n")
-    path.chmod(0o600)
-    return path
-
-
-@pytest.fixture
 def addon(
     keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[fp_addon.FingerprintTap, taddons.context]]:

@@ -27,7 +27,7 @@ from fp_core.store import read_records
 from fp_core.webhook import SECRET_ENV_VAR, outgoing, verdict_header
 from scripts.harness import REPO, make_tls_files
 from scripts.receiver import Receiver, ReceiverConfig, tls_context
-from tests.test_addon import KEY, fp_body, hostile_bodies, make_flow, run
+from tests.test_addon import fp_body, hostile_bodies, make_flow, run
 
 PATIENCE = 15.0
 
@@ -38,14 +38,6 @@ def wait_until(condition: Callable[[], object], what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
-
-
-@pytest.fixture
-def keyfile(tmp_path: Path) -> Path:
-    path = tmp_path / "keys.txt"
-    path.write_text(KEY.to_base64() + "\n")
-    path.chmod(0o600)
-    return path
 
 
 @pytest.fixture
