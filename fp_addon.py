@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -46,6 +45,7 @@ from fp_core.scrub import Scrubber
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats, merge_counts, without_gauges
 from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
+from fp_core.throttle import Throttle
 from fp_core.webhook import SECRET_ENV_VAR, load_secret
 from fp_core.worker import Records, WorkerClient
 from fp_core.writer import dumps, open_private
@@ -267,7 +267,7 @@ class FingerprintTap:
         self._worker_wanted = False
         #: Counters of worker processes that are gone (their last report).
         self._carried: dict[str, Any] = {}
-        self._drop_warned_at = float("-inf")
+        self._warnings = Throttle()
         self._final: dict[str, Any] | None = None
 
     @property
@@ -332,12 +332,16 @@ class FingerprintTap:
             self.include_event = opts.fp_include_event
         if updated & DELIVERY_OPTIONS:
             self._scrub_webhook_secret(opts)
-        positive(opts, "fp_queue_size")
+        queue_size = positive(opts, "fp_queue_size")
         if "fp_worker" in updated or (self.pipeline is None and self.worker is None):
             self._start_pipeline(opts)
         elif names := updated & PIPELINE_OPTIONS:
             if self.worker is not None:
-                self.worker.max_in_flight = positive(opts, "fp_queue_size")
+                self.worker.max_in_flight = queue_size
+                # Waits (blocking the event loop) for the worker to open the outputs, so
+                # that a bad path is refused as an option error; the worker answers in
+                # order, after the responses it still has, which is milliseconds unless
+                # it is far behind.
                 self.worker.configure(
                     _values(opts), names, wait=_has_outputs(opts), timeout=WORKER_TIMEOUT
                 )
@@ -567,10 +571,7 @@ class FingerprintTap:
     def _dropped(self, count: int) -> None:
         """Count responses the worker could not take (too far behind, or just died)."""
         self.stats.incr("dropped", count)
-        now = time.monotonic()
-        # One warning per 10 s at most: a flood of drops must not flood the log too.
-        if now - self._drop_warned_at > 10:
-            self._drop_warned_at = now
+        if self._warnings.ready():
             log.warning(
                 "fp-tap: the worker process takes no more responses (%d waiting for it); "
                 "these are not inspected (%d so far)",

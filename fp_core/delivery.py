@@ -22,13 +22,13 @@ from typing import Protocol
 
 from fp_core.spool import Outcomes, Spool, Spooled
 from fp_core.stats import Stats
+from fp_core.throttle import Throttle
 from fp_core.webhook import HttpPoster, PostResult, WebhookSecret, describe_url, request_headers
 
 log = logging.getLogger(__name__)
 
 #: The dispatcher looks at the spool at least this often even when nobody wakes it.
 IDLE_WAIT = 1.0
-WARN_EVERY = 10.0
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class Delivery:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._deadline = float("inf")
-        self._warned: dict[str, float] = {}
+        self._warnings = Throttle()
         self._thread = threading.Thread(target=self._run, name="fp-tap-delivery", daemon=True)
 
     def start(self) -> None:
@@ -282,11 +282,7 @@ class Delivery:
             )
 
     def _warn(self, topic: str, message: str, *args: object) -> None:
-        # One line per topic per WARN_EVERY seconds: a receiver down for hours, with
-        # thousands of events, must not flood the log; the counters have the totals.
-        now = time.monotonic()
-        if now - self._warned.get(topic, float("-inf")) >= WARN_EVERY:
-            self._warned[topic] = now
+        if self._warnings.ready(topic):
             log.warning(message, *args)
 
     # -- the workers -------------------------------------------------------------------

@@ -35,6 +35,7 @@ from fp_core.sqlite_files import (
 )
 from fp_core.stats import Stats
 from fp_core.tap import RECORD_FIELDS, iso_time
+from fp_core.throttle import Throttle
 from fp_core.writer import dumps
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-#: Record fields kept as they are, each in the column of the same name.
+#: Record fields kept as they are, each in the column of the same name. Listed rather
+#: than derived from RECORD_FIELDS: the columns are fixed by MIGRATIONS, so a record field
+#: added later lands in ``extra`` until a migration gives it a column.
 _PLAIN = (
     "time",
     "flow_id",
@@ -241,7 +244,7 @@ class SqliteStore:
         self._held: list[tuple[Any, ...]] = []
         self._retry_at = float("-inf")
         self._retry_delay = RETRY_FIRST
-        self._warned_at = float("-inf")
+        self._warnings = Throttle(clock=self._clock)
 
     def held(self) -> int:
         """Records waiting to be written (non-zero only while the file is unwritable)."""
@@ -297,9 +300,7 @@ class SqliteStore:
         now = self._clock()
         self._retry_at = now + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
-        # One line per 10 s at most: a lock held for minutes must not flood the log.
-        if now - self._warned_at >= 10:
-            self._warned_at = now
+        if self._warnings.ready():
             log.warning(
                 "fp-tap: cannot write to %s (%s); holding %d record(s) and retrying",
                 self.path,

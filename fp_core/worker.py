@@ -385,7 +385,12 @@ class WorkerClient:
         closing = self._closing
         self._detach()
         if not closing and self.proc is not None:
-            self.on_exit(self.proc.wait())
+            # Its end of the pipe closes as it exits: the wait is for the exit status.
+            try:
+                code: int | None = self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
+            self.on_exit(code)
 
 
 # -- the child's side -------------------------------------------------------------------

@@ -16,11 +16,11 @@ import os
 import queue
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from typing import IO, Any, Protocol, runtime_checkable
 
 from fp_core.stats import Stats
+from fp_core.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class RecordWriter:
         self._thread = threading.Thread(target=self._run, name="fp-tap-writer", daemon=True)
         self._stopping = threading.Event()
         self._closed = False
-        self._drop_warned_at = float("-inf")
+        self._warnings = Throttle()
 
     def start(self) -> None:
         self._thread.start()
@@ -127,10 +127,7 @@ class RecordWriter:
             self._queue.put_nowait(record)
         except queue.Full:
             self.stats.incr("dropped")
-            now = time.monotonic()
-            # One warning per 10 s at most: a flood of drops must not flood the log too.
-            if now - self._drop_warned_at > 10:
-                self._drop_warned_at = now
+            if self._warnings.ready():
                 log.warning(
                     "fp-tap: record queue full (%d), dropping records; %d dropped so far",
                     self._queue.maxsize,

@@ -23,7 +23,11 @@ from mitmproxy.log import LogEntry
 from mitmproxy.test import taddons
 
 import fp_addon
-from tests.test_addon import fp_body, hostile_bodies, make_flow, state
+from fp_core import worker as worker_module
+from fp_core.keys import ENV_VAR
+from fp_core.webhook import SECRET_ENV_VAR
+from tests.e2e.conftest import secret_forms
+from tests.test_addon import KEY, fp_body, hostile_bodies, make_flow, state
 
 
 async def until(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
@@ -260,3 +264,43 @@ def test_a_worker_too_far_behind_costs_inspections_not_the_proxy(
             tap.done()
 
     on_loop(test)
+
+
+def test_no_secret_goes_through_the_pipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys, the webhook secret and the proxy secret stay out of every frame the addon
+    sends its worker; the worker still unseals and signs (it reads them itself)."""
+    webhook_secret, proxy_secret = "webhook-secret-5e1f0a", "proxy-secret-77c2d9"
+    monkeypatch.setenv(ENV_VAR, KEY.to_base64())
+    monkeypatch.setenv(SECRET_ENV_VAR, webhook_secret)
+    sent: list[bytes] = []
+    encode = worker_module.encode
+
+    def spy(message: tuple[Any, ...]) -> bytes:
+        sent.append(frame := encode(message))
+        return frame
+
+    monkeypatch.setattr(worker_module, "encode", spy)
+
+    async def test() -> None:
+        tap = fp_addon.FingerprintTap()
+        with taddons.context(tap) as tctx:
+            tctx.configure(
+                tap,
+                fp_webhook_url="http://127.0.0.1:9/hook",
+                fp_state_dir=str(tmp_path / "state"),
+                fp_hold=True,
+            )
+            flow = make_flow(
+                fp_body()[0], request_headers=[(b"FPJS-Proxy-Secret", proxy_secret.encode())]
+            )
+            held = tap.response(flow)
+            assert held is not None
+            await asyncio.wait_for(held, 30)
+            assert flow.metadata["fp"]["key_id"] == KEY.key_id, "the worker had the key"
+            tap.done()
+
+    on_loop(test)
+    assert any(b"inspect" in frame for frame in sent)
+    forms = [*secret_forms(KEY.raw()), *secret_forms(webhook_secret.encode())]
+    forms += secret_forms(proxy_secret.encode())
+    assert not [form for form in forms for frame in sent if form in frame]

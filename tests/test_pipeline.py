@@ -20,8 +20,13 @@ from tests.test_addon import KEY, fp_body
 DEFAULTS = {name: default for name, _, default, _ in fp_addon.OPTIONS}
 
 
+def values(**overrides: Any) -> dict[str, Any]:
+    """The pipeline's options as the addon sends them: its defaults, then ``overrides``."""
+    return {name: DEFAULTS[name] for name in OPTIONS} | overrides
+
+
 def opts(**overrides: Any) -> SimpleNamespace:
-    return SimpleNamespace(**({name: DEFAULTS[name] for name in OPTIONS} | overrides))
+    return SimpleNamespace(**values(**overrides))
 
 
 def info(body: bytes, n: int = 0) -> ResponseInfo:
