@@ -402,7 +402,10 @@ def _v3(r: random.Random, f: _Fields, sparse: bool, identification_failed: bool)
     products["tampering"] = {
         "data": {
             "result": f.bot == "bad",
+            # Later v3 schemas (and the v3 SDK's model) require these two as well.
+            "confidence": "high",
             "anomalyScore": round(r.random(), 4),
+            "mlScore": round(r.random(), 4),
             "antiDetectBrowser": False,
         }
     }
@@ -438,9 +441,18 @@ def _v3(r: random.Random, f: _Fields, sparse: bool, identification_failed: bool)
             name: {
                 "intervals": {"5m": r.randint(1, 3), "1h": r.randint(1, 9), "24h": r.randint(1, 30)}
             }
-            for name in ("distinctIp", "distinctCountry", "events", "ipEvents")
+            for name in (
+                "distinctIp",
+                "distinctCountry",
+                "events",
+                "ipEvents",
+                "distinctIpByLinkedId",
+                "distinctVisitorIdByLinkedId",
+            )
         }
     }
+    # As in the full example: no linked id was sent, so this one has no intervals.
+    products["velocity"]["data"]["distinctLinkedId"] = {}
     products["rawDeviceAttributes"] = {
         "data": {
             "architecture": {"value": 127},

@@ -156,7 +156,7 @@ def _report_unseal(rows: list[bench_unseal.ThroughputRow]) -> list[Target]:
             ],
         )
     )
-    print("(ratios are medians of same-round pairs; sdk for v3: its decrypt/inflate + json.loads)")
+    print("(ratios are medians of same-round pairs; sdk for v3: fingerprint-pro-server-api-sdk)")
     targets: list[Target] = []
     for r in rows:
         where = f"{r.api} {r.label}"
@@ -339,6 +339,7 @@ def environment() -> dict[str, str]:
         "mitmproxy": version("mitmproxy"),
         "cryptography": version("cryptography"),
         "fingerprint-server-sdk": version("fingerprint-server-sdk"),
+        "fingerprint-pro-server-api-sdk": version("fingerprint-pro-server-api-sdk"),
         "wrk": bench_proxy.version_of_wrk() or "not installed",
     }
 

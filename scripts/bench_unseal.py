@@ -4,11 +4,11 @@ Three implementations unseal the same base64 sealed result:
 
 - ``fp-tap``: :func:`fp_core.unseal_event` (header, keys, bounded inflate, strict JSON,
   shape check) plus :func:`fp_core.summarize`, which is what the tap does per event;
-- ``sdk``: Fingerprint's ``fingerprint_server_sdk.sealed.unseal_event_response`` on the
-  base64-decoded bytes (it takes bytes), which builds its ``Event`` model. That SDK
-  knows only v4 events and rejects a v3 one *after* decrypting, inflating and parsing
-  it, so for v3 its own decrypt/inflate/decode helper plus ``json.loads`` is timed:
-  the same work, without the final ``ValueError``;
+- ``sdk``: Fingerprint's official Python SDK on the base64-decoded bytes (it takes
+  bytes): for v4 ``fingerprint_server_sdk.sealed.unseal_event_response``, which builds
+  its ``Event`` model; for v3 the SDK of that API, ``fingerprint-pro-server-api-sdk``
+  (deprecated, but the one that knows v3 events), whose ``unseal_event_response``
+  builds an ``EventsGetResponse``;
 - ``floor``: base64 decode, ``AESGCM.decrypt`` with the key object reused,
   ``zlib.decompress(-15)`` and ``json.loads``, nothing else: the least any Python
   implementation has to do.
@@ -24,6 +24,7 @@ import base64
 import gc
 import json
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,7 +68,23 @@ def sized_event(api: Api, target: int, seed: int = SEED) -> dict[str, Any]:
     else:
         products = event["products"]
         ident = products["identification"]["data"]
-        keep = {"visitorId", "requestId", "timestamp", "ip", "url", "confidence", "visitorFound"}
+        # What the summary reads, and what the v3 SDK's model requires.
+        keep = {
+            "visitorId",
+            "requestId",
+            "timestamp",
+            "ip",
+            "url",
+            "confidence",
+            "visitorFound",
+            "browserDetails",
+            "incognito",
+            "time",
+            "tag",
+            "firstSeenAt",
+            "lastSeenAt",
+            "replayed",
+        }
         parts = [(products, k) for k in products if k not in ("identification", "botd")]
         parts += [(ident, k) for k in ident if k not in keep]
     while parts and (excess := _size(event) - target) > 0:
@@ -87,10 +104,13 @@ def unsealers(key: DecryptionKey, api: Api) -> dict[str, Unsealer]:
     """The three implementations, ready to take a base64 sealed result."""
     from fingerprint_server_sdk import sealed as sdk
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "migrate to Server API v4"
+        from fingerprint_pro_server_api_sdk import sealed as sdk3
+
     keys = [key]
     sdk_keys = [sdk.DecryptionKey(key.raw(), "aes-256-gcm")]
-    # A module-level double-underscore name is not mangled; vars() reads it plainly.
-    sdk_unseal: Callable[[bytes, list[Any]], str] = vars(sdk)["__unseal"]
+    sdk3_keys = [sdk3.DecryptionKey(key.raw(), "aes-256-gcm")]
     aead = AESGCM(key.raw())
 
     def fp_tap(sealed: str) -> object:
@@ -102,7 +122,10 @@ def unsealers(key: DecryptionKey, api: Api) -> dict[str, Unsealer]:
         return sdk.unseal_event_response(base64.b64decode(sealed), sdk_keys)
 
     def sdk_v3(sealed: str) -> object:
-        return json.loads(sdk_unseal(base64.b64decode(sealed), sdk_keys))
+        with warnings.catch_warnings():
+            # Some of its model classes warn that they are deprecated, on every event.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return sdk3.unseal_event_response(base64.b64decode(sealed), sdk3_keys)
 
     def floor(sealed: str) -> object:
         data = base64.b64decode(sealed)
@@ -115,7 +138,10 @@ def check_agree(impls: dict[str, Unsealer], sealed: str, event: dict[str, Any]) 
     """Every implementation must return this event before any of them is timed."""
     for name, fn in impls.items():
         out = fn(sealed)
-        if name == "sdk" and not isinstance(out, dict):
+        if name == "sdk" and "products" in event:
+            ident = event["products"]["identification"]["data"]
+            ok = out.products.identification.data.request_id == ident["requestId"]  # type: ignore[attr-defined]
+        elif name == "sdk":
             ok = getattr(out, "event_id", None) == event["event_id"]
         else:
             ok = out == event

@@ -91,3 +91,22 @@ def test_v4_events_satisfy_the_official_sdk_model() -> None:
             event = generate_event("v4", rng=seed, bot=bot, sparse=seed % 2 == 0)
             parsed = models.Event.from_dict(event)
             assert parsed.event_id == event["event_id"]
+
+
+# The whole v3 SDK is deprecated ("migrate to Server API v4"), and says so on import
+# and for some of its model classes.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_v3_events_satisfy_the_official_v3_sdk_model() -> None:
+    """The v3 SDK (``fingerprint-pro-server-api-sdk``) builds its model from our events."""
+    client = pytest.importorskip(
+        "fingerprint_pro_server_api_sdk.api_client", reason="official v3 SDK not installed"
+    )
+    for seed in range(30):
+        for kwargs in ({"bot": "not_detected"}, {"bot": "bad"}, {"sparse": True}):
+            event = generate_event("v3", rng=seed, **kwargs)
+            parsed = client.ApiClientDeserializer.deserialize(event, "EventsGetResponse")
+            ident = event["products"]["identification"]["data"]
+            assert parsed.products.identification.data.request_id == ident["requestId"]
+    failed = generate_event("v3", rng=1, bot="bad", identification_failed=True)
+    parsed = client.ApiClientDeserializer.deserialize(failed, "EventsGetResponse")
+    assert parsed.products.botd.data.bot.result == "bad"
