@@ -10,9 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp_core import UnsealError, seal_event, unseal_event
-from fp_core.errors import UNSEAL_ERROR_KINDS, DecryptFailed, KeyFailure
+from fp_core.errors import UNSEAL_ERROR_KINDS, DecryptFailed, InvalidJson, KeyFailure
 from fp_core.keys import DecryptionKey
-from fp_core.sealed import HEADER, MIN_SIZE, deflate_raw, inflate_raw, seal_raw
+from fp_core.sealed import (
+    HEADER,
+    MIN_SIZE,
+    deflate_raw,
+    inflate_raw,
+    parse_event_json,
+    seal_raw,
+)
 
 V4 = {"event_id": "1700000000000.abcdef", "timestamp": 1700000000000, "bot": "not_detected"}
 V3 = {"products": {"identification": {"data": {"requestId": "1700000000000.abcdef"}}}}
@@ -263,3 +270,54 @@ def test_property_any_text_gives_event_or_unseal_error(text: str) -> None:
 def test_property_any_authenticated_plaintext(plaintext: bytes, compress: bool) -> None:
     sealed = seal_raw(deflate_raw(plaintext) if compress else plaintext, KEY)
     assert outcome(sealed) in OUTCOMES
+
+
+# What json.loads() accepts around and after a value, and what it refuses: the parser's
+# fast path (the C scanner alone) must agree with it on all of these.
+_JSON_TEXTS = st.one_of(
+    st.sampled_from(
+        [
+            '{"a": 1}',
+            ' {"a": 1}',
+            '{"a": 1} ',
+            '\n\t{"a": [1, 2.5, "x"]}\r\n',
+            '{"a": 1}}',
+            '{"a": 1} x',
+            '{"a": 1}{"b": 2}',
+            "\ufeff{}",
+            "",
+            "   ",
+            "[]",
+            '"x"',
+            "1",
+            "1 2",
+            "nul",
+        ]
+    ),
+    st.builds(
+        lambda pre, value, post: pre + json.dumps(value) + post,
+        st.text(" \t\r\nx{}[]1\ufeff", max_size=3),
+        st.recursive(
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.floats(allow_nan=False, allow_infinity=False)
+            | st.text(),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner),
+            max_leaves=8,
+        ),
+        st.text(" \t\r\nx{}[]1\ufeff", max_size=3),
+    ),
+)
+
+
+@given(text=_JSON_TEXTS)
+@settings(max_examples=300, deadline=None)
+def test_json_parsing_agrees_with_json_loads(text: str) -> None:
+    try:
+        expected = json.loads(text)
+    except ValueError:
+        with pytest.raises(InvalidJson):
+            parse_event_json(text.encode())
+    else:
+        assert parse_event_json(text.encode()) == expected
