@@ -9,7 +9,9 @@ and assertion messages name the case, never a key.
 The SDK is ``fingerprint_server_sdk.sealed`` (PyPI ``fingerprint-server-sdk``). Its public
 ``unseal_event_response`` accepts only v4 events, so the decryption itself is compared
 through its module-level helper ``__unseal`` (header check, per-key AES-GCM, raw inflate,
-UTF-8 decode), followed by a plain ``json.loads``.
+UTF-8 decode), followed by a plain ``json.loads``. Every unsealed event also goes through
+the public entry point of its API's SDK (v3: the deprecated ``fingerprint-pro-server-api-sdk``),
+which must build its model from it and name the same request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from typing import Any, Final
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from fp_core import UnsealError, unseal_event
+from fp_core import UnsealError, summarize, unseal_event
 from fp_core.events import Api
 from fp_core.generate import generate_event
 from fp_core.keys import KEY_SIZE, DecryptionKey
@@ -37,6 +40,12 @@ sdk = pytest.importorskip(
     "fingerprint_server_sdk.sealed",
     reason="the official SDK (pip install 'fp-tap[test]') is the oracle of this test",
 )
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # "migrate to Server API v4"
+    sdk3 = pytest.importorskip(
+        "fingerprint_pro_server_api_sdk.sealed",
+        reason="the official v3 SDK (pip install 'fp-tap[test]') is the v3 events' oracle",
+    )
 # A module-level double-underscore name is not mangled; vars() reads it without getattr.
 _sdk_unseal: Callable[[bytes, list[Any]], str] = vars(sdk)["__unseal"]
 
@@ -342,15 +351,33 @@ def _check(index: int) -> str:
 
 
 def _check_sdk_model(case: Case, ours: dict[str, Any]) -> None:
-    """The SDK's public entry point: parses v4 into its Event model, refuses v3."""
+    """The SDKs' public entry points: each parses its API's events into its model and
+    refuses the other API's."""
+    v3_keys = [sdk3.DecryptionKey(_raw(k), "aes-256-gcm") for k in case.keys]
     if "event_id" not in ours:
         with pytest.raises(ValueError, match="not valid event response"):
             sdk.unseal_event_response(case.sealed, case.sdk_keys())
+        _check_v3_sdk_model(case, ours, v3_keys)
         return
     # A generated v4 event the SDK model rejects is a generator bug: let it fail loudly.
     model = sdk.unseal_event_response(case.sealed, case.sdk_keys())
     assert model.event_id == ours["event_id"], case.label
     assert model.timestamp == ours["timestamp"], case.label
+    with pytest.raises(ValueError, match="not valid event response"):
+        sdk3.unseal_event_response(case.sealed, v3_keys)
+
+
+def _check_v3_sdk_model(case: Case, ours: dict[str, Any], keys: list[Any]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # some of its model classes
+        model = sdk3.unseal_event_response(case.sealed, keys)
+    summary = summarize(ours)
+    ident = model.products.identification
+    if ident is not None and ident.data is not None:
+        assert ident.data.request_id == summary["request_id"], case.label
+        assert ident.data.visitor_id == summary["visitor_id"], case.label
+    else:  # identification failed: the bot detection still names the request
+        assert model.products.botd.data.request_id == summary["request_id"], case.label
 
 
 # Building the cases here costs a fraction of a second; the ids carry no key material.
