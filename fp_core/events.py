@@ -65,10 +65,6 @@ def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _bool(value: object) -> bool | None:
-    return value if isinstance(value, bool) else None
-
-
 def _number(value: object) -> float | int | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return value
