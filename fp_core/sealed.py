@@ -193,7 +193,7 @@ def _reject_constant(name: str) -> None:
 # Built once: json.loads() with hooks would build a decoder (and its scanner) per call.
 _DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_reject_constant)
 # The C scanner itself: JSONDecoder.decode wraps it in two Python calls and two regex
-# matches for surrounding whitespace, about a tenth of the cost of a 1 KB event.
+# matches for surrounding whitespace, about 7 % of unsealing a 1 KB event.
 _SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 
 

@@ -56,8 +56,8 @@ def sized_event(api: Api, target: int, seed: int = SEED) -> dict[str, Any]:
     """A generated event whose compact JSON is about ``target`` bytes.
 
     Below the generator's natural size optional parts are dropped (keeping everything
-    the summary reads), each time the smallest that reaches the target or else the
-    largest; above it, the event is padded.
+    the summary reads, and what the v3 SDK's model requires), each time the smallest
+    that reaches the target or else the largest; above it, the event is padded.
     """
     if target > 3000:
         return generate_event(api, rng=seed, pad_to=target)
