@@ -171,6 +171,8 @@ class WorkerClient:
         self._seq = itertools.count()
         self._replies: dict[int, tuple[bool, Any]] = {}
         self._backlog: collections.deque[memoryview] = collections.deque()
+        #: The event loop calls _flush when the pipe can take more (a backlog waits).
+        self._writing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: FrameReader | None = None
         self._to_child = -1
@@ -296,13 +298,14 @@ class WorkerClient:
         loop.add_reader(self._reader.fd, self._on_readable)
         if self._backlog:
             loop.add_writer(self._to_child, self._flush)
+            self._writing = True
 
     def _detach(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
             if self._reader is not None:
                 self._loop.remove_reader(self._reader.fd)
             self._loop.remove_writer(self._to_child)
-        self._loop = None
+        self._loop, self._writing = None, False
         for fd in (self._to_child, self._reader.fd if self._reader else -1):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -311,37 +314,33 @@ class WorkerClient:
         self._reader = None
 
     def _send(self, data: bytes) -> None:
-        if not self._backlog:
-            try:
-                written = os.write(self._to_child, data)
-            except BlockingIOError:
-                written = 0
-            except OSError:
-                return  # the child is gone; reading its end says so
-            if written == len(data):
-                return
-            data = data[written:]
         self._backlog.append(memoryview(data))
-        if self._loop is not None and len(self._backlog) == 1:
-            self._loop.add_writer(self._to_child, self._flush)
+        if len(self._backlog) == 1:
+            self._flush()
 
     def _flush(self) -> None:
-        """Write what waits, as far as the pipe takes it."""
+        """Write what waits, as far as the pipe takes it; the event loop (if any) calls
+        again when the pipe can take the rest."""
         while self._backlog:
             head = self._backlog[0]
             try:
                 written = os.write(self._to_child, head)
             except BlockingIOError:
-                return
+                written = 0
             except OSError:
-                self._backlog.clear()
+                self._backlog.clear()  # the child is gone; reading its end says so
                 break
             if written < len(head):
                 self._backlog[0] = head[written:]
+                if self._loop is not None and not self._writing:
+                    self._loop.add_writer(self._to_child, self._flush)
+                    self._writing = True
                 return
             self._backlog.popleft()
-        if self._loop is not None:
+        if self._writing:
+            assert self._loop is not None
             self._loop.remove_writer(self._to_child)
+            self._writing = False
 
     def _wait(self, seq: int, timeout: float) -> tuple[bool, Any]:
         """Block (event loop included) until the child answers ``seq``."""

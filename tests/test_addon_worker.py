@@ -8,6 +8,7 @@ or before the hook's awaitable completes when the response is held.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -37,8 +38,15 @@ async def until(condition: Callable[[], object], what: str, timeout: float = 30)
         await asyncio.sleep(0.01)
 
 
-def on_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(test())
+def on_loop[**P](test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
+    """Run an async test function on a fresh event loop (pytest itself runs only plain
+    functions, and the project does without pytest-asyncio)."""
+
+    @functools.wraps(test)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
 
 
 def running_worker(tap: fp_addon.FingerprintTap) -> bool:
@@ -50,137 +58,126 @@ def holding(tap: fp_addon.FingerprintTap) -> bool:
     return tap.hold
 
 
-def test_the_answer_reaches_the_flow_after_the_hook_returns(keyfile: Path, tmp_path: Path) -> None:
+@on_loop
+async def test_the_answer_reaches_the_flow_after_the_hook_returns(
+    keyfile: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out.jsonl"
-
-    async def test() -> None:
-        tap = fp_addon.FingerprintTap()
-        with taddons.context(tap) as tctx:
-            tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
-            assert tap.worker is not None, "outputs configured: the worker runs already"
-            assert tap.pipeline is None
-            flows = [make_flow(fp_body()[0]), make_flow(hostile_bodies()["decrypt_failed"])]
-            before = [state(f) for f in flows]
-            assert [tap.response(f) for f in flows] == [None, None], "nothing to wait for"
-            await until(lambda: all("fp" in f.metadata for f in flows), "the annotations")
-            assert [state(f) for f in flows] == before, "only fp metadata, comment, mark"
-            good, bad = flows
-            assert good.metadata["fp"]["verdict"] == "trusted"
-            assert good.comment.startswith("fp trusted")
-            assert bad.metadata["fp"]["error"]["kind"] == "decrypt_failed"
-            assert bad.marked == fp_addon.MARK_ERROR
-            await until(lambda: json.loads(tap.stats_command()).get("open_responses"), "counts")
-            stats = json.loads(tap.stats_command())
-            assert (stats["responses"], stats["open_responses"], stats["unsealed"]) == (2, 2, 1)
-            assert stats["errors"] == {"decrypt_failed": 1}
-            tap.done()
-            assert json.loads(tap.stats_command())["written"] == {"jsonl": 2}
-        assert len(out.read_text().splitlines()) == 2
-
-    on_loop(test)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
+        assert tap.worker is not None, "outputs configured: the worker runs already"
+        assert tap.pipeline is None
+        flows = [make_flow(fp_body()[0]), make_flow(hostile_bodies()["decrypt_failed"])]
+        before = [state(f) for f in flows]
+        assert [tap.response(f) for f in flows] == [None, None], "nothing to wait for"
+        await until(lambda: all("fp" in f.metadata for f in flows), "the annotations")
+        assert [state(f) for f in flows] == before, "only fp metadata, comment, mark"
+        good, bad = flows
+        assert good.metadata["fp"]["verdict"] == "trusted"
+        assert good.comment.startswith("fp trusted")
+        assert bad.metadata["fp"]["error"]["kind"] == "decrypt_failed"
+        assert bad.marked == fp_addon.MARK_ERROR
+        await until(lambda: json.loads(tap.stats_command()).get("open_responses"), "counts")
+        stats = json.loads(tap.stats_command())
+        assert (stats["responses"], stats["open_responses"], stats["unsealed"]) == (2, 2, 1)
+        assert stats["errors"] == {"decrypt_failed": 1}
+        tap.done()
+        assert json.loads(tap.stats_command())["written"] == {"jsonl": 2}
+    assert len(out.read_text().splitlines()) == 2
 
 
-def test_a_held_response_waits_for_its_annotation(keyfile: Path) -> None:
-    async def test() -> None:
-        tap = fp_addon.FingerprintTap()
-        with taddons.context(tap) as tctx:
-            tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
-            tap.running()
-            flow = make_flow(fp_body()[0])
-            held = tap.response(flow)
-            assert held is not None
-            assert "fp" not in flow.metadata
-            await asyncio.wait_for(held, 30)
-            assert flow.metadata["fp"]["verdict"] == "trusted", "there once the wait is over"
-            assert tap.response(make_flow(b"<html></html>")) is None, "ordinary traffic"
-            tap.done()
-
-    on_loop(test)
+@on_loop
+async def test_a_held_response_waits_for_its_annotation(keyfile: Path) -> None:
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+        tap.running()
+        flow = make_flow(fp_body()[0])
+        held = tap.response(flow)
+        assert held is not None
+        assert "fp" not in flow.metadata
+        await asyncio.wait_for(held, 30)
+        assert flow.metadata["fp"]["verdict"] == "trusted", "there once the wait is over"
+        assert tap.response(make_flow(b"<html></html>")) is None, "ordinary traffic"
+        tap.done()
 
 
-def test_saving_flows_holds_responses(tmp_path: Path) -> None:
-    async def test() -> None:
-        tap = fp_addon.FingerprintTap()
-        with taddons.context(save.Save(), tap) as tctx:
-            assert not holding(tap)
-            tctx.configure(tap, save_stream_file=str(tmp_path / "flows"))
-            assert holding(tap), "-w writes flows in the hook after fp-tap's"
-            tctx.configure(tap, save_stream_file=None)
-            assert not holding(tap)
-
-    on_loop(test)
+@on_loop
+async def test_saving_flows_holds_responses(tmp_path: Path) -> None:
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(save.Save(), tap) as tctx:
+        assert not holding(tap)
+        tctx.configure(tap, save_stream_file=str(tmp_path / "flows"))
+        assert holding(tap), "-w writes flows in the hook after fp-tap's"
+        tctx.configure(tap, save_stream_file=None)
+        assert not holding(tap)
 
 
-def test_without_outputs_the_worker_starts_with_mitmproxy(keyfile: Path) -> None:
-    async def test() -> None:
-        tap = fp_addon.FingerprintTap()
-        with taddons.context(tap) as tctx:
-            tctx.configure(tap, fp_keys_file=str(keyfile))
-            assert not running_worker(tap), "no process for an option check"
-            tap.running()
-            assert running_worker(tap)
-            tap.done()
-
-    on_loop(test)
+@on_loop
+async def test_without_outputs_the_worker_starts_with_mitmproxy(keyfile: Path) -> None:
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile))
+        assert not running_worker(tap), "no process for an option check"
+        tap.running()
+        assert running_worker(tap)
+        tap.done()
 
 
-def test_a_dead_worker_is_replaced_by_in_process_work(
+@on_loop
+async def test_a_dead_worker_is_replaced_by_in_process_work(
     keyfile: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def test() -> None:
-        tap = fp_addon.FingerprintTap()
-        with taddons.context(tap) as tctx:
-            tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
-            tap.running()
-            first = make_flow(fp_body()[0])
-            held = tap.response(first)
-            assert held is not None
-            await asyncio.wait_for(held, 30)
-            worker = tap.worker
-            assert worker is not None
-            assert worker.proc is not None
-            await until(lambda: worker.stats.get("open_responses") == 1, "its counters")
-            os.kill(worker.proc.pid, signal.SIGKILL)
-            await until(lambda: tap.worker is None, "the switch to in-process work")
-            assert "the worker process stopped" in caplog.text
-            second = make_flow(fp_body()[0])
-            assert tap.response(second) is None
-            assert second.metadata["fp"]["verdict"] == "trusted", "inspected right away"
-            stats: dict[str, Any] = json.loads(tap.stats_command())
-            assert stats["errors"] == {"worker_exit": 1}
-            assert (stats["open_responses"], stats["unsealed"]) == (2, 2), "nothing forgotten"
-            tap.done()
-
-    on_loop(test)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+        tap.running()
+        first = make_flow(fp_body()[0])
+        held = tap.response(first)
+        assert held is not None
+        await asyncio.wait_for(held, 30)
+        worker = tap.worker
+        assert worker is not None
+        assert worker.proc is not None
+        await until(lambda: worker.stats.get("open_responses") == 1, "its counters")
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        await until(lambda: tap.worker is None, "the switch to in-process work")
+        assert "the worker process stopped" in caplog.text
+        second = make_flow(fp_body()[0])
+        assert tap.response(second) is None
+        assert second.metadata["fp"]["verdict"] == "trusted", "inspected right away"
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert stats["errors"] == {"worker_exit": 1}
+        assert (stats["open_responses"], stats["unsealed"]) == (2, 2), "nothing forgotten"
+        tap.done()
 
 
-def test_switching_fp_worker_off_and_on(keyfile: Path, tmp_path: Path) -> None:
+@on_loop
+async def test_switching_fp_worker_off_and_on(keyfile: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-
-    async def test() -> None:
-        tap = fp_addon.FingerprintTap()
-        with taddons.context(tap) as tctx:
-            tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
-            tap.response(make_flow(fp_body()[0]))
-            await until(lambda: tap.worker is not None and not tap.worker.in_flight, "answer")
-            tctx.configure(tap, fp_worker=False)
-            assert tap.worker is None
-            assert tap.pipeline is not None
-            flow = make_flow(fp_body()[0])
-            tap.response(flow)
-            assert "fp" in flow.metadata
-            tctx.configure(tap, fp_worker=True)
-            assert running_worker(tap)
-            tap.response(make_flow(fp_body()[0]))
-            tap.done()
-            stats = json.loads(tap.stats_command())
-            assert (stats["open_responses"], stats["written"]) == (3, {"jsonl": 3})
-        assert len(out.read_text().splitlines()) == 3
-
-    on_loop(test)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
+        tap.response(make_flow(fp_body()[0]))
+        await until(lambda: tap.worker is not None and not tap.worker.in_flight, "answer")
+        tctx.configure(tap, fp_worker=False)
+        assert tap.worker is None
+        assert tap.pipeline is not None
+        flow = make_flow(fp_body()[0])
+        tap.response(flow)
+        assert "fp" in flow.metadata
+        tctx.configure(tap, fp_worker=True)
+        assert running_worker(tap)
+        tap.response(make_flow(fp_body()[0]))
+        tap.done()
+        stats = json.loads(tap.stats_command())
+        assert (stats["open_responses"], stats["written"]) == (3, {"jsonl": 3})
+    assert len(out.read_text().splitlines()) == 3
 
 
-def test_record_lines_skip_the_deprecated_add_log_event(
+@on_loop
+async def test_record_lines_skip_the_deprecated_add_log_event(
     keyfile: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     class Probe:
@@ -191,82 +188,74 @@ def test_record_lines_skip_the_deprecated_add_log_event(
             self.entries.append(entry.msg)
 
     caplog.set_level(logging.INFO)
-
-    async def test() -> None:
-        probe, tap = Probe(), fp_addon.FingerprintTap()
-        with taddons.context(probe, tap) as tctx:
-            tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
-            tap.running()
-            held = tap.response(make_flow(fp_body()[0]))
-            assert held is not None
-            await asyncio.wait_for(held, 30)
-            logging.getLogger("fp_addon").info("fp-tap: another line")
-            await until(lambda: any("another" in e for e in probe.entries), "add_log events")
-            tap.done()
-        assert any(" trusted visitor=" in r.getMessage() for r in caplog.records), "logged"
-        assert not any("visitor=" in e for e in probe.entries)
-
-    on_loop(test)
+    probe, tap = Probe(), fp_addon.FingerprintTap()
+    with taddons.context(probe, tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+        tap.running()
+        held = tap.response(make_flow(fp_body()[0]))
+        assert held is not None
+        await asyncio.wait_for(held, 30)
+        logging.getLogger("fp_addon").info("fp-tap: another line")
+        await until(lambda: any("another" in e for e in probe.entries), "add_log events")
+        tap.done()
+    assert any(" trusted visitor=" in r.getMessage() for r in caplog.records), "logged"
+    assert not any("visitor=" in e for e in probe.entries)
 
 
-def test_resend_reaches_the_worker(
+@on_loop
+async def test_resend_reaches_the_worker(
     keyfile: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-
-    async def test() -> None:
-        tap = fp_addon.FingerprintTap()
-        with taddons.context(tap) as tctx:
-            tctx.configure(
-                tap,
-                fp_keys_file=str(keyfile),
-                fp_webhook_url="http://127.0.0.1:9/nobody-listens",
-                fp_state_dir=str(tmp_path / "state"),
-                fp_webhook_retry_ms=10,
-                fp_webhook_retry_max=1,
-                fp_webhook_give_up=1,
-            )
-            worker = tap.worker
-            assert worker is not None
-            tap.response(make_flow(fp_body()[0]))
-            await until(lambda: worker.stats.get("webhook_parked") == 1, "a parked event", 60)
-            tap.resend_command()
-            await until(lambda: "1 parked webhook event(s) queued again" in caplog.text, "it")
-            await until(
-                lambda: json.loads(tap.stats_command())["webhook"].get("resent") == 1, "count"
-            )
-            tap.done()
-
-    on_loop(test)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(
+            tap,
+            fp_keys_file=str(keyfile),
+            fp_webhook_url="http://127.0.0.1:9/nobody-listens",
+            fp_state_dir=str(tmp_path / "state"),
+            fp_webhook_retry_ms=10,
+            fp_webhook_retry_max=1,
+            fp_webhook_give_up=1,
+        )
+        worker = tap.worker
+        assert worker is not None
+        tap.response(make_flow(fp_body()[0]))
+        await until(lambda: worker.stats.get("webhook_parked") == 1, "a parked event", 60)
+        tap.resend_command()
+        await until(lambda: "1 parked webhook event(s) queued again" in caplog.text, "it")
+        await until(lambda: json.loads(tap.stats_command())["webhook"].get("resent") == 1, "count")
+        tap.done()
 
 
-def test_a_worker_too_far_behind_costs_inspections_not_the_proxy(
+@on_loop
+async def test_a_worker_too_far_behind_costs_inspections_not_the_proxy(
     keyfile: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def test() -> None:
-        tap = fp_addon.FingerprintTap()
-        with taddons.context(tap) as tctx:
-            tctx.configure(tap, fp_keys_file=str(keyfile), fp_queue_size=2)
-            tap.running()
-            worker = tap.worker
-            assert worker is not None
-            assert worker.proc is not None
-            os.kill(worker.proc.pid, signal.SIGSTOP)
-            try:
-                flows = [make_flow(fp_body()[0]) for _ in range(5)]
-                assert [tap.response(f) for f in flows] == [None] * 5
-            finally:
-                os.kill(worker.proc.pid, signal.SIGCONT)
-            await until(lambda: not worker.in_flight, "the two it took")
-            assert ["fp" in f.metadata for f in flows] == [True, True, False, False, False]
-            assert json.loads(tap.stats_command())["dropped"] == 3
-            assert caplog.text.count("the worker process takes no more responses") == 1
-            tap.done()
-
-    on_loop(test)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_queue_size=2)
+        tap.running()
+        worker = tap.worker
+        assert worker is not None
+        assert worker.proc is not None
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        try:
+            flows = [make_flow(fp_body()[0]) for _ in range(5)]
+            assert [tap.response(f) for f in flows] == [None] * 5
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        await until(lambda: not worker.in_flight, "the two it took")
+        assert ["fp" in f.metadata for f in flows] == [True, True, False, False, False]
+        assert json.loads(tap.stats_command())["dropped"] == 3
+        assert caplog.text.count("the worker process takes no more responses") == 1
+        tap.done()
 
 
-def test_no_secret_goes_through_the_pipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@on_loop
+async def test_no_secret_goes_through_the_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Keys, the webhook secret and the proxy secret stay out of every frame the addon
     sends its worker; the worker still unseals and signs (it reads them itself)."""
     webhook_secret, proxy_secret = "webhook-secret-5e1f0a", "proxy-secret-77c2d9"
@@ -280,27 +269,48 @@ def test_no_secret_goes_through_the_pipe(tmp_path: Path, monkeypatch: pytest.Mon
         return frame
 
     monkeypatch.setattr(worker_module, "encode", spy)
-
-    async def test() -> None:
-        tap = fp_addon.FingerprintTap()
-        with taddons.context(tap) as tctx:
-            tctx.configure(
-                tap,
-                fp_webhook_url="http://127.0.0.1:9/hook",
-                fp_state_dir=str(tmp_path / "state"),
-                fp_hold=True,
-            )
-            flow = make_flow(
-                fp_body()[0], request_headers=[(b"FPJS-Proxy-Secret", proxy_secret.encode())]
-            )
-            held = tap.response(flow)
-            assert held is not None
-            await asyncio.wait_for(held, 30)
-            assert flow.metadata["fp"]["key_id"] == KEY.key_id, "the worker had the key"
-            tap.done()
-
-    on_loop(test)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(
+            tap,
+            fp_webhook_url="http://127.0.0.1:9/hook",
+            fp_state_dir=str(tmp_path / "state"),
+            fp_hold=True,
+        )
+        flow = make_flow(
+            fp_body()[0], request_headers=[(b"FPJS-Proxy-Secret", proxy_secret.encode())]
+        )
+        held = tap.response(flow)
+        assert held is not None
+        await asyncio.wait_for(held, 30)
+        assert flow.metadata["fp"]["key_id"] == KEY.key_id, "the worker had the key"
+        tap.done()
     assert any(b"inspect" in frame for frame in sent)
     forms = [*secret_forms(KEY.raw()), *secret_forms(webhook_secret.encode())]
     forms += secret_forms(proxy_secret.encode())
     assert not [form for form in forms for frame in sent if form in frame]
+
+
+@on_loop
+async def test_what_the_pipe_cannot_take_goes_when_the_event_loop_says_it_can(
+    keyfile: Path,
+) -> None:
+    bodies = [fp_body(pad_to=600_000)[0] for _ in range(6)]  # ~180 KB each, sealed
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile))
+        tap.running()
+        worker = tap.worker
+        assert worker is not None
+        assert worker.proc is not None
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        try:
+            flows = [make_flow(body) for body in bodies]
+            assert [tap.response(f) for f in flows] == [None] * 6, "the hooks return at once"
+            assert worker._backlog, "more than the pipe holds waits in memory"
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        await until(lambda: all("fp" in f.metadata for f in flows), "every annotation", 60)
+        assert not worker._backlog
+        assert [f.metadata["fp"]["verdict"] for f in flows] == ["trusted"] * 6
+        tap.done()

@@ -47,7 +47,8 @@ def pump(client: WorkerClient, done: Callable[[], bool], what: str, timeout: flo
 def start() -> Iterator[Callable[..., tuple[WorkerClient, Answers]]]:
     started: list[WorkerClient] = []
 
-    def start(max_in_flight: int = 1000) -> tuple[WorkerClient, Answers]:
+    def start(max_in_flight: int = 1000, **options: Any) -> tuple[WorkerClient, Answers]:
+        """A worker configured with these option values (the rest at their defaults)."""
         answers = Answers()
         client = WorkerClient(
             on_records=answers.records.extend,
@@ -56,6 +57,7 @@ def start() -> Iterator[Callable[..., tuple[WorkerClient, Answers]]]:
         )
         client.start()
         started.append(client)
+        client.configure(values(**options), OPTIONS, wait=True, timeout=60)
         return client, answers
 
     yield start
@@ -69,10 +71,7 @@ def test_records_come_back_in_order_with_their_contexts(
     start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out.jsonl"
-    client, answers = start()
-    client.configure(
-        values(fp_keys_file=str(keyfile), fp_jsonl=str(out)), OPTIONS, wait=True, timeout=60
-    )
+    client, answers = start(fp_keys_file=str(keyfile), fp_jsonl=str(out))
     bodies = [fp_body("v4" if n % 2 else "v3")[0] for n in range(16)]
     bodies += [hostile_bodies()["decrypt_failed"], b'{"requestId": "x", "other": 1}']
     for n, body in enumerate(bodies):
@@ -105,7 +104,6 @@ def test_the_child_takes_keys_from_the_environment(
     key = DecryptionKey.generate()
     monkeypatch.setenv(ENV_VAR, key.to_base64())
     client, answers = start()
-    client.configure(values(), OPTIONS, wait=True, timeout=60)
     client.submit(info(fp_body(key=key)[0]), context=1)
     pump(client, lambda: bool(answers.records), "the answer")
     record = answers.records[0][1]
@@ -116,8 +114,7 @@ def test_the_child_takes_keys_from_the_environment(
 def test_a_refused_configuration_names_the_option_and_changes_nothing(
     start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path, tmp_path: Path
 ) -> None:
-    client, answers = start()
-    client.configure(values(fp_keys_file=str(keyfile)), OPTIONS, wait=True, timeout=60)
+    client, answers = start(fp_keys_file=str(keyfile))
     bad = values(fp_keys_file=str(keyfile), fp_jsonl=str(tmp_path / "missing" / "out.jsonl"))
     with pytest.raises(ConfigError, match="fp_jsonl: cannot open"):
         client.configure(bad, {"fp_jsonl"}, wait=True, timeout=60)
@@ -129,8 +126,7 @@ def test_a_refused_configuration_names_the_option_and_changes_nothing(
 def test_counters_follow_the_answers(
     start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path
 ) -> None:
-    client, _ = start()
-    client.configure(values(fp_keys_file=str(keyfile)), OPTIONS, wait=True, timeout=60)
+    client, _ = start(fp_keys_file=str(keyfile))
     for n in range(5):
         client.submit(info(fp_body()[0], n), context=n)
     pump(client, lambda: client.stats.get("unsealed") == 5, "the counters")
@@ -145,13 +141,11 @@ def test_the_childs_log_lines_reach_the_parents_logging(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    client, _ = start()
-    options = values(
+    client, _ = start(
         fp_keys_file=str(keyfile),
         fp_webhook_url="http://127.0.0.1:9/hook",
         fp_state_dir=str(tmp_path / "state"),
     )
-    client.configure(options, OPTIONS, wait=True, timeout=60)
     pump(client, lambda: "events are not signed" in caplog.text, "the forwarded warning")
     (line,) = [r for r in caplog.records if "events are not signed" in r.getMessage()]
     assert (line.levelno, line.name) == (logging.WARNING, "fp_core.pipeline")
@@ -160,8 +154,7 @@ def test_the_childs_log_lines_reach_the_parents_logging(
 def test_a_dead_worker_is_reported_once_and_takes_nothing_more(
     start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path
 ) -> None:
-    client, answers = start()
-    client.configure(values(fp_keys_file=str(keyfile)), OPTIONS, wait=True, timeout=60)
+    client, answers = start(fp_keys_file=str(keyfile))
     assert client.proc is not None
     os.kill(client.proc.pid, signal.SIGSTOP)
     assert client.submit(info(fp_body()[0]), context="lost")
@@ -178,8 +171,7 @@ def test_a_dead_worker_is_reported_once_and_takes_nothing_more(
 def test_handing_over_never_blocks_on_a_stalled_worker(
     start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path
 ) -> None:
-    client, answers = start(max_in_flight=40)
-    client.configure(values(fp_keys_file=str(keyfile)), OPTIONS, wait=True, timeout=60)
+    client, answers = start(max_in_flight=40, fp_keys_file=str(keyfile))
     assert client.proc is not None
     os.kill(client.proc.pid, signal.SIGSTOP)
     big = info(b"x" * 300_000)  # a megabyte pipe would hold three of these
@@ -200,10 +192,7 @@ def test_the_child_writes_out_and_exits_when_the_parent_vanishes(
     start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out.jsonl"
-    client, _ = start()
-    client.configure(
-        values(fp_keys_file=str(keyfile), fp_jsonl=str(out)), OPTIONS, wait=True, timeout=60
-    )
+    client, _ = start(fp_keys_file=str(keyfile), fp_jsonl=str(out))
     for n in range(10):
         client.submit(info(fp_body()[0], n), context=n)
     client._closing = True  # what a killed parent leaves: its ends of the pipes closed
