@@ -27,6 +27,7 @@ import fp_addon
 from fp_core import worker as worker_module
 from fp_core.keys import ENV_VAR
 from fp_core.webhook import SECRET_ENV_VAR
+from fp_core.worker import WorkerClient
 from tests.e2e.conftest import secret_forms
 from tests.test_addon import KEY, fp_body, hostile_bodies, make_flow, state
 
@@ -56,6 +57,14 @@ def running_worker(tap: fp_addon.FingerprintTap) -> bool:
 
 def holding(tap: fp_addon.FingerprintTap) -> bool:
     return tap.hold
+
+
+def worker_of(tap: fp_addon.FingerprintTap) -> WorkerClient:
+    """The tap's worker, whose process runs."""
+    worker = tap.worker
+    assert worker is not None
+    assert worker.proc is not None
+    return worker
 
 
 @on_loop
@@ -137,9 +146,7 @@ async def test_a_dead_worker_is_replaced_by_in_process_work(
         held = tap.response(first)
         assert held is not None
         await asyncio.wait_for(held, 30)
-        worker = tap.worker
-        assert worker is not None
-        assert worker.proc is not None
+        worker = worker_of(tap)
         await until(lambda: worker.stats.get("open_responses") == 1, "its counters")
         os.kill(worker.proc.pid, signal.SIGKILL)
         await until(lambda: tap.worker is None, "the switch to in-process work")
@@ -218,8 +225,7 @@ async def test_resend_reaches_the_worker(
             fp_webhook_retry_max=1,
             fp_webhook_give_up=1,
         )
-        worker = tap.worker
-        assert worker is not None
+        worker = worker_of(tap)
         tap.response(make_flow(fp_body()[0]))
         await until(lambda: worker.stats.get("webhook_parked") == 1, "a parked event", 60)
         tap.resend_command()
@@ -236,9 +242,7 @@ async def test_a_worker_too_far_behind_costs_inspections_not_the_proxy(
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_queue_size=2)
         tap.running()
-        worker = tap.worker
-        assert worker is not None
-        assert worker.proc is not None
+        worker = worker_of(tap)
         os.kill(worker.proc.pid, signal.SIGSTOP)
         try:
             flows = [make_flow(fp_body()[0]) for _ in range(5)]
@@ -300,9 +304,7 @@ async def test_what_the_pipe_cannot_take_goes_when_the_event_loop_says_it_can(
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile))
         tap.running()
-        worker = tap.worker
-        assert worker is not None
-        assert worker.proc is not None
+        worker = worker_of(tap)
         os.kill(worker.proc.pid, signal.SIGSTOP)
         try:
             flows = [make_flow(body) for body in bodies]
