@@ -243,11 +243,16 @@ def test_close_leaves_undelivered_events_for_the_next_start(rig: Rig) -> None:
     delivery.wake()
     wait_until(lambda: stuck.active == 2, "two stuck requests")
     assert delivery.close(drain=0.2) is False
-    stuck.gate.set()  # the late answers are not waited for
-    # The next start sends all five, including the two that were in flight.
+    stuck.gate.set()  # the late answers are not waited for, and must not count
+    wait_until(lambda: stuck.active == 0, "the late answers")
+    # The next start sends all five, including the two that were in flight. Its
+    # receiver holds every request until the count is read: otherwise a fast restart
+    # could deliver all five before the assertion looks.
     sender = Sender()
+    sender.gate.clear()
     again = rig.start(sender)
     assert again.spool.pending == 5
+    sender.gate.set()
     wait_until(lambda: again.spool.pending == 0, "deliveries after restart")
     assert sorted(sender.ids()) == [f"req-{i}" for i in range(5)]
 
