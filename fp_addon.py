@@ -28,6 +28,7 @@ from mitmproxy.net.http import url
 from fp_core.content import ContentError, decode_content
 from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import ConfigError, FpError, KeyConfigError, UnsealError
+from fp_core.jsontext import dumps
 from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
 from fp_core.pipeline import (
     DELIVERY_OPTIONS,
@@ -48,7 +49,7 @@ from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
 from fp_core.throttle import Throttle
 from fp_core.webhook import SECRET_ENV_VAR, load_secret
 from fp_core.worker import Records, WorkerClient
-from fp_core.writer import dumps, open_private
+from fp_core.writer import open_private
 
 if TYPE_CHECKING:
     from fp_core.delivery import Delivery

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from fp_core.jsontext import JsonObject
+
 REDACTED = "[redacted]"
 
 #: Where a path may start. Ids, verdicts and checks stay: sinks and the replay check
@@ -88,7 +90,13 @@ class Redactor:
 
     def apply(self, record: dict[str, Any]) -> int:
         """Redact ``record`` in place; returns how many values were replaced."""
-        return sum(_redact(record, path) for path in self.paths)
+        count = 0
+        for path in self.paths:
+            changed = _redact(record, path)
+            if changed and path[0] == "event" and isinstance(event := record["event"], JsonObject):
+                event.text = None  # its text still holds what was redacted
+            count += changed
+        return count
 
 
 def _redact(obj: Any, parts: Path) -> int:

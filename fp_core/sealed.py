@@ -48,11 +48,13 @@ KeyLike = DecryptionKey | bytes
 class UnsealedEvent(dict[str, Any]):
     """The event JSON object, plus how it was unsealed (``api``, ``key_id``, ``key_index``)."""
 
-    __slots__ = ("api", "key_id", "key_index")
+    __slots__ = ("api", "key_id", "key_index", "text")
 
     api: str
     key_id: str
     key_index: int
+    #: The JSON text the event was parsed from (the inflated plaintext, decoded).
+    text: str
 
 
 def unseal_event(
@@ -73,7 +75,8 @@ def unseal_event(
     if len(data) < MIN_SIZE:
         raise TooShort(f"sealed data is {len(data)} bytes, the minimum is {MIN_SIZE}")
     plaintext, index, kid = _open(data, keys, max_size)
-    obj = parse_event_json(plaintext)
+    text = _utf8(plaintext)
+    obj = parse_event_text(text)
     api = event_api(obj)
     if api is None:
         raise NotAnEvent(
@@ -81,7 +84,7 @@ def unseal_event(
             "nor a v4 event ('event_id' and 'timestamp')"
         )
     event = UnsealedEvent(obj)
-    event.api, event.key_id, event.key_index = api, kid, index
+    event.api, event.key_id, event.key_index, event.text = api, kid, index, text
     return event
 
 
@@ -199,10 +202,18 @@ _SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignor
 
 def parse_event_json(plaintext: bytes) -> Any:
     """Decode strict UTF-8 JSON (no NaN/Infinity, no overflowing numbers)."""
+    return parse_event_text(_utf8(plaintext))
+
+
+def _utf8(plaintext: bytes) -> str:
     try:
-        text = plaintext.decode("utf-8")
+        return plaintext.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidJson(f"plaintext is not UTF-8 (byte {exc.start})") from None
+
+
+def parse_event_text(text: str) -> Any:
+    """Strict JSON (no NaN/Infinity, no overflowing numbers) from decoded plaintext."""
     try:
         try:
             obj, end = _SCAN(text, 0)

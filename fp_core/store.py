@@ -23,6 +23,7 @@ from contextlib import closing
 from datetime import datetime
 from typing import Any
 
+from fp_core.jsontext import dumps
 from fp_core.sqlite_files import (
     SqliteFileError,
     connect,
@@ -36,7 +37,6 @@ from fp_core.sqlite_files import (
 from fp_core.stats import Stats
 from fp_core.tap import RECORD_FIELDS, iso_time
 from fp_core.throttle import Throttle
-from fp_core.writer import dumps
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from fp_core.checks import CHECK_NAMES, CheckConfig, comparable_client_ip, evalu
 from fp_core.envelope import OpenResponse, parse_open_response
 from fp_core.errors import UnsealError
 from fp_core.events import summarize
+from fp_core.jsontext import JsonObject
 from fp_core.keys import DecryptionKey
 from fp_core.redact import Redactor
 from fp_core.replay import ReplayCache
@@ -179,7 +180,8 @@ class Tap:
             summary=summary,
         )
         if self.config.include_event:
-            record["event"] = dict(event)
+            # With its text: sinks write that instead of encoding the event again.
+            record["event"] = JsonObject(event, event.text)
         return record
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fp_core.errors import FpError
+from fp_core.jsontext import dumps
 from fp_core.stats import Stats
-from fp_core.writer import dumps
 
 if TYPE_CHECKING:  # only a type here: this module must load without sqlite3
     from fp_core.spool import Spool

@@ -10,7 +10,6 @@ chance to retry them whenever the queue is idle.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -19,6 +18,7 @@ import threading
 from collections.abc import Sequence
 from typing import IO, Any, Protocol, runtime_checkable
 
+from fp_core.jsontext import dumps
 from fp_core.stats import Stats
 from fp_core.throttle import Throttle
 
@@ -37,11 +37,6 @@ class Sink(Protocol):
     def write(self, records: Sequence[dict[str, Any]]) -> None: ...
 
     def close(self) -> None: ...
-
-
-# Built once (json.dumps() builds an encoder per call when given options). Records are
-# trees built from parsed JSON, never cyclic: the cycle check would only cost time.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
 
 
 @runtime_checkable
@@ -71,11 +66,6 @@ class WithoutEvent:
 
     def close(self) -> None:
         self.sink.close()
-
-
-def dumps(record: dict[str, Any]) -> str:
-    """The one JSON form of a record (JSONL line, SQLite column, webhook body)."""
-    return _ENCODER.encode(record)
 
 
 def open_private(path: str, mode: str = "a") -> IO[str]:

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from fp_core.cli import EXIT_USAGE, main
+from fp_core.jsontext import dumps
 from fp_core.report import ReportError, build_report, format_report
 from fp_core.stats import Stats
 from fp_core.store import SqliteStore
-from fp_core.writer import dumps
 from tests.test_store import error_record, ok_record
 
 

@@ -52,6 +52,7 @@ def test_round_trip_v4_and_v3(key: DecryptionKey) -> None:
         assert out == event
         assert isinstance(out, dict)
         assert (out.api, out.key_id, out.key_index) == (api, key.key_id, 0)
+        assert json.loads(out.text) == event, "the plaintext it was parsed from"
 
 
 def test_accepts_raw_bytes_and_base64(key: DecryptionKey) -> None:

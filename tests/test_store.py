@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from fp_core.generate import generate_event
+from fp_core.jsontext import JsonObject
 from fp_core.sqlite_files import SqliteFileError
 from fp_core.stats import Stats
 from fp_core.store import (
@@ -202,6 +203,10 @@ def test_row_of_and_record_of_are_inverse() -> None:
     record = ok_record(7)
     conn.execute(_INSERT, row_of(record))
     assert record_of(conn.execute("SELECT * FROM records").fetchone()) == record
+    # An event with the text it was unsealed from is stored as that text.
+    text = json.dumps(record["event"], indent=1).replace("\n", "")
+    record["event"] = JsonObject(record["event"], text)
+    assert text in row_of(record)
 
 
 def test_each_batch_is_one_transaction(store: SqliteStore, tmp_path: Path) -> None:

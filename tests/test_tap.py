@@ -13,11 +13,11 @@ from fp_core import UNSEAL_ERROR_KINDS, seal_event, summarize
 from fp_core.checks import CheckConfig, parse_origins
 from fp_core.events import Api
 from fp_core.generate import generate_event, open_response_body
+from fp_core.jsontext import JsonObject, dumps
 from fp_core.keys import DecryptionKey
 from fp_core.sealed import HEADER, deflate_raw, seal_raw
 from fp_core.stats import Stats
 from fp_core.tap import METADATA_FIELDS, ResponseInfo, Tap, TapConfig, iso_time, metadata_of
-from fp_core.writer import dumps
 
 #: The response time of every flow (unless a test moves it): 2023-11-14T22:13:20.123Z.
 NOW = 1_700_000_000.123
@@ -130,9 +130,11 @@ def test_ok_record(key: DecryptionKey, api: Api) -> None:
     assert record["summary"] == summarize(event)
     assert record["summary"]["request_id"] == RID
     assert record["event"] == event
-    assert type(record["event"]) is dict, "a plain dict, not the UnsealedEvent subclass"
-    # The whole record is JSON as the sinks write it.
+    assert type(record["event"]) is JsonObject, "not the UnsealedEvent, which has more"
+    # The whole record is JSON as the sinks write it, the event as the very text sealed.
     assert json.loads(dumps(record)) == record
+    sealed_text = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    assert dumps(record).endswith(f',"event":{sealed_text}}}')
     assert tap.snapshot() == {
         "open_responses": 1,
         "unsealed": 1,

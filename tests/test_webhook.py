@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from fingerprint_server_sdk import WebhookValidation
 
+from fp_core.jsontext import JsonObject
 from fp_core.spool import Spool
 from fp_core.stats import Stats
 from fp_core.webhook import (
@@ -185,6 +186,15 @@ def test_only_unsealed_events_are_forwarded() -> None:
     without_event = record()
     del without_event["event"]
     assert outgoing(without_event) is None
+
+
+def test_the_body_is_the_event_as_sealed() -> None:
+    rec = record()
+    text = '{"event_id": "1795730334960.4ucbXp",  "url": "https://p\u0159\u00edklad.cz/"}'
+    rec["event"] = JsonObject(json.loads(text), text)
+    item = outgoing(rec)
+    assert item is not None
+    assert item.body == text.encode()
 
 
 def test_request_headers() -> None:

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from fp_core.jsontext import dumps
 from fp_core.stats import Stats
-from fp_core.writer import BATCH, JsonlSink, RecordWriter, WithoutEvent, dumps, open_private
+from fp_core.writer import BATCH, JsonlSink, RecordWriter, WithoutEvent, open_private
 
 #: How long a test waits for something that should happen at once. Only ever reached
 #: when the code under test is broken (a hang), so it bounds the runtime, nothing else.
