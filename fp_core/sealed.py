@@ -46,7 +46,8 @@ KeyLike = DecryptionKey | bytes
 
 
 class UnsealedEvent(dict[str, Any]):
-    """The event JSON object, plus how it was unsealed (``api``, ``key_id``, ``key_index``)."""
+    """The event JSON object, how it was unsealed (``api``, ``key_id``, ``key_index``), and
+    the JSON ``text`` it was parsed from."""
 
     __slots__ = ("api", "key_id", "key_index", "text")
 
