@@ -5,6 +5,7 @@ Run with ``scripts/bench`` (which sets up .venv with the official SDK first)::
     scripts/bench                      # everything, 10-12 minutes
     scripts/bench --quick              # a smoke run of everything, about 2 minutes
     scripts/bench --only unseal --only growth --json results.json
+    scripts/bench --only proxy --pin   # mitmdump alone on one CPU, all else on the others
 
 Prints one table per section, each target as met or NOT MET with its numbers, and the
 machine and versions the numbers came from. Scratch files (key, logs, records) go to
@@ -101,9 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n(load generator: {bench.loadgen.name})")
             if "proxy" in only:
                 print("\n== 3. proxy overhead (mitmdump reverse proxy, stand-in endpoint)")
+                if args.pin:
+                    print("(pinned: each mitmdump alone on the first CPU, all else on the rest)")
                 proxy = bench_proxy.proxy_overhead(
-                    bench, plan.proxy_rounds, plan.proxy_seconds, plan.warmup_s
+                    bench, plan.proxy_rounds, plan.proxy_seconds, plan.warmup_s, pin=args.pin
                 )
+                results["pinned"] = args.pin
                 results["proxy"] = dataclasses.asdict(proxy)
                 targets += _report_proxy(proxy, plan)
             if "memory" in only:
@@ -131,6 +135,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only", action="append", choices=SECTIONS, help="run only this section (repeatable)"
     )
     parser.add_argument("--json", type=Path, help="also write the raw results to this file")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="proxy section: each mitmdump alone on the first CPU, the rest on the others",
+    )
     parser.add_argument(
         "--out", type=Path, default=REPO / "bench-out", help="scratch folder (bench-out/)"
     )

@@ -10,6 +10,7 @@ multi-process Python client (:func:`python_load`), which the output then says.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -426,14 +427,25 @@ def _clear(folder: Path) -> None:
             path.unlink()
 
 
-def proxy_overhead(bench: Bench, rounds: int, seconds: int, warmup_s: int) -> ProxyResults:
+def proxy_overhead(
+    bench: Bench, rounds: int, seconds: int, warmup_s: int, *, pin: bool = False
+) -> ProxyResults:
     """Section 3: every available scenario against no addon, in adjacent pairs.
 
     The machine's speed drifts by tens of percent within minutes (a shared VM), so each
     scenario's slice is paired with a slice of the baseline run right before or right
     after it (the order alternating), and every proxy runs for the whole section: a
     ratio compares two measurements a few seconds apart, not two rounds minutes apart.
+
+    With ``pin``, each mitmdump runs alone on the first CPU and everything else (its
+    worker, the endpoint, the load generator, the slow receiver) on the others: the
+    proxy's event loop as on a machine with a core to spare for the rest.
     """
+    proxy_cpu, other_cpus = split_cpus() if pin else (None, None)
+    if other_cpus is not None:
+        assert bench.endpoint is not None
+        pin_process(bench.endpoint.proc.pid, other_cpus)
+        os.sched_setaffinity(0, other_cpus)  # this process, and what it starts from now on
     active = [s for s in SCENARIOS if s.available()]
     skipped = [s.name for s in SCENARIOS if not s.available()]
     runs = {s.name: ScenarioRuns(s.name) for s in active}
@@ -445,6 +457,12 @@ def proxy_overhead(bench: Bench, rounds: int, seconds: int, warmup_s: int) -> Pr
             proxy = bench.start_proxy(scenario, receivers.get(scenario.name))
             proxies[scenario.name] = proxy
             bench.loadgen.run(_url(proxy), 8, warmup_s)  # imports, caches, first connections
+            if proxy_cpu is not None and other_cpus is not None:
+                # After the warm-up, which started the worker: mitmdump's threads move to
+                # the first CPU (threads it starts later inherit it), its worker away.
+                pin_process(proxy.proc.pid, proxy_cpu)
+                for child in children(proxy.proc.pid):
+                    pin_process(child, other_cpus)
         base = proxies[BASELINE]
         others = [s for s in active if s.name != BASELINE]
         for round_no in range(rounds):
@@ -474,6 +492,21 @@ def proxy_overhead(bench: Bench, rounds: int, seconds: int, warmup_s: int) -> Pr
             _clear(proxies[scenario.name].log.parent)
     rows = [_row(runs[s.name]) for s in active]
     return ProxyResults(bench.loadgen.name, rows, skipped, Spread.of(direct) if direct else None)
+
+
+def split_cpus() -> tuple[set[int], set[int]]:
+    """The first CPU this process may use, and the rest (``RuntimeError`` with fewer than 2)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise RuntimeError(f"pinning needs at least 2 CPUs, this process may use {len(cpus)}")
+    return {cpus[0]}, set(cpus[1:])
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Move every thread of ``pid`` to ``cpus`` (``sched_setaffinity`` is per thread)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(task), cpus)
 
 
 def _url(proxy: Service) -> str:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,28 @@ def test_a_childs_cpu_and_memory_count_for_its_parent() -> None:
     finally:
         child.communicate(b"")
     assert child.pid not in harness.children(me)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
+def test_pinning_moves_every_thread_of_a_process() -> None:
+    first, rest = bench_proxy.split_cpus()
+    assert first.isdisjoint(rest)
+    assert first | rest == os.sched_getaffinity(0)
+    # A child with a second thread, both waiting: every one of its tasks must move.
+    code = (
+        "import sys, threading; threading.Thread(target=sys.stdin.read).start(); sys.stdin.read()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        tasks = Path(f"/proc/{child.pid}/task")
+        deadline = time.monotonic() + 30
+        while len(list(tasks.iterdir())) < 2:
+            assert time.monotonic() < deadline, "the child's second thread never started"
+            time.sleep(0.01)
+        for cpus in (first, rest):
+            bench_proxy.pin_process(child.pid, cpus)
+            assert {int(t.name): os.sched_getaffinity(int(t.name)) for t in tasks.iterdir()} == {
+                int(t.name): cpus for t in tasks.iterdir()
+            }
+    finally:
+        child.communicate(b"\n\n")
