@@ -442,9 +442,11 @@ def proxy_overhead(
     proxy's event loop as on a machine with a core to spare for the rest.
     """
     proxy_cpu, other_cpus = split_cpus() if pin else (None, None)
+    allowed = os.sched_getaffinity(0)  # given back at the end, for the sections after
+    assert bench.endpoint is not None
+    endpoint = bench.endpoint.proc.pid
     if other_cpus is not None:
-        assert bench.endpoint is not None
-        pin_process(bench.endpoint.proc.pid, other_cpus)
+        pin_process(endpoint, other_cpus)
         os.sched_setaffinity(0, other_cpus)  # this process, and what it starts from now on
     active = [s for s in SCENARIOS if s.available()]
     skipped = [s.name for s in SCENARIOS if not s.available()]
@@ -484,6 +486,9 @@ def proxy_overhead(
             proxy.stop()
         for receiver in receivers.values():
             receiver.close()
+        if other_cpus is not None:
+            os.sched_setaffinity(0, allowed)
+            pin_process(endpoint, allowed)
     for scenario in active:
         if scenario.name in proxies:
             runs[scenario.name].addon_summaries.append(
