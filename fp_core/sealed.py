@@ -201,11 +201,6 @@ _DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_reject_co
 _SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 
 
-def parse_event_json(plaintext: bytes) -> Any:
-    """Decode strict UTF-8 JSON (no NaN/Infinity, no overflowing numbers)."""
-    return parse_event_text(_utf8(plaintext))
-
-
 def _utf8(plaintext: bytes) -> str:
     try:
         return plaintext.decode("utf-8")

@@ -17,7 +17,7 @@ from fp_core.sealed import (
     MIN_SIZE,
     deflate_raw,
     inflate_raw,
-    parse_event_json,
+    parse_event_text,
     seal_raw,
 )
 
@@ -319,6 +319,6 @@ def test_json_parsing_agrees_with_json_loads(text: str) -> None:
         expected = json.loads(text)
     except ValueError:
         with pytest.raises(InvalidJson):
-            parse_event_json(text.encode())
+            parse_event_text(text)
     else:
-        assert parse_event_json(text.encode()) == expected
+        assert parse_event_text(text) == expected
