@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import tracemalloc
 import zlib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fp_core import UnsealError, seal_event, unseal_event
@@ -178,6 +179,16 @@ def test_decompress_failure_outranks_other_keys_auth_failures(key: DecryptionKey
     assert [f.reason for f in info.value.failures] == ["auth", "not_deflate", "auth"]  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("plaintext", [b"plain", deflate_raw(json.dumps(V4).encode())[:-3]])
+def test_first_key_failing_to_inflate_is_listed_once(key: DecryptionKey, plaintext: bytes) -> None:
+    # The first key has a fast path; when it authenticates but cannot inflate, the
+    # general loop must still say why, and not list (or try) that key twice.
+    with pytest.raises(UnsealError) as info:
+        unseal_event(seal_raw(plaintext, key), [key, DecryptionKey.generate()])
+    assert info.value.kind == "decompress_failed"
+    assert [(f.index, f.reason) for f in info.value.failures] == [(0, "not_deflate"), (1, "auth")]  # type: ignore[attr-defined]
+
+
 def test_gigabyte_bomb_fails_fast_with_bounded_memory(key: DecryptionKey) -> None:
     sealed = seal_raw(bomb(GIB), key)
     assert len(sealed) < 2 * 1024 * 1024  # ~1000:1 is deflate's best ratio
@@ -312,12 +323,27 @@ _JSON_TEXTS = st.one_of(
 )
 
 
+def _has_infinity(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isinf(value)
+    if isinstance(value, list):
+        return any(map(_has_infinity, value))
+    if isinstance(value, dict):
+        return any(map(_has_infinity, value.values()))
+    return False
+
+
 @given(text=_JSON_TEXTS)
+@example(text="1e+311")  # "1" before "e+311": json.loads reads infinity, fp-tap refuses it
+@example(text='[0, {"a": -1e400}]')
 @settings(max_examples=300, deadline=None)
 def test_json_parsing_agrees_with_json_loads(text: str) -> None:
+    """As json.loads, except that a number too large for a float is an error."""
     try:
         expected = json.loads(text)
     except ValueError:
+        expected = ValueError
+    if expected is ValueError or _has_infinity(expected):
         with pytest.raises(InvalidJson):
             parse_event_text(text)
     else:
