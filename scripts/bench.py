@@ -1,4 +1,4 @@
-"""The benchmarks: unseal speed, cost growth, proxy overhead and memory (issue 6).
+"""The benchmarks: unseal speed, cost growth, proxy overhead, memory, worker CPU (issue 6).
 
 Run with ``scripts/bench`` (which sets up .venv with the official SDK first)::
 
@@ -7,7 +7,8 @@ Run with ``scripts/bench`` (which sets up .venv with the official SDK first)::
     scripts/bench --only unseal --only growth --json results.json
     scripts/bench --only proxy --pin   # mitmdump alone on one CPU, all else on the others
 
-Prints one table per section, each target as met or NOT MET with its numbers, and the
+Prints one table per section, each target as met or NOT MET with its numbers (section 5,
+the worker's CPU when busy or idle, has no target: it explains section 3), and the
 machine and versions the numbers came from. Scratch files (key, logs, records) go to
 ``bench-out/``. BENCHMARKS.md holds the results of a full run.
 """
@@ -29,11 +30,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
 
-from scripts import bench_proxy, bench_unseal
+from scripts import bench_proxy, bench_unseal, bench_worker
 from scripts.bench_stats import table, verdict
 from scripts.harness import REPO
 
-SECTIONS = ("unseal", "growth", "proxy", "memory")
+SECTIONS = ("unseal", "growth", "proxy", "memory", "worker")
 
 #: Section 1 target: fp-tap's events/s over the SDK's, on realistic events.
 REALISTIC_VS_SDK = 2.0
@@ -66,10 +67,29 @@ class Plan:
     warmup_s: int
     memory_checkpoints: tuple[int, ...]
     memory_warmup: int
+    worker_gaps_ms: tuple[float, ...]
+    worker_gap_responses: int
+    worker_gap_rounds: int
+    worker_rates: tuple[int, ...]
+    worker_rate_responses: int
 
 
-FULL = Plan(15, 0.1, 9, 8, 3, 2, (20_000, 50_000, 100_000), 2_000)
-QUICK = Plan(3, 0.03, 3, 1, 2, 1, (2_000, 5_000, 10_000), 500)
+FULL = Plan(
+    15,
+    0.1,
+    9,
+    8,
+    3,
+    2,
+    (20_000, 50_000, 100_000),
+    2_000,
+    (0, 1, 3, 10),
+    300,
+    5,
+    (100, 300, 1000),
+    1000,
+)
+QUICK = Plan(3, 0.03, 3, 1, 2, 1, (2_000, 5_000, 10_000), 500, (0, 3), 20, 1, (300,), 50)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,6 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mem = bench_proxy.memory(bench, plan.memory_checkpoints, plan.memory_warmup)
                 results["memory"] = dataclasses.asdict(mem)
                 targets += _report_memory(mem)
+    if "worker" in only:
+        print("\n== 5. the worker's CPU per open response, busy or idle (no target: see section 3)")
+        gaps = bench_worker.idle_gaps(
+            plan.worker_gaps_ms, plan.worker_gap_responses, plan.worker_gap_rounds
+        )
+        rates = bench_worker.worker_rates(plan.worker_rates, plan.worker_rate_responses, args.out)
+        results["worker"] = {
+            "gaps": [dataclasses.asdict(g) for g in gaps],
+            "rates": [dataclasses.asdict(r) for r in rates],
+        }
+        _report_worker(gaps, rates, plan)
     results["targets"] = [{"target": t, "met": m, "measured": v} for t, m, v in targets]
     results["seconds"] = round(time.monotonic() - started)
     print("\n== targets")
@@ -291,6 +322,31 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
     for name in proxy.skipped:
         targets.append((f"proxy {name}", None, "skipped: not available in this build"))
     return targets
+
+
+def _report_worker(
+    gaps: list[bench_worker.GapRow], rates: list[bench_worker.RateRow], plan: Plan
+) -> None:
+    print(
+        f"(in one process, Pipeline.inspect with default options: {plan.worker_gap_responses} "
+        f"responses per gap, in each of {plan.worker_gap_rounds} rounds)"
+    )
+    print(
+        table(
+            ["sleep before each response", "CPU us per response", f"vs {gaps[0].gap_ms:g} ms"],
+            [(f"{g.gap_ms:g} ms", g.cpu_us.show(0), g.vs_first.show(2)) for g in gaps],
+        )
+    )
+    print(f"\n(the worker process, {plan.worker_rate_responses} responses at each rate)")
+    print(
+        table(
+            ["responses/s", "worker CPU us per response", "answer p50 ms", "answer p99 ms"],
+            [
+                (r.rate, f"{r.cpu_us:.0f}", f"{r.answer_ms_p50:.2f}", f"{r.answer_ms_p99:.2f}")
+                for r in rates
+            ],
+        )
+    )
 
 
 def _report_memory(mem: bench_proxy.MemoryResults) -> list[Target]:
