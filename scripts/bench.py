@@ -148,8 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report_worker(gaps, rates, plan)
     results["targets"] = [{"target": t, "met": m, "measured": v} for t, m, v in targets]
     results["seconds"] = round(time.monotonic() - started)
-    print("\n== targets")
-    print(table(["target", "result", "measured"], [(t, verdict(m), v) for t, m, v in targets]))
+    if targets:
+        print("\n== targets")
+        print(table(["target", "result", "measured"], [(t, verdict(m), v) for t, m, v in targets]))
     missed = sum(m is False for _, m, _ in targets)
     print(f"\n{len(targets)} targets, {missed} not met; ", end="")
     print(f"{results['seconds']} s")
