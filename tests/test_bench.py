@@ -1,0 +1,46 @@
+"""scripts/bench.py: sections run end to end in their quick form, with results in JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts import bench
+
+
+def test_quick_worker_section_reports_and_records_its_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results.json"
+    assert (
+        bench.main(["--quick", "--only", "worker", "--json", str(out), "--out", str(tmp_path)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "== 5. the worker's CPU per open response" in printed
+    assert "== targets" not in printed  # section 5 has none
+    results = json.loads(out.read_text())
+    gaps, rates = results["worker"]["gaps"], results["worker"]["rates"]
+    assert [g["gap_ms"] for g in gaps] == list(bench.QUICK.worker_gaps_ms)
+    assert all(g["cpu_us"]["median"] > 0 for g in gaps)
+    assert [r["rate"] for r in rates] == list(bench.QUICK.worker_rates)
+    assert all(r["responses"] == bench.QUICK.worker_rate_responses for r in rates)
+    assert results["targets"] == []
+    assert not any(p.suffix == ".key" for p in tmp_path.iterdir())  # no key left behind
+
+
+def test_quick_unseal_section_judges_every_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results.json"
+    assert (
+        bench.main(["--quick", "--only", "unseal", "--json", str(out), "--out", str(tmp_path)]) == 0
+    )
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    # Two targets per (api, size): against the SDK and against the floor.
+    assert len(results["targets"]) == 2 * len(results["unseal"]) == 12
+    assert all(t["met"] in (True, False) for t in results["targets"])
+    assert "== targets" in printed
+    assert f"12 targets, {sum(not t['met'] for t in results['targets'])} not met" in printed
