@@ -75,21 +75,36 @@ class Plan:
 
 
 FULL = Plan(
-    15,
-    0.1,
-    9,
-    8,
-    3,
-    2,
-    (20_000, 50_000, 100_000),
-    2_000,
-    (0, 1, 3, 10),
-    300,
-    5,
-    (100, 300, 1000),
-    1000,
+    rounds=15,
+    sample_s=0.1,
+    growth_rounds=9,
+    proxy_rounds=8,
+    proxy_seconds=3,
+    warmup_s=2,
+    memory_checkpoints=(20_000, 50_000, 100_000),
+    memory_warmup=2_000,
+    worker_gaps_ms=(0, 1, 3, 10),
+    worker_gap_responses=300,
+    worker_gap_rounds=5,
+    worker_rates=(100, 300, 1000),
+    worker_rate_responses=1000,
 )
-QUICK = Plan(3, 0.03, 3, 1, 2, 1, (2_000, 5_000, 10_000), 500, (0, 3), 20, 1, (300,), 50)
+QUICK = dataclasses.replace(
+    FULL,
+    rounds=3,
+    sample_s=0.03,
+    growth_rounds=3,
+    proxy_rounds=1,
+    proxy_seconds=2,
+    warmup_s=1,
+    memory_checkpoints=(2_000, 5_000, 10_000),
+    memory_warmup=500,
+    worker_gaps_ms=(0, 3),
+    worker_gap_responses=20,
+    worker_gap_rounds=1,
+    worker_rates=(300,),
+    worker_rate_responses=50,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
