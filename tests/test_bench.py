@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from scripts import bench
 
 
+def run_quick(
+    section: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[str, dict[str, Any]]:
+    """``scripts/bench --quick --only SECTION``: what it printed, and its JSON results."""
+    out = tmp_path / "results.json"
+    argv = ["--quick", "--only", section, "--json", str(out), "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    return capsys.readouterr().out, json.loads(out.read_text())
+
+
 def test_quick_worker_section_reports_and_records_its_rows(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "results.json"
-    assert (
-        bench.main(["--quick", "--only", "worker", "--json", str(out), "--out", str(tmp_path)]) == 0
-    )
-    printed = capsys.readouterr().out
+    printed, results = run_quick("worker", tmp_path, capsys)
     assert "== 5. the worker's CPU per open response" in printed
     assert "== targets" not in printed  # section 5 has none
-    results = json.loads(out.read_text())
     gaps, rates = results["worker"]["gaps"], results["worker"]["rates"]
     assert [g["gap_ms"] for g in gaps] == list(bench.QUICK.worker_gaps_ms)
     assert all(g["cpu_us"]["median"] > 0 for g in gaps)
@@ -33,12 +39,7 @@ def test_quick_worker_section_reports_and_records_its_rows(
 def test_quick_unseal_section_judges_every_target(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "results.json"
-    assert (
-        bench.main(["--quick", "--only", "unseal", "--json", str(out), "--out", str(tmp_path)]) == 0
-    )
-    printed = capsys.readouterr().out
-    results = json.loads(out.read_text())
+    printed, results = run_quick("unseal", tmp_path, capsys)
     # Two targets per (api, size): against the SDK and against the floor.
     assert len(results["targets"]) == 2 * len(results["unseal"]) == 12
     assert all(t["met"] in (True, False) for t in results["targets"])
