@@ -45,9 +45,11 @@ def test_idle_gaps_stops_when_the_work_is_not_trusted(monkeypatch: pytest.Monkey
 
 
 def test_worker_rates_measures_the_worker_process(tmp_path: Path) -> None:
-    rows = worker_rates((200,), 20, tmp_path)
+    # 200 trusted responses take the worker well over 10 ms of CPU, the resolution of
+    # /proc's CPU times, so a zero would mean the wrong process was read.
+    rows = worker_rates((2000,), 200, tmp_path)
     (row,) = rows
-    assert (row.rate, row.responses) == (200, 20)
+    assert (row.rate, row.responses) == (2000, 200)
     assert row.cpu_us > 0
     assert 0 < row.answer_ms_p50 <= row.answer_ms_p99
     assert list(tmp_path.iterdir()) == []  # the key file is gone
