@@ -3,7 +3,7 @@
 Run with ``scripts/bench`` (which sets up .venv with the official SDK first)::
 
     scripts/bench                      # everything, about 20 minutes on two CPUs
-    scripts/bench --quick              # a smoke run of everything, about 2 minutes
+    scripts/bench --quick              # a smoke run of everything, about 3 minutes
     scripts/bench --only unseal --only growth --json results.json
     scripts/bench --only proxy --pin   # mitmdump alone on one CPU, all else on the others
 
