@@ -17,6 +17,7 @@ Every answer must be a trusted record, or the section stops: it times real work.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,9 +26,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import fp_addon
-from fp_core.events import Api
+from fp_core.events import Api, inner_request_id
 from fp_core.generate import generate_event, open_response_body
-from fp_core.jsontext import dumps
 from fp_core.keys import DecryptionKey
 from fp_core.pipeline import OPTIONS, Pipeline
 from fp_core.sealed import seal_event
@@ -72,11 +72,8 @@ def responses(key: DecryptionKey, count: int, seed: int) -> list[ResponseInfo]:
     for n in range(count):
         api: Api = "v4" if n % 2 == 0 else "v3"
         event = generate_event(api, rng=seed + n)
-        if api == "v4":
-            request_id = event["event_id"]
-        else:
-            request_id = event["products"]["identification"]["data"]["requestId"]
-        body = dumps(open_response_body(api, request_id, seal_event(event, key))).encode()
+        sealed = seal_event(event, key)
+        body = json.dumps(open_response_body(api, inner_request_id(event) or "", sealed)).encode()
         out.append(
             ResponseInfo(f"bench-{seed}-{n}", time.time(), "fp.example", "/", "POST", 200, body)
         )
