@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mitmproxy import http
 from mitmproxy.addons import save
 from mitmproxy.log import LogEntry
 from mitmproxy.test import taddons
@@ -48,6 +49,14 @@ def on_loop[**P](test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, No
         asyncio.run(test(*args, **kwargs))
 
     return run
+
+
+async def annotated(tap: fp_addon.FingerprintTap, flow: http.HTTPFlow) -> None:
+    """Hand ``flow`` to the response hook, which must hold it (``fp_hold``), and wait
+    until its annotation is there."""
+    held = tap.response(flow)
+    assert held is not None, "a held response"
+    await asyncio.wait_for(held, 30)
 
 
 def running_worker(tap: fp_addon.FingerprintTap) -> bool:
@@ -105,7 +114,7 @@ async def test_a_held_response_waits_for_its_annotation(keyfile: Path) -> None:
         flow = make_flow(fp_body()[0])
         held = tap.response(flow)
         assert held is not None
-        assert "fp" not in flow.metadata
+        assert "fp" not in flow.metadata, "not before the answer"
         await asyncio.wait_for(held, 30)
         assert flow.metadata["fp"]["verdict"] == "trusted", "there once the wait is over"
         assert tap.response(make_flow(b"<html></html>")) is None, "ordinary traffic"
@@ -142,10 +151,7 @@ async def test_a_dead_worker_is_replaced_by_in_process_work(
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
         tap.running()
-        first = make_flow(fp_body()[0])
-        held = tap.response(first)
-        assert held is not None
-        await asyncio.wait_for(held, 30)
+        await annotated(tap, make_flow(fp_body()[0]))
         worker = worker_of(tap)
         await until(lambda: worker.stats.get("open_responses") == 1, "its counters")
         os.kill(worker.proc.pid, signal.SIGKILL)
@@ -199,9 +205,7 @@ async def test_record_lines_skip_the_deprecated_add_log_event(
     with taddons.context(probe, tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
         tap.running()
-        held = tap.response(make_flow(fp_body()[0]))
-        assert held is not None
-        await asyncio.wait_for(held, 30)
+        await annotated(tap, make_flow(fp_body()[0]))
         logging.getLogger("fp_addon").info("fp-tap: another line")
         await until(lambda: any("another" in e for e in probe.entries), "add_log events")
         tap.done()
@@ -284,9 +288,7 @@ async def test_no_secret_goes_through_the_pipe(
         flow = make_flow(
             fp_body()[0], request_headers=[(b"FPJS-Proxy-Secret", proxy_secret.encode())]
         )
-        held = tap.response(flow)
-        assert held is not None
-        await asyncio.wait_for(held, 30)
+        await annotated(tap, flow)
         assert flow.metadata["fp"]["key_id"] == KEY.key_id, "the worker had the key"
         tap.done()
     assert any(b"inspect" in frame for frame in sent)
