@@ -672,3 +672,92 @@ def test_log_trusted_false_logs_only_what_needs_attention(addon, tmp_path: Path,
     assert sum(bad.id in line for line in lines) == 1
     assert sum(failed.id in line for line in lines) == 1
     assert len(records(tap, tmp_path / "out.jsonl")) == 3  # still recorded
+
+
+def test_record_lines_say_what_the_record_says(addon, tmp_path: Path, caplog) -> None:
+    """The line's exact words, for a trusted response, a suspicious one and an error."""
+    tap, _ = addon
+    caplog.set_level(logging.INFO)
+    flows = [
+        run(tap, make_flow(fp_body("v4")[0])),
+        run(tap, make_flow(fp_body("v3", bot="bad")[0])),
+        run(tap, make_flow(hostile_bodies()["decrypt_failed"])),
+    ]
+    by_flow = {r["flow_id"]: r for r in records(tap, tmp_path / "out.jsonl")}
+    lines = {r.getMessage(): r for r in caplog.records if r.name == fp_addon.record_log.name}
+    expected = []
+    for flow in flows:
+        r = by_flow[flow.id]
+        if r["ok"]:
+            checks = " ".join(
+                f"{k}={'-' if v is None else 'yes' if v is True else 'no' if v is False else v}"
+                for k, v in r["checks"].items()
+            )
+            reasons = f" ({','.join(r['reasons'])})" if r["reasons"] else ""
+            text = (
+                f"fp {r['api']} {r['request_id']} {r['verdict']}{reasons} "
+                f"visitor={r['summary']['visitor_id']} bot={r['summary']['bot']} "
+                f"key={r['key_id']} {checks} [flow {flow.id}]"
+            )
+            expected.append((text, logging.INFO))
+        else:
+            text = (
+                f"fp {r['api']} {r['request_id']} error {r['error']['kind']}: "
+                f"{r['error']['message']} [flow {flow.id}]"
+            )
+            expected.append((text, logging.WARNING))
+    assert sorted((t, lines[t].levelno) for t in lines) == sorted(expected)
+    assert " suspicious (bad_bot) visitor=" in expected[1][0]  # the reasons are there
+    assert " id_match=yes fresh=yes " in expected[0][0]
+    # Where a formatter that shows it says the lines come from.
+    assert {(r.filename, r.funcName) for r in lines.values()} == {("fp_addon.py", "_log_record")}
+    assert {r.lineno for r in lines.values()} == {fp_addon._log_record.__code__.co_firstlineno}
+
+
+def test_record_lines_follow_their_logger_level(addon, caplog) -> None:
+    """Made without Logger.info, the lines still obey the level set on their logger."""
+    tap, _ = addon
+    caplog.set_level(logging.INFO)  # the capturing handler takes INFO lines
+    logger = logging.getLogger(fp_addon.record_log.name)
+    old_level = logger.level
+    logger.setLevel(logging.WARNING)  # but their logger does not make them
+    try:
+        trusted = run(tap, make_flow(fp_body()[0]))
+        failed = run(tap, make_flow(hostile_bodies()["decrypt_failed"]))
+    finally:
+        logger.setLevel(old_level)
+    lines = [r.getMessage() for r in caplog.records if r.name == fp_addon.record_log.name]
+    assert not any(trusted.id in line for line in lines)
+    assert sum(failed.id in line for line in lines) == 1
+
+
+def test_scrubbed_lines_read_the_same_in_every_handler(addon) -> None:
+    """The filter formats each line once; the handlers after it read that same text,
+    a literal '%' in it included."""
+    tap, _ = addon
+    seen: list[list[str]] = [[], []]
+
+    class Keep(logging.Handler):
+        def __init__(self, into: list[str]) -> None:
+            super().__init__(logging.DEBUG)
+            self.into = into
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.into.append(self.format(record))
+
+    handlers = [Keep(seen[0]), Keep(seen[1])]
+    root = logging.getLogger()
+    for handler in handlers:
+        root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        tap.running()  # the filter goes on every handler there is
+        probe = logging.getLogger("mitmproxy.probe")
+        probe.info("100%% of %s, key %s", "it", KEY.to_base64().rstrip("="))
+        probe.info("no arguments, %s stays")
+    finally:
+        root.setLevel(old_level)
+        for handler in handlers:
+            root.removeHandler(handler)
+    assert seen[0] == seen[1] == ["100% of it, key [redacted]", "no arguments, %s stays"]
