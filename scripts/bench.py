@@ -1,4 +1,4 @@
-"""The benchmarks: unseal speed, cost growth, proxy overhead, memory, worker CPU (issue 6).
+"""The benchmarks: unseal speed, cost growth, proxy overhead, memory, worker and event loop.
 
 Run with ``scripts/bench`` (which sets up .venv with the official SDK first)::
 
@@ -7,9 +7,10 @@ Run with ``scripts/bench`` (which sets up .venv with the official SDK first)::
     scripts/bench --only unseal --only growth --json results.json
     scripts/bench --only proxy --pin   # mitmdump alone on one CPU, all else on the others
 
-Prints one table per section, each target as met or NOT MET with its numbers (section 5,
-the worker's CPU when busy or idle, has no target: it explains section 3), and the
-machine and versions the numbers came from. Scratch files (key, logs, records) go to
+Prints one table per section, each target as met or NOT MET with its numbers (sections 5
+and 6, the worker's CPU when busy or idle and the addon's time on mitmproxy's event loop,
+have no target: they explain section 3), and the machine and versions the numbers came
+from. Scratch files (key, logs, records) go to
 ``bench-out/``. BENCHMARKS.md holds the results of a full run.
 """
 
@@ -30,11 +31,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
 
-from scripts import bench_proxy, bench_unseal, bench_worker
+from scripts import bench_loop, bench_proxy, bench_unseal, bench_worker
 from scripts.bench_stats import table, verdict
 from scripts.harness import REPO
 
-SECTIONS = ("unseal", "growth", "proxy", "memory", "worker")
+SECTIONS = ("unseal", "growth", "proxy", "memory", "worker", "loop")
 
 #: Section 1 target: fp-tap's events/s over the SDK's, on realistic events.
 REALISTIC_VS_SDK = 2.0
@@ -72,6 +73,8 @@ class Plan:
     worker_gap_rounds: int
     worker_rates: tuple[int, ...]
     worker_rate_responses: int
+    loop_responses: int
+    loop_rounds: int
 
 
 FULL = Plan(
@@ -88,6 +91,8 @@ FULL = Plan(
     worker_gap_rounds=5,
     worker_rates=(100, 300, 1000),
     worker_rate_responses=1000,
+    loop_responses=400,
+    loop_rounds=9,
 )
 QUICK = dataclasses.replace(
     FULL,
@@ -104,6 +109,8 @@ QUICK = dataclasses.replace(
     worker_gap_rounds=1,
     worker_rates=(300,),
     worker_rate_responses=50,
+    loop_responses=30,
+    loop_rounds=1,
 )
 
 
@@ -161,6 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rates": [dataclasses.asdict(r) for r in rates],
         }
         _report_worker(gaps, rates, plan)
+    if "loop" in only:
+        print("\n== 6. the addon's time on mitmproxy's event loop (no target: see section 3)")
+        loop_rows = bench_loop.event_loop_cost(plan.loop_responses, plan.loop_rounds, args.out)
+        results["loop"] = [dataclasses.asdict(r) for r in loop_rows]
+        _report_loop(loop_rows, plan)
     results["targets"] = [{"target": t, "met": m, "measured": v} for t, m, v in targets]
     results["seconds"] = round(time.monotonic() - started)
     if targets:
@@ -361,6 +373,20 @@ def _report_worker(
                 (r.rate, f"{r.cpu_us:.0f}", f"{r.answer_ms_p50:.2f}", f"{r.answer_ms_p99:.2f}")
                 for r in rates
             ],
+        )
+    )
+
+
+def _report_loop(rows: list[bench_loop.LoopRow], plan: Plan) -> None:
+    print(
+        f"({plan.loop_responses} responses in each of {plan.loop_rounds} rounds; microseconds "
+        "per response, median (min-max) over rounds; the answer column leaves out the pipe "
+        "read and unpickling)"
+    )
+    print(
+        table(
+            ["responses", "response hook us", "worker's answer us"],
+            [(r.name, r.hook_us.show(1), r.answer_us.show(1)) for r in rows],
         )
     )
 

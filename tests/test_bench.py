@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from scripts import bench
+from scripts import bench, bench_loop
 
 
 def run_quick(
@@ -45,3 +45,14 @@ def test_quick_unseal_section_judges_every_target(
     assert all(t["met"] in (True, False) for t in results["targets"])
     assert "== targets" in printed
     assert f"12 targets, {sum(not t['met'] for t in results['targets'])} not met" in printed
+
+
+def test_quick_loop_section_reports_every_case(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    printed, results = run_quick("loop", tmp_path, capsys)
+    assert "== 6. the addon's time on mitmproxy's event loop" in printed
+    assert [r["name"] for r in results["loop"]] == [c.name for c in bench_loop.CASES]
+    assert all(r["responses"] == bench.QUICK.loop_responses for r in results["loop"])
+    assert all(r["name"] in printed for r in results["loop"])
+    assert results["targets"] == []
