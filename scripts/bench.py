@@ -10,8 +10,8 @@ Run with ``scripts/bench`` (which sets up .venv with the official SDK first)::
 Prints one table per section, each target as met or NOT MET with its numbers (sections 5
 and 6, the worker's CPU when busy or idle and the addon's time on mitmproxy's event loop,
 have no target: they explain section 3), and the machine and versions the numbers came
-from. Scratch files (key, logs, records) go to
-``bench-out/``. BENCHMARKS.md holds the results of a full run.
+from. Scratch files (key, logs, records) go to ``bench-out/``. BENCHMARKS.md holds the
+results of a full run.
 """
 
 from __future__ import annotations

@@ -42,6 +42,9 @@ from fp_core.keys import DecryptionKey
 from fp_core.sealed import seal_event
 from scripts.bench_stats import Spread
 
+#: How long the worker may take to answer a batch (it takes well under a second).
+ANSWER_TIMEOUT_S = 60.0
+
 
 @dataclass(frozen=True, slots=True)
 class LoopCase:
@@ -114,7 +117,7 @@ async def _measure(
 ) -> tuple[list[float], list[float]]:
     """Per round: seconds per response in the hook, and in the answers."""
     root = logging.getLogger()
-    handlers = list(root.handlers)
+    handlers, level = list(root.handlers), root.level
     with open(os.devnull, "w", encoding="utf-8") as devnull:
         termlog = TermLog(out=devnull)  # mitmdump's log handler, printing nowhere
         tap = fp_addon.FingerprintTap()
@@ -123,20 +126,23 @@ async def _measure(
                 tctx.configure(tap, fp_keys_file=str(key_file), **case.options)
                 tap.running()
                 root.setLevel(logging.INFO)  # as mitmdump has it
-                await _take(tap, flows(key, case, 20, seed=1))  # the worker starts; caches
-                hooks, answers = [], []
-                for round_no in range(rounds):
-                    batch = flows(key, case, count, seed=1_000_000 * (round_no + 1))
-                    hook, answer = await _take(tap, batch)
-                    _check(case, batch)
-                    hooks.append(hook / count)
-                    answers.append(answer / count)
-                tap.done()
+                try:
+                    await _take(tap, flows(key, case, 20, seed=1))  # the worker starts
+                    hooks, answers = [], []
+                    for round_no in range(rounds):
+                        batch = flows(key, case, count, seed=1_000_000 * (round_no + 1))
+                        hook, answer = await _take(tap, batch)
+                        _check(case, batch)
+                        hooks.append(hook / count)
+                        answers.append(answer / count)
+                finally:
+                    tap.done()  # stops the worker process, whatever happened
         finally:
             # The test master leaves its handler (mitmproxy's add_log events) behind:
             # the next case would pay for two, and this one's loop is closed.
             for handler in [h for h in root.handlers if h not in handlers]:
                 root.removeHandler(handler)
+            root.setLevel(level)
     return hooks, answers
 
 
@@ -160,7 +166,10 @@ async def _take(tap: fp_addon.FingerprintTap, batch: list[http.HTTPFlow]) -> tup
             tap.response(flow)
             hook += time.perf_counter() - started
             await asyncio.sleep(0)
+        deadline = time.monotonic() + ANSWER_TIMEOUT_S
         while worker is not None and worker.in_flight:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker left {worker.in_flight} response(s) unanswered")
             await asyncio.sleep(0.005)
     finally:
         if worker is not None:

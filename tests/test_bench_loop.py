@@ -4,6 +4,7 @@ mitmproxy's logging as it found it."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from mitmproxy import http
 from fp_core.keys import DecryptionKey
 from scripts import bench_loop
 from scripts.bench_loop import CASES, LoopCase, event_loop_cost, flows
+from scripts.harness import children
 
 
 def test_flows_are_distinct_open_responses_received_now() -> None:
@@ -38,7 +40,7 @@ def test_every_case_gives_a_row_where_its_work_is(tmp_path: Path) -> None:
     assert by_name["ordinary response (5 KB HTML page)"].answer_us.high == 0
     assert list(tmp_path.iterdir()) == []  # the key file is gone
     assert root.handlers == handlers  # no test master's handler left behind
-    root.setLevel(level)
+    assert root.level == level
 
 
 def test_the_section_stops_when_the_work_is_not_trusted(
@@ -57,3 +59,24 @@ def test_the_section_stops_when_the_work_is_not_trusted(
     with pytest.raises(RuntimeError, match="came out 'error'"):
         event_loop_cost(count=2, rounds=1, workdir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_that_does_not_answer_stops_the_section_and_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No time at all for the answers: the worker (several times slower per response than
+    # the hook that feeds it) still holds most of the 200 when the wait begins.
+    monkeypatch.setattr(bench_loop, "ANSWER_TIMEOUT_S", -1.0)
+    monkeypatch.setattr(bench_loop, "CASES", (CASES[1],))
+    with pytest.raises(RuntimeError, match=r"the worker left \d+ response\(s\) unanswered"):
+        event_loop_cost(count=200, rounds=1, workdir=tmp_path)
+    workers = [p for p in children(os.getpid()) if b"fp_core.worker" in _cmdline(p)]
+    assert workers == []  # tap.done() ran: no worker process left behind
+    assert list(tmp_path.iterdir()) == []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""  # gone since it was listed
