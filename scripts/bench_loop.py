@@ -22,7 +22,6 @@ record on its flow, or the section stops: it times real work.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -36,11 +35,10 @@ from mitmproxy.addons.termlog import TermLog
 from mitmproxy.test import taddons, tflow
 
 import fp_addon
-from fp_core.events import Api, inner_request_id
-from fp_core.generate import generate_event, open_response_body
 from fp_core.keys import DecryptionKey
-from fp_core.sealed import seal_event
 from scripts.bench_stats import Spread
+from scripts.bench_worker import responses
+from scripts.harness import temporary_key_file
 
 #: How long the worker may take to answer a batch (it takes well under a second).
 ANSWER_TIMEOUT_S = 60.0
@@ -92,23 +90,16 @@ def flows(key: DecryptionKey, case: LoopCase, count: int, seed: int) -> list[htt
     if not case.open_response:
         page = ("<!doctype html><p>" + "an ordinary page, not Fingerprint's. " * 135).encode()
         return [_flow(page, "text/html") for _ in range(count)]
-    out = []
-    for n in range(count):
-        api: Api = "v4" if n % 2 == 0 else "v3"
-        event = generate_event(api, rng=seed + n)
-        sealed = seal_event(event, key)
-        body = json.dumps(open_response_body(api, inner_request_id(event) or "", sealed))
-        out.append(_flow(body.encode(), "application/json"))
-    return out
+    return [_flow(info.body, "application/json") for info in responses(key, count, seed)]
 
 
 def _check(case: LoopCase, batch: Sequence[http.HTTPFlow]) -> None:
     for flow in batch:
-        verdict = flow.metadata.get(fp_addon.METADATA_KEY, {}).get("verdict")
-        if verdict != ("trusted" if case.open_response else None):
+        shown = flow.metadata.get(fp_addon.METADATA_KEY, {})
+        if shown.get("verdict") != ("trusted" if case.open_response else None):
             raise RuntimeError(
-                f"{case.name}: a bench flow came out {verdict!r}: "
-                f"{flow.metadata.get(fp_addon.METADATA_KEY, {}).get('reasons')}"
+                f"{case.name}: a bench flow came out {shown.get('verdict')!r}: "
+                f"{shown.get('reasons')}"
             )
 
 
@@ -148,15 +139,16 @@ async def _measure(
 
 async def _take(tap: fp_addon.FingerprintTap, batch: list[http.HTTPFlow]) -> tuple[float, float]:
     """Seconds spent in the hook and in the answers, for ``batch`` one flow at a time."""
-    spent = [0.0]
+    spent = 0.0
     worker = tap.worker
     if worker is not None:
         handle = worker.on_records
 
         def timed(records: Any) -> None:
+            nonlocal spent
             started = time.perf_counter()
             handle(records)
-            spent[0] += time.perf_counter() - started
+            spent += time.perf_counter() - started
 
         worker.on_records = timed
     hook = 0.0
@@ -174,18 +166,14 @@ async def _take(tap: fp_addon.FingerprintTap, batch: list[http.HTTPFlow]) -> tup
     finally:
         if worker is not None:
             worker.on_records = handle
-    return hook, spent[0]
+    return hook, spent
 
 
 def event_loop_cost(count: int, rounds: int, workdir: Path) -> list[LoopRow]:
     """Every case of :data:`CASES`, ``rounds`` times ``count`` responses each."""
     key = DecryptionKey.generate()
-    workdir.mkdir(parents=True, exist_ok=True)
-    key_file = workdir / "loop-bench.key"
-    key_file.write_text(key.to_base64() + "\n", encoding="ascii")
-    key_file.chmod(0o600)
     rows = []
-    try:
+    with temporary_key_file(workdir, "loop-bench.key", key) as key_file:
         for case in CASES:
             hooks, answers = asyncio.run(_measure(case, key_file, key, count, rounds))
             rows.append(
@@ -196,6 +184,4 @@ def event_loop_cost(count: int, rounds: int, workdir: Path) -> list[LoopRow]:
                     Spread.of([1e6 * s for s in answers]),
                 )
             )
-    finally:
-        key_file.unlink(missing_ok=True)
     return rows

@@ -40,6 +40,7 @@ from scripts.harness import (
     children,
     start_endpoint,
     start_mitmdump,
+    write_key_file,
 )
 
 #: What the load generators send: the JS agent's POST, alternating agent v4 and v3,
@@ -384,9 +385,7 @@ class Bench:
         # left by an earlier run would point at a port nobody listens on any more.
         for stale in out.glob("**/*.out"):
             stale.unlink()
-        self.key_file = out / "bench.key"
-        self.key_file.write_text(DecryptionKey.generate().to_base64() + "\n", encoding="utf-8")
-        self.key_file.chmod(0o600)
+        self.key_file = write_key_file(out / "bench.key", DecryptionKey.generate())
         self.loadgen = load_generator(out)
         self.endpoint: Service | None = None
 

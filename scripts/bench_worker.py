@@ -35,6 +35,7 @@ from fp_core.tap import ResponseInfo
 from fp_core.worker import WorkerClient
 from scripts.bench_proxy import cpu_seconds
 from scripts.bench_stats import Spread, paired_ratios
+from scripts.harness import temporary_key_file
 
 _DEFAULTS: dict[str, Any] = {name: default for name, _, default, _ in fp_addon.OPTIONS}
 
@@ -120,10 +121,6 @@ def idle_gaps(gaps_ms: Sequence[float], count: int, rounds: int) -> list[GapRow]
 def worker_rates(rates: Sequence[int], count: int, workdir: Path) -> list[RateRow]:
     """The rates part: one worker process, ``count`` responses at each rate."""
     key = DecryptionKey.generate()
-    workdir.mkdir(parents=True, exist_ok=True)
-    key_file = workdir / "worker-bench.key"
-    key_file.write_text(key.to_base64() + "\n", encoding="ascii")
-    key_file.chmod(0o600)
     sent: dict[int, float] = {}
     latencies: list[float] = []
 
@@ -133,41 +130,41 @@ def worker_rates(rates: Sequence[int], count: int, workdir: Path) -> list[RateRo
             _trusted(record)
             latencies.append(now - sent[token])
 
-    client = WorkerClient(on_records=answered, on_exit=lambda code: None, max_in_flight=count)
-    client.start()
     rows = []
-    try:
-        values = vars(default_options(fp_keys_file=str(key_file)))
-        client.configure(values, OPTIONS, wait=True, timeout=60)
-        assert client.proc is not None
-        for rate in rates:
-            batch = responses(key, count, seed=100_000_000 + 100_000 * rate)
-            latencies.clear()
-            before = cpu_seconds(client.proc.pid)
-            start = time.monotonic()
-            for n, info in enumerate(batch):
-                due = start + n / rate
-                while (now := time.monotonic()) < due:
-                    client.poll(due - now)
-                sent[n] = time.monotonic()
-                client.submit(info, n)
-            deadline = time.monotonic() + 60
-            while len(latencies) < count and time.monotonic() < deadline:
-                client.poll(0.05)
-            if len(latencies) < count:
-                raise RuntimeError(f"the worker answered {len(latencies)} of {count} in time")
-            cpu = cpu_seconds(client.proc.pid) - before
-            ordered = sorted(latencies)
-            rows.append(
-                RateRow(
-                    rate,
-                    count,
-                    1e6 * cpu / count,
-                    1e3 * ordered[count // 2],
-                    1e3 * ordered[min(count - 1, int(count * 0.99))],
+    with temporary_key_file(workdir, "worker-bench.key", key) as key_file:
+        client = WorkerClient(on_records=answered, on_exit=lambda code: None, max_in_flight=count)
+        client.start()
+        try:
+            values = vars(default_options(fp_keys_file=str(key_file)))
+            client.configure(values, OPTIONS, wait=True, timeout=60)
+            assert client.proc is not None
+            for rate in rates:
+                batch = responses(key, count, seed=100_000_000 + 100_000 * rate)
+                latencies.clear()
+                before = cpu_seconds(client.proc.pid)
+                start = time.monotonic()
+                for n, info in enumerate(batch):
+                    due = start + n / rate
+                    while (now := time.monotonic()) < due:
+                        client.poll(due - now)
+                    sent[n] = time.monotonic()
+                    client.submit(info, n)
+                deadline = time.monotonic() + 60
+                while len(latencies) < count and time.monotonic() < deadline:
+                    client.poll(0.05)
+                if len(latencies) < count:
+                    raise RuntimeError(f"the worker answered {len(latencies)} of {count} in time")
+                cpu = cpu_seconds(client.proc.pid) - before
+                ordered = sorted(latencies)
+                rows.append(
+                    RateRow(
+                        rate,
+                        count,
+                        1e6 * cpu / count,
+                        1e3 * ordered[count // 2],
+                        1e3 * ordered[min(count - 1, int(count * 0.99))],
+                    )
                 )
-            )
-    finally:
-        client.close(5)
-        key_file.unlink(missing_ok=True)
+        finally:
+            client.close(5)
     return rows

@@ -20,7 +20,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
 
 from fp_core.keys import DecryptionKey
-from scripts.harness import REPO, MitmdumpConfig, Service, start_endpoint, start_mitmdump
+from scripts.harness import (
+    REPO,
+    MitmdumpConfig,
+    Service,
+    start_endpoint,
+    start_mitmdump,
+    write_key_file,
+)
 
 OUT = REPO / "demo-out"
 
@@ -54,10 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{out} is not empty and not an earlier demo's folder: not clearing it")
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing left from the last one
     out.mkdir(parents=True)
-    key_file = out / "demo.key"
     key = DecryptionKey.generate()
-    key_file.write_text(f"# demo key, made by scripts/demo\n{key.to_base64()}\n")
-    key_file.chmod(0o600)
+    key_file = write_key_file(out / "demo.key", key, "demo key, made by scripts/demo")
     jsonl, flows = out / "events.jsonl", out / "flows.mitm"
 
     print(f"fp-tap demo: key {key.key_id} in {rel(key_file)}")

@@ -9,6 +9,7 @@ beside ``fp_addon.py``, exactly as a stock or standalone mitmproxy would.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -30,6 +31,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from fp_core.keys import DecryptionKey
+from fp_core.writer import open_private
 
 REPO = Path(__file__).resolve().parents[1]
 ADDON = REPO / "fp_addon.py"
@@ -338,3 +342,23 @@ def make_tls_files(folder: Path, host: str = "127.0.0.1") -> tuple[Path, Path, P
     )
     key_path.chmod(0o600)
     return ca_path, cert_path, key_path
+
+
+def write_key_file(path: Path, key: DecryptionKey, comment: str | None = None) -> Path:
+    """``key`` in a key file (base64, after a ``# comment`` line if given) that is 0600
+    from the moment it exists."""
+    path.unlink(missing_ok=True)  # a file left with other permissions would keep them
+    with open_private(str(path), "w") as handle:
+        handle.write((f"# {comment}\n" if comment else "") + key.to_base64() + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def temporary_key_file(workdir: Path, name: str, key: DecryptionKey) -> Iterator[Path]:
+    """:func:`write_key_file` in ``workdir``, removed again on the way out."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = write_key_file(workdir / name, key)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from fp_core.keys import DecryptionKey
-from scripts.harness import Service, start_endpoint
+from scripts.harness import Service, start_endpoint, write_key_file
 
 pytestmark = pytest.mark.e2e
 
@@ -26,10 +26,7 @@ class Keys:
 @pytest.fixture
 def keys(tmp_path: Path) -> Keys:
     key = DecryptionKey.generate()
-    path = tmp_path / "keys.txt"
-    path.write_text(f"# test key\n{key.to_base64()}\n")
-    path.chmod(0o600)
-    return Keys(key, path)
+    return Keys(key, write_key_file(tmp_path / "keys.txt", key, "test key"))
 
 
 @pytest.fixture
