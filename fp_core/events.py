@@ -7,12 +7,16 @@ summary can be made of whatever an authenticated payload holds.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from itertools import repeat
+from operator import is_ as _is
+from typing import Any, Literal, TypeGuard
 
 Api = Literal["v3", "v4"]
 
 BOT_RESULTS = ("not_detected", "good", "bad")
 _V3_BOT = {"notDetected": "not_detected", "good": "good", "bad": "bad"}
+#: ``map(_is, values, _TRUES)``: which values are ``True`` itself, tested in C.
+_TRUES = repeat(True)
 
 #: Boolean smart signals: summary name (the v4 field) and the v3 product holding it.
 BOOLEAN_SIGNALS: tuple[tuple[str, str], ...] = (
@@ -49,7 +53,7 @@ def event_api(obj: object) -> Api | None:
     return None
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -63,12 +67,6 @@ def _get(obj: object, *path: str) -> Any:
 
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _number(value: object) -> float | int | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return value
-    return None
 
 
 def _iso_to_ms(value: object) -> int | None:
@@ -98,11 +96,18 @@ def inner_request_id(event: object) -> str | None:
 
 def summarize(event: object) -> dict[str, Any]:
     """One flat, JSON-safe summary of a v3 or v4 event (``None`` where a field is absent)."""
-    api = event_api(event)
-    if api == "v4":
-        return _summarize_v4(event)
-    if api == "v3":
-        return _summarize_v3(event)
+    # event_api's test, inlined: the v4 summary reads event_id and timestamp anyway, and
+    # the v3 one starts from products (0.3 us of a 1 KB event's summary, BENCHMARKS.md).
+    # test_events holds it to event_api.
+    if isinstance(event, dict):
+        get = event.get
+        event_id = get("event_id")
+        timestamp = get("timestamp")
+        if isinstance(event_id, str) and _is_int(timestamp):
+            return _summarize_v4(event, event_id, timestamp)
+        products = get("products")
+        if isinstance(products, dict):
+            return _summarize_v3(products)
     return _empty_summary(None)
 
 
@@ -128,19 +133,12 @@ def _empty_summary(api: Api | None) -> dict[str, Any]:
 # The two summaries below run for every event the tap sees, and at 1 KB an event's
 # summary costs as much as a fifth of unsealing it (BENCHMARKS.md). So they read the
 # event with plain dict lookups and inline type tests instead of the generic _get() and
-# one-line helpers: a missing or mistyped parent reads as this empty dict (never written
-# to), and so its fields as absent.
+# one-line helpers, whose calls cost more than the tests they make: a missing or
+# mistyped parent reads as this empty dict (never written to), and so its fields as
+# absent.
 _ABSENT: dict[str, Any] = {}
-
-
-def _obj(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else _ABSENT
-
-
-def _data(products: dict[str, Any], name: str) -> dict[str, Any]:
-    """``products[name]["data"]`` when both are objects (a v3 product's payload)."""
-    product = products.get(name)
-    return _obj(product.get("data")) if isinstance(product, dict) else _ABSENT
+#: The JSON number types, for isinstance() (a tuple: ``int | float`` is built per call).
+_NUMBER = (int, float)
 
 
 def _either(first: object, second: object) -> str | None:
@@ -160,7 +158,7 @@ _V4_PLAIN = tuple(name for name, _ in BOOLEAN_SIGNALS if name not in ("tor", "ip
 _V3_SIGNAL_PRODUCTS = frozenset(v3_name for _, v3_name in BOOLEAN_SIGNALS)
 
 
-def _summarize_v4(event: Any) -> dict[str, Any]:
+def _summarize_v4(event: dict[str, Any], event_id: str, timestamp: int) -> dict[str, Any]:
     get = event.get
     ident = get("identification")
     if not isinstance(ident, dict):
@@ -168,41 +166,50 @@ def _summarize_v4(event: Any) -> dict[str, Any]:
     confidence = ident.get("confidence")
     confidence = confidence.get("score") if isinstance(confidence, dict) else None
     bot = get("bot")
-    signals: dict[str, bool] = {}
-    for name in _V4_PLAIN:
-        value = get(name)
-        if value is True or value is False:
-            signals[name] = value
+    signals = {name: value for name in _V4_PLAIN if (value := get(name)) is True or value is False}
     blocklist = get("ip_blocklist")
     if isinstance(blocklist, dict):
         value = blocklist.get("tor_node")
         if value is True or value is False:
             signals["tor"] = value
-        signals["ip_blocklist"] = any(v is True for v in blocklist.values())
+        signals["ip_blocklist"] = True in map(_is, blocklist.values(), _TRUES)
     elif blocklist is True or blocklist is False:
         signals["ip_blocklist"] = blocklist
     return {
         "api": "v4",
-        "request_id": v if isinstance(v := get("event_id"), str) else None,
+        "request_id": event_id,
         "visitor_id": v if isinstance(v := ident.get("visitor_id"), str) else None,
         "visitor_found": v if (v := ident.get("visitor_found")) is True or v is False else None,
-        "confidence": _number(confidence),
+        "confidence": confidence
+        if isinstance(confidence, _NUMBER) and confidence is not True and confidence is not False
+        else None,
         "bot": bot if bot in BOT_RESULTS else None,
         "bot_type": v if isinstance(v := get("bot_type"), str) else None,
         "ip": v if isinstance(v := get("ip_address"), str) else None,
         "url": v if isinstance(v := get("url"), str) else None,
-        "timestamp": event["timestamp"],
+        "timestamp": timestamp,
         "replayed": v if (v := get("replayed")) is True or v is False else None,
         "linked_id": v if isinstance(v := get("linked_id"), str) else None,
-        "suspect_score": _number(get("suspect_score")),
+        "suspect_score": v
+        if isinstance(v := get("suspect_score"), _NUMBER) and v is not True and v is not False
+        else None,
         "signals": signals,
     }
 
 
-def _summarize_v3(event: Any) -> dict[str, Any]:
-    products = event["products"]
-    ident = _data(products, "identification")
-    botd = _data(products, "botd")
+def _summarize_v3(products: dict[str, Any]) -> dict[str, Any]:
+    # products[name]["data"] when both are objects, inlined for the three products read.
+    ident = products.get("identification")
+    ident = ident.get("data") if isinstance(ident, dict) else None
+    if not isinstance(ident, dict):
+        ident = _ABSENT
+    botd = products.get("botd")
+    botd = botd.get("data") if isinstance(botd, dict) else None
+    if not isinstance(botd, dict):
+        botd = _ABSENT
+    score = products.get("suspectScore")
+    score = score.get("data") if isinstance(score, dict) else None
+    score = score.get("result") if isinstance(score, dict) else None
     bot = botd.get("bot")
     if not isinstance(bot, dict):
         bot = _ABSENT
@@ -229,7 +236,9 @@ def _summarize_v3(event: Any) -> dict[str, Any]:
         "request_id": _either(iget("requestId"), bget("requestId")),
         "visitor_id": v if isinstance(v := iget("visitorId"), str) else None,
         "visitor_found": v if (v := iget("visitorFound")) is True or v is False else None,
-        "confidence": _number(confidence),
+        "confidence": confidence
+        if isinstance(confidence, _NUMBER) and confidence is not True and confidence is not False
+        else None,
         "bot": _V3_BOT.get(result) if isinstance(result, str) else None,
         "bot_type": v if isinstance(v := bot.get("type"), str) else None,
         "ip": _either(iget("ip"), bget("ip")),
@@ -237,6 +246,8 @@ def _summarize_v3(event: Any) -> dict[str, Any]:
         "timestamp": timestamp,
         "replayed": v if (v := iget("replayed")) is True or v is False else None,
         "linked_id": _either(iget("linkedId"), bget("linkedId")),
-        "suspect_score": _number(_data(products, "suspectScore").get("result")),
+        "suspect_score": score
+        if isinstance(score, _NUMBER) and score is not True and score is not False
+        else None,
         "signals": signals,
     }
