@@ -311,6 +311,17 @@ def test_summary_matches_the_reference_at_every_path(api: Api) -> None:
             assert summarize(event) == reference_summary(event), (path, value)
 
 
+def test_summary_falls_back_to_botd_like_the_reference() -> None:
+    """Where the identification lacks a field, botd's value, of any type, stands in."""
+    ident, botd = ("products", "identification", "data"), ("products", "botd", "data")
+    for name in ("requestId", "ip", "url", "linkedId", "time"):
+        for value in [*_WRONG_VALUES, "2024-05-01T10:00:00Z"]:
+            event = _changed("v3", (*ident, name), _DELETE)
+            _apply(event, (*ident, "timestamp"), _DELETE)  # so that the times are read
+            _apply(event, (*botd, name), value)
+            assert summarize(event) == reference_summary(event), (name, value)
+
+
 @pytest.mark.parametrize("api", ["v3", "v4"])
 def test_reference_sees_every_signal(api: Api) -> None:
     """The property test's events carry signals, so it compares them too."""
