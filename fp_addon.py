@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from mitmproxy import command, contentviews, ctx, exceptions, flowfilter, hooks, http, types
 from mitmproxy import flow as mflow
 from mitmproxy.addonmanager import Loader
+from mitmproxy.addons.termlog import TermLogHandler
 from mitmproxy.log import LegacyLogEvents
 from mitmproxy.net.http import url
 
@@ -30,6 +31,7 @@ from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import ConfigError, FpError, KeyConfigError, UnsealError
 from fp_core.jsontext import dumps
 from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
+from fp_core.loglines import DirectLines
 from fp_core.pipeline import (
     DELIVERY_OPTIONS,
     OUTPUT_OPTIONS,
@@ -261,6 +263,13 @@ class FingerprintTap:
         self.view = FingerprintView(self)
         self.scrubber = Scrubber()
         self._log_filter = _ScrubFilter(self.scrubber)
+        self._lines = DirectLines(
+            record_log,
+            self.scrubber,
+            terminal=_terminal_stream,
+            ignores=_ignores_records,
+            own_filters=(self._log_filter,),
+        )
         self._background = Background()
         self._has_view = False
         self._running = False
@@ -584,7 +593,7 @@ class FingerprintTap:
     def _show(self, flow: http.HTTPFlow, record: dict[str, Any], late: bool = False) -> None:
         _annotate(flow, record)
         if self.log_trusted or record["verdict"] != "trusted":
-            _log_record(record)
+            _log_record(record, self._lines)
         if late and self._has_view:
             ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
@@ -788,12 +797,14 @@ def _comment(record: dict[str, Any]) -> str:
     )
 
 
-def _log_record(record: dict[str, Any]) -> None:
-    # One line per open response, on the event loop: the text is built in one go, and
-    # the record made and handed to the handlers directly (what Logger.info does, less
-    # its search of the stack for the caller, which no mitmproxy handler shows). With
-    # the log filters' order and _ScrubFilter formatting once, a quarter less time per
-    # answer (BENCHMARKS.md, section 6).
+def _log_record(record: dict[str, Any], lines: DirectLines | None = None) -> None:
+    # One line per open response, on the event loop: the text is built in one go. In
+    # mitmdump the line is written straight to the terminal (``lines``, see
+    # fp_core.loglines), which costs mitmdump a tenth of its throughput less than
+    # logging it (BENCHMARKS.md, section 3). Elsewhere the record is made and handed to
+    # the handlers directly (what Logger.info does, less its search of the stack for the
+    # caller, which no mitmproxy handler shows); with the log filters' order and
+    # _ScrubFilter formatting once, a quarter less time per answer (section 6).
     level = logging.INFO if record["ok"] else logging.WARNING
     if not record_log.isEnabledFor(level):
         return
@@ -812,6 +823,8 @@ def _log_record(record: dict[str, Any]) -> None:
             f"visitor={summary['visitor_id']} bot={summary['bot']} key={record['key_id']} "
             f"{checks} [flow {record['flow_id']}]"
         )
+    if lines is not None and lines.write(level, text):
+        return
     line = record_log.makeRecord(
         record_log.name, level, __file__, _LOG_RECORD_LINE, text, (), None, "_log_record"
     )
@@ -820,6 +833,15 @@ def _log_record(record: dict[str, Any]) -> None:
 
 #: Where the record lines say they come from (the caller Logger.info would have found).
 _LOG_RECORD_LINE = _log_record.__code__.co_firstlineno
+
+
+def _terminal_stream(handler: logging.Handler) -> Any:
+    """mitmproxy's terminal log (mitmdump's output) is the one DirectLines writes to."""
+    return handler.file if type(handler) is TermLogHandler else None
+
+
+def _ignores_records(handler: logging.Handler) -> bool:
+    return isinstance(handler, LegacyLogEvents) and _NOT_RECORDS in handler.filters
 
 
 def _word(value: object) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import threading
@@ -12,9 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pytest.logging import LogCaptureHandler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mitmproxy import contentviews, exceptions, http
+from mitmproxy.addons.errorcheck import ErrorCheckHandler
+from mitmproxy.addons.termlog import TermLogHandler
+from mitmproxy.log import LegacyLogEvents, MitmFormatter
 from mitmproxy.net import encoding
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -674,17 +679,9 @@ def test_log_trusted_false_logs_only_what_needs_attention(addon, tmp_path: Path,
     assert len(records(tap, tmp_path / "out.jsonl")) == 3  # still recorded
 
 
-def test_record_lines_say_what_the_record_says(addon, tmp_path: Path, caplog) -> None:
-    """The line's exact words, for a trusted response, a suspicious one and an error."""
-    tap, _ = addon
-    caplog.set_level(logging.INFO)
-    flows = [
-        run(tap, make_flow(fp_body("v4")[0])),
-        run(tap, make_flow(fp_body("v3", bot="bad")[0])),
-        run(tap, make_flow(hostile_bodies()["decrypt_failed"])),
-    ]
-    by_flow = {r["flow_id"]: r for r in records(tap, tmp_path / "out.jsonl")}
-    lines = {r.getMessage(): r for r in caplog.records if r.name == fp_addon.record_log.name}
+def expected_lines(flows: Sequence[http.HTTPFlow], path: Path, tap: Any) -> list[tuple[str, int]]:
+    """The words and level of each flow's record line, from its exported record."""
+    by_flow = {r["flow_id"]: r for r in records(tap, path)}
     expected = []
     for flow in flows:
         r = by_flow[flow.id]
@@ -706,12 +703,158 @@ def test_record_lines_say_what_the_record_says(addon, tmp_path: Path, caplog) ->
                 f"{r['error']['message']} [flow {flow.id}]"
             )
             expected.append((text, logging.WARNING))
+    return expected
+
+
+def three_flows(tap: fp_addon.FingerprintTap) -> list[http.HTTPFlow]:
+    """A trusted response, a suspicious one and an error."""
+    return [
+        run(tap, make_flow(fp_body("v4")[0])),
+        run(tap, make_flow(fp_body("v3", bot="bad")[0])),
+        run(tap, make_flow(hostile_bodies()["decrypt_failed"])),
+    ]
+
+
+def test_record_lines_say_what_the_record_says(addon, tmp_path: Path, caplog) -> None:
+    """The line's exact words, for a trusted response, a suspicious one and an error."""
+    tap, _ = addon
+    caplog.set_level(logging.INFO)
+    flows = three_flows(tap)
+    lines = {r.getMessage(): r for r in caplog.records if r.name == fp_addon.record_log.name}
+    expected = expected_lines(flows, tmp_path / "out.jsonl", tap)
     assert sorted((t, lines[t].levelno) for t in lines) == sorted(expected)
     assert " suspicious (bad_bot) visitor=" in expected[1][0]  # the reasons are there
     assert " id_match=yes fresh=yes " in expected[0][0]
     # Where a formatter that shows it says the lines come from.
     assert {(r.filename, r.funcName) for r in lines.values()} == {("fp_addon.py", "_log_record")}
     assert {r.lineno for r in lines.values()} == {fp_addon._log_record.__code__.co_firstlineno}
+
+
+class WithoutPytests(list[logging.Handler]):
+    """A logger's handlers, which pytest's capturing handlers do not join (pytest puts
+    them on every logger that does not propagate; mitmdump has no such handlers)."""
+
+    def append(self, handler: logging.Handler) -> None:
+        if not isinstance(handler, LogCaptureHandler):
+            super().append(handler)
+
+
+@pytest.fixture
+def mitmdump_logging(
+    addon, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[io.StringIO, TermLogHandler, list[logging.LogRecord]]]:
+    """The record lines' handlers as in mitmdump: its terminal, the add_log one (which
+    keeps them out) and the error check, with fp-tap's filters; pytest's own handlers
+    (on the root logger) out of the way. Yields the terminal's output, the terminal,
+    and the record lines made through logging."""
+    tap, tctx = addon
+    out = io.StringIO()
+    with monkeypatch.context() as m:
+        # Else mitmproxy's handlers take only lines logged in this fixture (they compare
+        # the test's phase, "setup" here, with that of each line).
+        m.delenv("PYTEST_CURRENT_TEST")
+        terminal = TermLogHandler(out)
+        legacy = LegacyLogEvents(tctx.master)
+        handlers = WithoutPytests([terminal, legacy, ErrorCheckHandler()])
+    logger = fp_addon.record_log
+    monkeypatch.setattr(logger, "propagate", False)
+    monkeypatch.setattr(logger, "handlers", handlers)
+    legacy.filters.insert(0, fp_addon._NOT_RECORDS)
+    for handler in handlers:
+        handler.addFilter(tap._log_filter)
+    made: list[logging.LogRecord] = []
+    make = logger.makeRecord
+
+    def counting(*args: Any, **kw: Any) -> logging.LogRecord:
+        made.append(record := make(*args, **kw))
+        return record
+
+    monkeypatch.setattr(logger, "makeRecord", counting)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # mitmdump's root level
+    yield out, terminal, made
+    logger.setLevel(level)
+
+
+@pytest.mark.parametrize("colours", [False, True], ids=["plain", "colours"])
+def test_mitmdump_terminal_gets_the_lines_directly(
+    addon, tmp_path: Path, mitmdump_logging, colours: bool
+) -> None:
+    """Past logging, but what mitmproxy's terminal log would have printed."""
+    tap, _ = addon
+    out, terminal, made = mitmdump_logging
+    if colours:
+        terminal.formatter = MitmFormatter(colorize=True)
+    flows = three_flows(tap)
+    expected = expected_lines(flows, tmp_path / "out.jsonl", tap)
+    assert made == []  # no LogRecord: written directly
+    printed = out.getvalue().splitlines()
+    assert len(printed) == 3
+    for line, (text, level) in zip(printed, expected, strict=True):
+        record = logging.LogRecord(fp_addon.record_log.name, level, "", 0, text, None, None)
+        want = terminal.format(record)
+        stamp = terminal.formatter.formatTime(record)
+        assert line.replace(line[want.index(stamp) :][: len(stamp)], stamp) == want
+    assert ("\x1b[33m" in printed[2]) is colours  # the error's line, in yellow
+
+
+def test_mitmdump_terminal_lines_follow_termlog_verbosity(
+    addon, tmp_path: Path, mitmdump_logging
+) -> None:
+    tap, _ = addon
+    out, terminal, made = mitmdump_logging
+    terminal.setLevel(logging.WARNING)  # termlog_verbosity=warn
+    flows = three_flows(tap)
+    printed = out.getvalue().splitlines()
+    assert [flow.id in printed[0] for flow in flows] == [False, False, True]
+    assert len(printed) == 1
+    assert made == []
+    terminal.setLevel(logging.ERROR)  # -q
+    three_flows(tap)
+    assert len(out.getvalue().splitlines()) == 1
+
+
+def test_mitmdump_terminal_lines_are_scrubbed(addon, mitmdump_logging) -> None:
+    tap, _ = addon
+    out, _, made = mitmdump_logging
+    flow = make_flow(
+        json.dumps({"requestId": f"x{SECRET}", "sealedResult": "AAAA"}).encode(),
+        request_headers=[(b"FPJS-Proxy-Secret", SECRET.encode())],
+    )
+    tap.requestheaders(flow)
+    tap.responseheaders(flow)
+    tap.response(flow)
+    printed = out.getvalue()
+    assert f"x{REDACTED}" in printed
+    assert flow.id in printed
+    assert SECRET not in printed
+    assert made == []
+
+
+def test_another_handler_gets_the_lines_through_logging(addon, mitmdump_logging) -> None:
+    """As in mitmweb or the console, whose event log is a handler of its own."""
+    tap, _ = addon
+    out, _, made = mitmdump_logging
+
+    class EventLog(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    event_log = EventLog()
+    fp_addon.record_log.handlers.append(event_log)
+    flow = run(tap, make_flow(fp_body()[0]))
+    assert len(made) == 1
+    assert [flow.id in line for line in event_log.lines] == [True]
+    assert flow.id in out.getvalue()  # the terminal too, through logging
+    fp_addon.record_log.handlers.remove(event_log)
+    run(tap, make_flow(fp_body()[0]))
+    assert len(made) == 1
+    assert len(event_log.lines) == 1
+    assert len(out.getvalue().splitlines()) == 2
 
 
 def test_record_lines_follow_their_logger_level(addon, caplog) -> None:

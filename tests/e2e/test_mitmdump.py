@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import ssl
 import time
@@ -29,6 +30,12 @@ from tests.e2e.conftest import Keys, comparable_headers, fetch, read_jsonl, secr
 pytestmark = pytest.mark.e2e
 
 SECRET = "e2e-proxy-secret-3c1d9a"
+LINE_PROBE = Path(__file__).with_name("line_probe.py")
+#: A record line as mitmproxy's terminal log prints it (no colours: not a terminal).
+RECORD_LINE = re.compile(
+    r"\[\d\d:\d\d:\d\d\.\d{3}\] fp v[34] \S+ "
+    r"(trusted|suspicious \([a-z_,]+\)|error [a-z0-9_]+:) .+ \[flow [0-9a-f-]{36}\]"
+)
 
 # (case, api, encoding) -> what the record must say: a verdict with reasons, or an error kind.
 EXPECTED: list[tuple[str, str, str, str]] = [
@@ -119,6 +126,7 @@ def test_reverse_proxy_end_to_end(
                 "termlog_verbosity": "debug",
             },
             save_flows=flows,
+            extra_args=["-s", str(LINE_PROBE)],
         ),
     )
     try:
@@ -140,6 +148,11 @@ def test_reverse_proxy_end_to_end(
     assert summary["responses"] == len(EXPECTED)
     for request_id, want in expected.items():
         assert sum(request_id in line and "fp " in line for line in log.splitlines()) == 1, want
+    # Each line as mitmproxy's terminal log prints it, written past logging.
+    lines = [line for line in log.splitlines() if " fp v" in line]
+    assert len(lines) == len(expected)
+    assert all(RECORD_LINE.fullmatch(line) for line in lines), lines
+    assert "record lines through logging: 0" in log
 
     # The endpoint got the proxy secret (the upstream request was untouched) ...
     answers = read_jsonl(tmp_path / "answers.jsonl")

@@ -95,6 +95,17 @@ def test_content_view_comments_marks_and_commands(
         assert (stats["open_responses"], stats["unsealed"]) == (3, 2)
         assert stats["errors"] == {"decrypt_failed": 1}
 
+        # Here the record lines go through logging, to the UI's event log (and to the
+        # terminal): mitmweb's event log is a second reader of them.
+        events = [e for e in client.get("/events") if "] fp v" in e["message"]]
+        assert sorted(e["message"].split(" ")[4] for e in events) == [
+            "error",
+            "suspicious",
+            "trusted",
+        ]
+        assert {e["level"] for e in events} == {"info", "warn"}
+        assert sum(" fp v" in line for line in web.output().splitlines()) == 3
+
         out = tmp_path / "marked.jsonl"
         client.command("fp.export", "~marked", str(out))
         records = wait_for_lines(out, 2)
