@@ -41,6 +41,21 @@ class _Target(NamedTuple):
     leveled: tuple[logging.Handler, ...]
 
 
+class _Seen(NamedTuple):
+    """What the target (or its absence) was found from: the handlers, and the terminal's
+    filters and formatter. Any change and it is looked for again. One object, replaced
+    whole, so that a thread never sees half of it."""
+
+    handlers: list[logging.Handler]
+    terminal: logging.Handler | None
+    filters: list[object]
+    formatter: logging.Formatter | None
+    target: _Target | None
+
+
+_UNSEEN = _Seen([], None, [], None, None)
+
+
 def handlers_of(logger: logging.Logger) -> list[logging.Handler]:
     """The handlers a record of ``logger`` reaches, in order (as ``Logger.callHandlers``)."""
     found: list[logging.Handler] = []
@@ -78,15 +93,9 @@ class DirectLines:
         self._terminal = terminal
         self._ignores = ignores
         self._own_filters = own_filters
-        #: What the target was found from: the handlers, and the terminal's filters and
-        #: formatter (any change and it is looked for again).
-        self._handlers: list[logging.Handler] | None = None
-        self._terminal_handler: logging.Handler | None = None
-        self._terminal_filters: list[object] = []
-        self._terminal_formatter: logging.Formatter | None = None
-        self._target: _Target | None = None
-        self._second = -1
-        self._clock = ""
+        self._seen: _Seen | None = None
+        #: The second of the last stamp, and its ``HH:MM:SS``.
+        self._clock = (-1, "")
 
     def write(self, level: int, text: str) -> bool:
         """Write one line of ``level`` (one of :data:`LEVELS`); False: log it instead.
@@ -95,16 +104,20 @@ class DirectLines:
         """
         logger = self.logger
         handlers = handlers_of(logger)
-        terminal = self._terminal_handler
-        if handlers != self._handlers or (
-            terminal is not None
-            and (
-                terminal.filters != self._terminal_filters
-                or terminal.formatter is not self._terminal_formatter
+        seen = self._seen
+        if (
+            seen is None
+            or handlers != seen.handlers
+            or (
+                seen.terminal is not None
+                and (
+                    seen.terminal.filters != seen.filters
+                    or seen.terminal.formatter is not seen.formatter
+                )
             )
         ):
-            self._look(handlers)
-        target = self._target
+            self._seen = seen = self._look(handlers)
+        target = seen.target
         if target is None or logger.disabled or logger.filters:
             return False
         handler = target.handler
@@ -120,23 +133,38 @@ class DirectLines:
                 target.stream.write(f"{line}{form.tail}\n")
         except (OSError, ValueError):
             # A closed or broken stream: the handler decides what that means.
-            self._handlers = None
+            self._seen = None
             return False
         return True
 
     def _stamp(self, now_ns: int) -> str:
         """``HH:MM:SS.mmm``, as ``logging.Formatter.formatTime`` writes it by default."""
         second = now_ns // 1_000_000_000
-        if second != self._second:
-            self._second, self._clock = second, time.strftime("%H:%M:%S", time.localtime(second))
-        return f"{self._clock}.{now_ns // 1_000_000 % 1000:03d}"
+        clock = self._clock
+        if clock[0] != second:
+            self._clock = clock = second, time.strftime("%H:%M:%S", time.localtime(second))
+        return f"{clock[1]}.{now_ns // 1_000_000 % 1000:03d}"
 
-    def _look(self, handlers: list[logging.Handler]) -> None:
-        self._handlers = handlers
-        self._terminal_handler = None
-        self._target = self._find(handlers)
+    def _look(self, handlers: list[logging.Handler]) -> _Seen:
+        found = self._terminal_of(handlers)
+        if found is None:
+            return _UNSEEN._replace(handlers=handlers)
+        handler, stream, leveled = found
+        seen = _Seen(handlers, handler, list(handler.filters), handler.formatter, None)
+        if any(f not in self._own_filters for f in handler.filters):
+            return seen
+        formats = {}
+        for level in LEVELS:
+            form = self._format(handler, level)
+            if form is None:
+                return seen
+            formats[level] = form
+        return seen._replace(target=_Target(handler, stream, formats, leveled))
 
-    def _find(self, handlers: list[logging.Handler]) -> _Target | None:
+    def _terminal_of(
+        self, handlers: list[logging.Handler]
+    ) -> tuple[logging.Handler, IO[str], tuple[logging.Handler, ...]] | None:
+        """The one terminal, its stream, and the handlers that take lines by level."""
         target: tuple[logging.Handler, IO[str]] | None = None
         leveled = []
         for handler in handlers:
@@ -149,19 +177,7 @@ class DirectLines:
                 leveled.append(handler)
         if target is None:
             return None
-        handler, stream = target
-        self._terminal_handler = handler
-        self._terminal_filters = list(handler.filters)
-        self._terminal_formatter = handler.formatter
-        if any(f not in self._own_filters for f in handler.filters):
-            return None
-        formats = {}
-        for level in LEVELS:
-            form = self._format(handler, level)
-            if form is None:
-                return None
-            formats[level] = form
-        return _Target(handler, stream, formats, tuple(leveled))
+        return target[0], target[1], tuple(leveled)
 
     def _format(self, handler: logging.Handler, level: int) -> _Format | None:
         """Where the handler puts the time and the text, found by formatting a probe."""
