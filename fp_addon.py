@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 #: mitmweb's and the console's event log, any added with logging) but not mitmproxy's
 #: deprecated ``add_log`` event: that one hands every line to every loaded addon, which
 #: measured 0.15 ms a line (BENCHMARKS.md), more than all else fp-tap still costs the
-#: event loop per open response.
+#: event loop per open response. Where the terminal is the only reader (mitmdump), the
+#: lines are written to it directly (``_log_record``).
 record_log = logging.getLogger(f"{__name__}.records")
 
 PROXY_SECRET_HEADER = "FPJS-Proxy-Secret"  # noqa: S105 (a header name, not a secret)
@@ -135,7 +136,8 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         bool,
         True,
         "Log a line for trusted open responses too. False logs only suspicious ones and "
-        "failures: on a busy tap each log line costs mitmproxy more than unsealing.",
+        "failures: on a busy tap in mitmweb or the console, each log line costs mitmproxy "
+        "more than unsealing.",
     ),
     (
         "fp_worker",
