@@ -132,7 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.pin:
                     print("(pinned: each mitmdump alone on the first CPU, all else on the rest)")
                 proxy = bench_proxy.proxy_overhead(
-                    bench, plan.proxy_rounds, plan.proxy_seconds, plan.warmup_s, pin=args.pin
+                    bench,
+                    plan.proxy_rounds,
+                    plan.proxy_seconds,
+                    plan.warmup_s,
+                    pin=args.pin,
+                    keep=args.keep,
                 )
                 results["pinned"] = args.pin
                 results["proxy"] = dataclasses.asdict(proxy)
@@ -183,6 +188,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--pin",
         action="store_true",
         help="proxy section: each mitmdump alone on the first CPU, the rest on the others",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="proxy section: keep each scenario's records and mitmdump output in --out",
     )
     parser.add_argument(
         "--out", type=Path, default=REPO / "bench-out", help="scratch folder (bench-out/)"

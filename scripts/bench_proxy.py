@@ -427,7 +427,13 @@ def _clear(folder: Path) -> None:
 
 
 def proxy_overhead(
-    bench: Bench, rounds: int, seconds: int, warmup_s: int, *, pin: bool = False
+    bench: Bench,
+    rounds: int,
+    seconds: int,
+    warmup_s: int,
+    *,
+    pin: bool = False,
+    keep: bool = False,
 ) -> ProxyResults:
     """Section 3: every available scenario against no addon, in adjacent pairs.
 
@@ -438,7 +444,8 @@ def proxy_overhead(
 
     With ``pin``, each mitmdump runs alone on the first CPU and everything else (its
     worker, the endpoint, the load generator, the slow receiver) on the others: the
-    proxy's event loop as on a machine with a core to spare for the rest.
+    proxy's event loop as on a machine with a core to spare for the rest. With ``keep``,
+    each scenario's records and mitmdump output stay in its folder (hundreds of MB).
     """
     proxy_cpu, other_cpus = split_cpus() if pin else (None, None)
     allowed = os.sched_getaffinity(0)  # given back at the end, for the sections after
@@ -493,7 +500,8 @@ def proxy_overhead(
             runs[scenario.name].addon_summaries.append(
                 addon_summary(proxies[scenario.name].output())
             )
-            _clear(proxies[scenario.name].log.parent)
+            if not keep:
+                _clear(proxies[scenario.name].log.parent)
     rows = [_row(runs[s.name]) for s in active]
     return ProxyResults(bench.loadgen.name, rows, skipped, Spread.of(direct) if direct else None)
 

@@ -104,3 +104,27 @@ def test_pinning_moves_every_thread_of_a_process() -> None:
             }
     finally:
         child.communicate(b"\n\n")
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["cleared", "kept"])
+def test_proxy_section_counts_records_and_keeps_them_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool
+) -> None:
+    """One short round of the baseline and the JSONL scenario, through real mitmdumps."""
+    jsonl = next(s for s in SCENARIOS if s.name == "addon + JSONL")
+    monkeypatch.setattr(bench_proxy, "SCENARIOS", (SCENARIOS[0], jsonl))
+    with bench_proxy.Bench(tmp_path) as bench:
+        results = bench_proxy.proxy_overhead(bench, 1, 1, 1, keep=keep)
+    row = next(r for r in results.rows if r.name == jsonl.name)
+    written = row.written["jsonl"]
+    assert written > 0
+    assert row.errors == 0
+    folder = tmp_path / "addon-jsonl"
+    records = folder / "events.jsonl"
+    if keep:
+        assert len(records.read_text().splitlines()) == written
+        lines = (folder / "mitmdump.out").read_text().splitlines()
+        assert sum(" fp v" in line for line in lines) == written  # one record line each
+    else:
+        assert not records.exists()
+        assert not (folder / "mitmdump.out").exists()
