@@ -802,11 +802,11 @@ def _comment(record: dict[str, Any]) -> str:
 def _log_record(record: dict[str, Any], lines: DirectLines | None = None) -> None:
     # One line per open response, on the event loop: the text is built in one go. In
     # mitmdump the line is written straight to the terminal (``lines``, see
-    # fp_core.loglines), which costs mitmdump a tenth of its throughput less than
-    # logging it (BENCHMARKS.md, section 3). Elsewhere the record is made and handed to
-    # the handlers directly (what Logger.info does, less its search of the stack for the
-    # caller, which no mitmproxy handler shows); with the log filters' order and
-    # _ScrubFilter formatting once, a quarter less time per answer (section 6).
+    # fp_core.loglines): 10-12 us instead of 29-35, and 2-4 % more throughput
+    # (BENCHMARKS.md, section 6 and "A fifth pass"). Elsewhere the record is made and
+    # handed to the handlers directly (what Logger.info does, less its search of the
+    # stack for the caller, which no mitmproxy handler shows); with the log filters'
+    # order and _ScrubFilter formatting once, a quarter less time per answer (section 6).
     level = logging.INFO if record["ok"] else logging.WARNING
     if not record_log.isEnabledFor(level):
         return
