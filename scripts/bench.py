@@ -298,7 +298,9 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
                 "p99 ms @1",
                 "errors",
                 "dropped",
+                "open responses",
                 "written",
+                "addon errors",
             ],
             [
                 (
@@ -312,7 +314,9 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
                     r.p99_ms.show(2),
                     r.errors,
                     r.dropped,
+                    r.open_responses if r.name != bench_proxy.BASELINE else "-",
                     ",".join(f"{k}={v}" for k, v in r.written.items()) or "-",
+                    ",".join(f"{k}={v}" for k, v in r.addon_errors.items()) or "-",
                 )
                 for r in proxy.rows
             ],
@@ -328,11 +332,17 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
             continue
         ratio = r.vs_baseline.median
         aim = "aim met" if ratio >= AIM_PROXY_RATIO else f"aim {AIM_PROXY_RATIO} not met"
+        # A scenario that did less than it should (a failed sink, records missing) is
+        # not measured: its ratio says nothing about the work it skipped.
+        short = [
+            f"{k} {v} of {r.open_responses}" for k, v in r.written.items() if v != r.open_responses
+        ]
+        problems = [f"{r.errors} errors"] + [f"{k}={v}" for k, v in r.addon_errors.items()]
         targets.append(
             (
                 f"proxy {r.name}: req/s >= {MIN_PROXY_RATIO}x no addon",
-                ratio >= MIN_PROXY_RATIO and r.errors == 0,
-                f"{r.vs_baseline.show(3)}x ({aim}), {r.errors} errors",
+                ratio >= MIN_PROXY_RATIO and r.errors == 0 and not r.addon_errors and not short,
+                f"{r.vs_baseline.show(3)}x ({aim}), " + ", ".join(problems + short),
             )
         )
         targets.append(

@@ -365,6 +365,10 @@ class ProxyRow:
     errors: int
     dropped: int
     written: dict[str, int]
+    #: Open responses the addon counted (its shutdown summary), to hold ``written`` to.
+    open_responses: int = 0
+    #: The addon's own errors and failed sink writes, by kind (its shutdown summary).
+    addon_errors: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -541,9 +545,14 @@ def _row(runs: ScenarioRuns) -> ProxyRow:
     rates = [r.rate for r in runs.throughput]
     p50 = [r.p50_ms for r in runs.latency]
     written: dict[str, int] = {}
+    addon_errors: dict[str, int] = {}
     for summary in runs.addon_summaries:
         for sink, count in summary.get("written", {}).items():
             written[sink] = written.get(sink, 0) + count
+        for group in ("errors", "sink_errors"):
+            for kind, count in summary.get(group, {}).items():
+                name = f"{group}.{kind}"
+                addon_errors[name] = addon_errors.get(name, 0) + count
     base_rates = [b.rate for b, _ in runs.paired_base] or rates
     base_p50 = [b.p50_ms for _, b in runs.paired_base] or p50
     return ProxyRow(
@@ -558,6 +567,8 @@ def _row(runs: ScenarioRuns) -> ProxyRow:
         errors=sum(r.errors for r in runs.throughput + runs.latency),
         dropped=sum(int(s.get("dropped", 0)) for s in runs.addon_summaries),
         written=written,
+        open_responses=sum(int(s.get("open_responses", 0)) for s in runs.addon_summaries),
+        addon_errors=addon_errors,
     )
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from scripts import bench, bench_loop
+from scripts import bench, bench_loop, bench_proxy
+from scripts.bench_stats import Spread
 
 
 def run_quick(
@@ -56,3 +57,53 @@ def test_quick_loop_section_reports_every_case(
     assert all(r["responses"] == bench.QUICK.loop_responses for r in results["loop"])
     assert all(r["name"] in printed for r in results["loop"])
     assert results["targets"] == []
+
+
+def proxy_row(name: str, ratio: float, **kw: Any) -> bench_proxy.ProxyRow:
+    one = Spread.of([1.0])
+    return bench_proxy.ProxyRow(
+        name=name,
+        rate=one,
+        vs_baseline=Spread.of([ratio]),
+        cpu_ms=one,
+        worker_cpu_ms=one,
+        p50_ms=one,
+        p99_ms=one,
+        p50_delta_ms=Spread.of([0.2]),
+        errors=kw.pop("errors", 0),
+        dropped=0,
+        written=kw.pop("written", {}),
+        open_responses=kw.pop("open_responses", 0),
+        addon_errors=kw.pop("addon_errors", {}),
+    )
+
+
+def test_proxy_throughput_counts_only_scenarios_that_did_all_their_work(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rows = [
+        proxy_row(bench_proxy.BASELINE, 1.0),
+        proxy_row("complete", 0.95, written={"jsonl": 100, "sqlite": 100}, open_responses=100),
+        proxy_row("records missing", 0.95, written={"jsonl": 8}, open_responses=100),
+        proxy_row("sink failed", 0.95, addon_errors={"sink_errors.jsonl": 3}),
+        proxy_row("wrk errors", 0.95, errors=2),
+        proxy_row("slow", 0.85),
+    ]
+    results = bench_proxy.ProxyResults("wrk", rows, [], None)
+    targets = {name: (met, said) for name, met, said in bench._report_proxy(results, bench.QUICK)}
+    throughput = {
+        name.split(": ")[0].removeprefix("proxy "): (met, said)
+        for name, (met, said) in targets.items()
+        if "req/s" in name
+    }
+    assert {name: met for name, (met, _) in throughput.items()} == {
+        "complete": True,
+        "records missing": False,
+        "sink failed": False,
+        "wrk errors": False,
+        "slow": False,
+    }
+    assert "jsonl 8 of 100" in throughput["records missing"][1]
+    assert "sink_errors.jsonl=3" in throughput["sink failed"][1]
+    printed = capsys.readouterr().out
+    assert "sink_errors.jsonl=3" in printed  # the table's addon errors column

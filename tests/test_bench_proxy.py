@@ -118,7 +118,9 @@ def test_proxy_section_counts_records_and_keeps_them_when_asked(
     row = next(r for r in results.rows if r.name == jsonl.name)
     written = row.written["jsonl"]
     assert written > 0
+    assert row.open_responses == written  # every open response has its record
     assert row.errors == 0
+    assert row.addon_errors == {}
     folder = tmp_path / "addon-jsonl"
     records = folder / "events.jsonl"
     if keep:
