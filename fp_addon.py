@@ -799,7 +799,7 @@ def _comment(record: dict[str, Any]) -> str:
     )
 
 
-def _log_record(record: dict[str, Any], lines: DirectLines | None = None) -> None:
+def _log_record(record: dict[str, Any], lines: DirectLines) -> None:
     # One line per open response, on the event loop: the text is built in one go. In
     # mitmdump the line is written straight to the terminal (``lines``, see
     # fp_core.loglines): 10-12 us instead of 29-35, and 2-4 % more throughput
@@ -825,7 +825,7 @@ def _log_record(record: dict[str, Any], lines: DirectLines | None = None) -> Non
             f"visitor={summary['visitor_id']} bot={summary['bot']} key={record['key_id']} "
             f"{checks} [flow {record['flow_id']}]"
         )
-    if lines is not None and lines.write(level, text):
+    if lines.write(level, text):
         return
     line = record_log.makeRecord(
         record_log.name, level, __file__, _LOG_RECORD_LINE, text, (), None, "_log_record"

@@ -337,6 +337,8 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
         short = [
             f"{k} {v} of {r.open_responses}" for k, v in r.written.items() if v != r.open_responses
         ]
+        if not r.open_responses:
+            short.append("no open responses counted (no addon summary?)")
         problems = [f"{r.errors} errors"] + [f"{k}={v}" for k, v in r.addon_errors.items()]
         targets.append(
             (

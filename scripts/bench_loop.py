@@ -118,14 +118,7 @@ async def _measure(
                 tap.running()
                 root.setLevel(logging.INFO)  # as mitmdump has it
                 try:
-                    await _take(tap, flows(key, case, 20, seed=1))  # the worker starts
-                    hooks, answers = [], []
-                    for round_no in range(rounds):
-                        batch = flows(key, case, count, seed=1_000_000 * (round_no + 1))
-                        hook, answer = await _take(tap, batch)
-                        _check(case, batch)
-                        hooks.append(hook / count)
-                        answers.append(answer / count)
+                    return await _rounds(tap, case, key, count, rounds)
                 finally:
                     tap.done()  # stops the worker process, whatever happened
         finally:
@@ -134,6 +127,19 @@ async def _measure(
             for handler in [h for h in root.handlers if h not in handlers]:
                 root.removeHandler(handler)
             root.setLevel(level)
+
+
+async def _rounds(
+    tap: fp_addon.FingerprintTap, case: LoopCase, key: DecryptionKey, count: int, rounds: int
+) -> tuple[list[float], list[float]]:
+    await _take(tap, flows(key, case, 20, seed=1))  # the worker starts; caches warm up
+    hooks, answers = [], []
+    for round_no in range(rounds):
+        batch = flows(key, case, count, seed=1_000_000 * (round_no + 1))
+        hook, answer = await _take(tap, batch)
+        _check(case, batch)
+        hooks.append(hook / count)
+        answers.append(answer / count)
     return hooks, answers
 
 

@@ -130,41 +130,57 @@ def worker_rates(rates: Sequence[int], count: int, workdir: Path) -> list[RateRo
             _trusted(record)
             latencies.append(now - sent[token])
 
-    rows = []
     with temporary_key_file(workdir, "worker-bench.key", key) as key_file:
         client = WorkerClient(on_records=answered, on_exit=lambda code: None, max_in_flight=count)
         client.start()
         try:
             values = vars(default_options(fp_keys_file=str(key_file)))
             client.configure(values, OPTIONS, wait=True, timeout=60)
-            assert client.proc is not None
-            for rate in rates:
-                batch = responses(key, count, seed=100_000_000 + 100_000 * rate)
-                latencies.clear()
-                before = cpu_seconds(client.proc.pid)
-                start = time.monotonic()
-                for n, info in enumerate(batch):
-                    due = start + n / rate
-                    while (now := time.monotonic()) < due:
-                        client.poll(due - now)
-                    sent[n] = time.monotonic()
-                    client.submit(info, n)
-                deadline = time.monotonic() + 60
-                while len(latencies) < count and time.monotonic() < deadline:
-                    client.poll(0.05)
-                if len(latencies) < count:
-                    raise RuntimeError(f"the worker answered {len(latencies)} of {count} in time")
-                cpu = cpu_seconds(client.proc.pid) - before
-                ordered = sorted(latencies)
-                rows.append(
-                    RateRow(
-                        rate,
-                        count,
-                        1e6 * cpu / count,
-                        1e3 * ordered[count // 2],
-                        1e3 * ordered[min(count - 1, int(count * 0.99))],
-                    )
+            return [
+                _at_rate(
+                    client,
+                    responses(key, count, seed=100_000_000 + 100_000 * rate),
+                    rate,
+                    sent,
+                    latencies,
                 )
+                for rate in rates
+            ]
         finally:
             client.close(5)
-    return rows
+
+
+def _at_rate(
+    client: WorkerClient,
+    batch: Sequence[ResponseInfo],
+    rate: int,
+    sent: dict[int, float],
+    latencies: list[float],
+) -> RateRow:
+    """Send ``batch`` at ``rate`` per second and wait for every answer; the row for it.
+    ``sent`` and ``latencies`` are what the client's answer handler reads and fills."""
+    assert client.proc is not None
+    count = len(batch)
+    latencies.clear()
+    before = cpu_seconds(client.proc.pid)
+    start = time.monotonic()
+    for n, info in enumerate(batch):
+        due = start + n / rate
+        while (now := time.monotonic()) < due:
+            client.poll(due - now)
+        sent[n] = time.monotonic()
+        client.submit(info, n)
+    deadline = time.monotonic() + 60
+    while len(latencies) < count and time.monotonic() < deadline:
+        client.poll(0.05)
+    if len(latencies) < count:
+        raise RuntimeError(f"the worker answered {len(latencies)} of {count} in time")
+    cpu = cpu_seconds(client.proc.pid) - before
+    ordered = sorted(latencies)
+    return RateRow(
+        rate,
+        count,
+        1e6 * cpu / count,
+        1e3 * ordered[count // 2],
+        1e3 * ordered[min(count - 1, int(count * 0.99))],
+    )

@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -33,6 +34,8 @@ from fp_core.sealed import deflate_raw, seal_raw
 
 KEY = DecryptionKey.generate()
 SECRET = "proxy-secret-value-9f8e7d"
+#: The time of day in a log line, as mitmproxy's terminal log writes it.
+STAMP = re.compile(r"\d\d:\d\d:\d\d\.\d{3}")
 
 
 @pytest.fixture
@@ -793,8 +796,7 @@ def test_mitmdump_terminal_gets_the_lines_directly(
     for line, (text, level) in zip(printed, expected, strict=True):
         record = logging.LogRecord(fp_addon.record_log.name, level, "", 0, text, None, None)
         want = terminal.format(record)
-        stamp = terminal.formatter.formatTime(record)
-        assert line.replace(line[want.index(stamp) :][: len(stamp)], stamp) == want
+        assert STAMP.sub("T", line) == STAMP.sub("T", want)  # the same but for the time
     assert ("\x1b[33m" in printed[2]) is colours  # the error's line, in yellow
 
 

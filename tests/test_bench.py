@@ -73,7 +73,7 @@ def proxy_row(name: str, ratio: float, **kw: Any) -> bench_proxy.ProxyRow:
         errors=kw.pop("errors", 0),
         dropped=0,
         written=kw.pop("written", {}),
-        open_responses=kw.pop("open_responses", 0),
+        open_responses=kw.pop("open_responses", 100),
         addon_errors=kw.pop("addon_errors", {}),
     )
 
@@ -87,6 +87,7 @@ def test_proxy_throughput_counts_only_scenarios_that_did_all_their_work(
         proxy_row("records missing", 0.95, written={"jsonl": 8}, open_responses=100),
         proxy_row("sink failed", 0.95, addon_errors={"sink_errors.jsonl": 3}),
         proxy_row("wrk errors", 0.95, errors=2),
+        proxy_row("no addon summary", 0.95, open_responses=0),
         proxy_row("slow", 0.85),
     ]
     results = bench_proxy.ProxyResults("wrk", rows, [], None)
@@ -101,8 +102,10 @@ def test_proxy_throughput_counts_only_scenarios_that_did_all_their_work(
         "records missing": False,
         "sink failed": False,
         "wrk errors": False,
+        "no addon summary": False,
         "slow": False,
     }
+    assert "no open responses counted" in throughput["no addon summary"][1]
     assert "jsonl 8 of 100" in throughput["records missing"][1]
     assert "sink_errors.jsonl=3" in throughput["sink failed"][1]
     printed = capsys.readouterr().out
