@@ -369,6 +369,11 @@ class ProxyRow:
     open_responses: int = 0
     #: The addon's own errors and failed sink writes, by kind (its shutdown summary).
     addon_errors: dict[str, int] = field(default_factory=dict)
+    #: Each round's ratio to no addon and p50 difference, in round order (only in the
+    #: ``--json`` output): two scenarios' samples of one round ran within a minute of
+    #: each other, so they can be compared pair by pair, as each is with no addon.
+    round_ratios: tuple[float | None, ...] = ()
+    round_p50_delta_ms: tuple[float, ...] = ()
 
 
 @dataclass
@@ -555,6 +560,7 @@ def _row(runs: ScenarioRuns) -> ProxyRow:
                 addon_errors[name] = addon_errors.get(name, 0) + count
     base_rates = [b.rate for b, _ in runs.paired_base] or rates
     base_p50 = [b.p50_ms for _, b in runs.paired_base] or p50
+    deltas = [a - b for a, b in zip(p50, base_p50, strict=True)]
     return ProxyRow(
         name=runs.name,
         rate=Spread.of(rates),
@@ -563,12 +569,15 @@ def _row(runs: ScenarioRuns) -> ProxyRow:
         worker_cpu_ms=Spread.of(runs.worker_cpu_ms),
         p50_ms=Spread.of(p50),
         p99_ms=Spread.of([r.p99_ms for r in runs.latency]),
-        p50_delta_ms=Spread.of([a - b for a, b in zip(p50, base_p50, strict=True)]),
+        p50_delta_ms=Spread.of(deltas),
         errors=sum(r.errors for r in runs.throughput + runs.latency),
         dropped=sum(int(s.get("dropped", 0)) for s in runs.addon_summaries),
         written=written,
         open_responses=sum(int(s.get("open_responses", 0)) for s in runs.addon_summaries),
         addon_errors=addon_errors,
+        # None for a round whose no-addon run got no response (paired_ratios skips it).
+        round_ratios=tuple(a / b if b else None for a, b in zip(rates, base_rates, strict=True)),
+        round_p50_delta_ms=tuple(deltas),
     )
 
 

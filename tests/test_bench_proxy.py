@@ -38,6 +38,28 @@ def test_parse_wrk_without_the_line_says_so() -> None:
         parse_wrk("Running 8s test\nunable to connect\n")
 
 
+def _load(requests: int, p50_ms: float) -> bench_proxy.LoadResult:
+    return bench_proxy.LoadResult(requests, 1.0, 0, p50_ms, p50_ms, p50_ms)
+
+
+def test_a_rows_rounds_stay_in_order_beside_its_summary() -> None:
+    runs = bench_proxy.ScenarioRuns("addon")
+    # Three rounds: the second's no-addon run got nothing, so it has no ratio.
+    rounds = ((90, 3.5, 100, 3.0), (80, 4.0, 0, 3.5), (45, 3.2, 50, 3.0))
+    for rate, p50, base_rate, base_p50 in rounds:
+        runs.throughput.append(_load(rate, p50))
+        runs.latency.append(_load(rate, p50))
+        runs.cpu_ms.append(1.0)
+        runs.worker_cpu_ms.append(0.5)
+        runs.paired_base.append((_load(base_rate, base_p50), _load(base_rate, base_p50)))
+    row = bench_proxy._row(runs)
+    assert row.round_ratios == (0.9, None, 0.9)
+    assert row.round_p50_delta_ms == pytest.approx((0.5, 0.5, 0.2))
+    assert row.vs_baseline.n == 2
+    assert row.vs_baseline.median == pytest.approx(0.9)
+    assert row.p50_delta_ms.median == pytest.approx(0.5)
+
+
 def test_scenarios_start_with_the_baseline_and_need_their_options() -> None:
     assert SCENARIOS[0].name == bench_proxy.BASELINE
     assert not SCENARIOS[0].addon
