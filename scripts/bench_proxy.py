@@ -413,7 +413,10 @@ class Bench:
 
     def start_proxy(self, scenario: Scenario, receiver: SlowReceiver | None) -> Service:
         folder = self.out / re.sub(r"[^a-z0-9]+", "-", scenario.name.lower()).strip("-")
-        folder.mkdir(exist_ok=True)
+        # Records, spool and output an earlier run left (with --keep, or killed) would be
+        # appended to, counted with this run's, or resent by the webhook at start.
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
         places = {"out": str(folder), "receiver": receiver.url if receiver else ""}
         options: dict[str, str | int | bool] = {}
         if scenario.addon:

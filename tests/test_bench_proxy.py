@@ -135,6 +135,11 @@ def test_proxy_section_counts_records_and_keeps_them_when_asked(
     """One short round of the baseline and the JSONL scenario, through real mitmdumps."""
     jsonl = next(s for s in SCENARIOS if s.name == "addon + JSONL")
     monkeypatch.setattr(bench_proxy, "SCENARIOS", (SCENARIOS[0], jsonl))
+    folder = tmp_path / "addon-jsonl"
+    records = folder / "events.jsonl"
+    # What an earlier run with --keep left: not to be appended to, nor counted.
+    (folder / "state").mkdir(parents=True)
+    records.write_text('{"stale": true}\n')
     with bench_proxy.Bench(tmp_path) as bench:
         results = bench_proxy.proxy_overhead(bench, 1, 1, 1, keep=keep)
     row = next(r for r in results.rows if r.name == jsonl.name)
@@ -143,8 +148,7 @@ def test_proxy_section_counts_records_and_keeps_them_when_asked(
     assert row.open_responses == written  # every open response has its record
     assert row.errors == 0
     assert row.addon_errors == {}
-    folder = tmp_path / "addon-jsonl"
-    records = folder / "events.jsonl"
+    assert not (folder / "state").exists()
     if keep:
         assert len(records.read_text().splitlines()) == written
         lines = (folder / "mitmdump.out").read_text().splitlines()
