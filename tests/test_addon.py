@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import logging
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -519,7 +521,12 @@ def test_view_never_offered_for_requests(addon) -> None:
 def test_redaction_reaches_every_output_but_the_content_view(addon, tmp_path: Path, caplog) -> None:
     tap, tctx = addon
     caplog.set_level(logging.DEBUG)
-    tctx.configure(tap, fp_redact=["pii", "summary.visitor_id", "event.identification.visitor_id"])
+    store = tmp_path / "out.sqlite"
+    tctx.configure(
+        tap,
+        fp_redact=["pii", "summary.visitor_id", "event.identification.visitor_id"],
+        fp_sqlite=str(store),
+    )
     ip, url = "198.51.100.23", "https://shop.example/cart?user=alice"
     body, event = fp_body("v4", ip=ip, url=url, bot="bad")
     flow = run(tap, make_flow(body, request_headers=[(b"FPJS-Proxy-Client-IP", b"192.0.2.99")]))
@@ -533,16 +540,26 @@ def test_redaction_reaches_every_output_but_the_content_view(addon, tmp_path: Pa
         "metadata": json.dumps(flow.metadata),
         "comment": flow.comment,
         "log": caplog.text,
+        "sqlite": _table_text(store),
     }
     for name, text in outputs.items():
         for value in (ip, url, "192.0.2.99", visitor, event["user_agent"], event["linked_id"]):
             assert value not in text, f"{value!r} leaked into the {name}"
     assert "[redacted]" in outputs["jsonl"]
+    assert "[redacted]" in outputs["sqlite"]
     assert "visitor=[redacted]" in outputs["log"]
     # The interactive view shows what Fingerprint sent, unredacted.
     view = contentviews.prettify_message(response(flow), flow, view_name="fingerprint").text
     assert ip in view
     assert url in view
+
+
+def _table_text(store: Path) -> str:
+    """Every row of the SQLite store's records, as text (one record expected)."""
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        rows = db.execute("SELECT * FROM records").fetchall()
+    assert len(rows) == 1
+    return "\n".join(str(cell) for cell in rows[0])
 
 
 # -- hostile input: nothing escapes, nothing changes ---------------------------------------
