@@ -747,6 +747,13 @@ def _load_keys(keys_file: str | None) -> list[DecryptionKey]:
         log.warning("fp-tap: key file %s is readable by group or others; chmod 600 it", keys_file)
     if keys:
         log.info("fp-tap: %d decryption key(s): %s", len(keys), ", ".join(k.key_id for k in keys))
+    elif keys_file:
+        log.warning(
+            "fp-tap: key file %s holds no key (nor does %s): open responses will be "
+            "recorded with error no_keys",
+            keys_file,
+            ENV_VAR,
+        )
     else:
         log.warning(
             "fp-tap: no decryption keys (set %s or fp_keys_file): open responses will be "

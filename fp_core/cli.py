@@ -11,13 +11,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import IO, NoReturn
+from typing import IO, Any, NoReturn
 
 from fp_core.envelope import parse_open_response
 from fp_core.errors import FpError, KeyConfigError
 from fp_core.events import event_api, inner_request_id
 from fp_core.generate import generate_event, open_response_body
-from fp_core.keys import ENV_VAR, DecryptionKey, load_keys
+from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
 from fp_core.report import TOP_VISITORS, ReportError, build_report, format_report
 from fp_core.sealed import HEADER, seal_event, unseal_event
 
@@ -26,9 +26,25 @@ EXIT_USAGE = 64
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations: "--key <base64>" must not be taken for --keys-file, whose
+        # errors name the path it was given (here: the key).
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"error: usage: {message}\n")
+        self.exit(EXIT_USAGE, f"error: usage: {_unechoed(message)}\n")
+
+
+def _unechoed(message: str) -> str:
+    """argparse's message without the values of unknown arguments (a mistyped option's
+    value may well be a key): only what looks like an option name is repeated."""
+    prefix = "unrecognized arguments: "
+    if not message.startswith(prefix):
+        return message
+    names = [a.split("=", 1)[0] for a in message[len(prefix) :].split() if a.startswith("-")]
+    return prefix + (" ".join(names) or "(values not repeated)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +132,18 @@ def main(
         return EXIT_FAILED
 
 
+def _keys(keys_file: str | None) -> list[DecryptionKey]:
+    keys = load_keys(keys_file)
+    if keys_file and key_file_too_open(keys_file):
+        print(
+            f"warning: key file {keys_file} is readable by group or others; chmod 600 it",
+            file=sys.stderr,
+        )
+    return keys
+
+
 def _unseal(args: argparse.Namespace, inp: IO[bytes], out: IO[str]) -> int:
-    keys = load_keys(args.keys_file)
+    keys = _keys(args.keys_file)
     data = inp.read()
     opened = parse_open_response(data)
     sealed: str | bytes
@@ -134,7 +160,7 @@ def _unseal(args: argparse.Namespace, inp: IO[bytes], out: IO[str]) -> int:
 
 
 def _seal(args: argparse.Namespace, inp: IO[bytes], out: IO[str]) -> int:
-    keys = load_keys(args.keys_file)
+    keys = _keys(args.keys_file)
     if not keys:
         raise KeyConfigError(f"no key to seal with: set {ENV_VAR} or pass --keys-file")
     try:
@@ -160,7 +186,9 @@ def _keygen(path: str | None, out: IO[str]) -> int:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise KeyConfigError(f"cannot create {path}: {exc.strerror}") from None
+        # Not a bad key: a path keygen will not write (it never overwrites a key).
+        print(f"error: cannot create {path}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     with os.fdopen(fd, "w") as handle:
         handle.write(f"# fp-tap decryption key (made by python -m fp_core keygen)\n{key}\n")
     print(f"wrote a new key to {path}", file=sys.stderr)

@@ -198,6 +198,12 @@ def build_report(path: str, top: int = TOP_VISITORS) -> dict[str, Any]:
         raise ReportError(exc.message) from None
     except Exception as exc:  # a corrupt row: say so rather than print half a report
         raise ReportError(f"{path}: cannot read a record ({type(exc).__name__}: {exc})") from None
+    if not tally.records and tally.unreadable_lines:
+        # Lines, but not one record: some other file, not a tap's output still empty.
+        raise ReportError(
+            f"{path}: no record in {tally.unreadable_lines} line(s); "
+            "not an fp_jsonl file or fp_sqlite store?"
+        )
     return {"source": {"path": path, "format": fmt}, **tally.result(top)}
 
 

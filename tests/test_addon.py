@@ -217,6 +217,23 @@ def test_no_keys_warns_once_and_records_no_keys(tmp_path: Path, monkeypatch, cap
         tap.done()
 
 
+def test_a_key_file_without_keys_is_named(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    path = tmp_path / "keys.txt"
+    path.write_text("# the key goes here\n\n")
+    path.chmod(0o600)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(path), fp_worker=False)
+        flow = run(tap, make_flow(fp_body()[0]))
+    assert flow.metadata["fp"]["error"]["kind"] == "no_keys"
+    warnings = [r.getMessage() for r in caplog.records if "holds no key" in r.getMessage()]
+    assert warnings == [
+        f"fp-tap: key file {path} holds no key (nor does {ENV_VAR}): open responses will be "
+        "recorded with error no_keys"
+    ]
+
+
 def test_keys_from_environment(monkeypatch, tmp_path: Path) -> None:
     other = DecryptionKey.generate()
     monkeypatch.setenv(ENV_VAR, f"{other.to_base64()},{KEY.to_base64()}")

@@ -37,6 +37,7 @@ def keyfile(tmp_path: Path) -> tuple[Path, DecryptionKey]:
     key = DecryptionKey.generate()
     path = tmp_path / "keys"
     path.write_text(key.to_base64() + "\n")
+    path.chmod(0o600)  # as keygen makes it: an open file adds a warning to stderr
     return path, key
 
 
@@ -120,6 +121,38 @@ def test_keygen_refuses_to_overwrite(keyfile: tuple[Path, DecryptionKey]) -> Non
     path, key = keyfile
     assert run(["keygen", str(path)]).returncode == 64
     assert key.to_base64() in path.read_text()
+
+
+def test_keygen_on_an_existing_file_is_no_key_error(keyfile: tuple[Path, DecryptionKey]) -> None:
+    out = run(["keygen", str(keyfile[0])])
+    assert out.returncode == 64
+    assert out.stderr == f"error: cannot create {keyfile[0]}: File exists\n".encode()
+
+
+@pytest.mark.parametrize("args", [["--key"], ["--keys"], ["--key="], ["--pretty", "--k"]])
+def test_a_mistyped_option_neither_abbreviates_nor_echoes_its_value(
+    keyfile: tuple[Path, DecryptionKey], args: list[str]
+) -> None:
+    """ "--key <base64>" was taken for --keys-file, whose error named the "path": the key."""
+    secret = keyfile[1].to_base64()
+    argv = [*args[:-1], args[-1] + secret] if args[-1].endswith("=") else [*args, secret]
+    out = run(["unseal", *argv])
+    assert out.returncode == 64
+    assert b"unrecognized arguments: " in out.stderr
+    assert secret.encode() not in out.stdout + out.stderr
+    assert args[-1].rstrip("=").encode() in out.stderr
+
+
+def test_an_open_key_file_warns_and_still_works(keyfile: tuple[Path, DecryptionKey]) -> None:
+    path, key = keyfile
+    path.chmod(0o644)
+    sealed = seal_event(generate_event("v4", rng=1), key).encode()
+    out = run(["unseal", "--keys-file", str(path)], sealed)
+    assert out.returncode == 0
+    expected = f"warning: key file {path} is readable by group or others; chmod 600 it\n"
+    assert out.stderr == expected.encode()
+    path.chmod(0o600)
+    assert run(["unseal", "--keys-file", str(path)], sealed).stderr == b""
 
 
 def test_errors_never_echo_keys(keyfile: tuple[Path, DecryptionKey]) -> None:

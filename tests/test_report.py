@@ -138,6 +138,14 @@ def test_the_human_report(tmp_path: Path) -> None:
         assert expected in text, expected
 
 
+@pytest.mark.parametrize("content", [b"# a README\n\nNot records.\n", b"\x00\xff binary\n\x01\n"])
+def test_a_file_of_lines_without_a_record_is_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "other.txt"
+    path.write_bytes(content)
+    with pytest.raises(ReportError, match=r"no record in 2 line\(s\); not an fp_jsonl file"):
+        build_report(str(path))
+
+
 @pytest.mark.parametrize("content", [None, "sqlite-not-a-store"])
 def test_unreadable_sources(tmp_path: Path, content: str | None) -> None:
     path = tmp_path / "x"
