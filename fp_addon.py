@@ -319,9 +319,18 @@ class FingerprintTap:
 
     def configure(self, updated: set[str]) -> None:
         try:
-            self._configure(_options(), updated)
-        except ConfigError as exc:
-            raise exceptions.OptionsError(exc.message) from None
+            try:
+                self._configure(_options(), updated)
+            except ConfigError as exc:
+                raise exceptions.OptionsError(exc.message) from None
+        except exceptions.OptionsError as exc:
+            if not updated.issuperset(ctx.options.keys()):
+                raise  # a change: mitmproxy refuses the value and says why
+            # Every option at once: mitmproxy's script loader (at start, or reloading
+            # the script), which logs whatever escapes with a traceback. The message
+            # says it all; logged at ERROR it still stops mitmdump at start.
+            message = str(exc)
+            log.error(message if message.startswith("fp-tap: ") else f"fp-tap: {message}")
 
     def _configure(self, opts: Any, updated: set[str]) -> None:
         if "fp_filter" in updated:

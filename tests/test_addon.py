@@ -328,6 +328,24 @@ def test_bad_options_are_errors_at_configure_time(
         tctx.configure(tap, **{option: value})
 
 
+def test_a_bad_option_at_script_load_is_one_error_line(addon, tmp_path: Path, caplog) -> None:
+    """mitmproxy's script loader configures every option at once and prints whatever
+    escapes with a traceback: there the addon logs the message instead; a change
+    still raises, so that mitmproxy refuses the value."""
+    tap, tctx = addon
+    path = tmp_path / "keys.txt"
+    path.write_text(KEY.to_base64() + "\n")
+    path.chmod(0o600)
+    tctx.configure(tap, fp_keys_file=str(path))
+    path.unlink()
+    caplog.clear()
+    tap.configure(set(tctx.options.keys()))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"fp-tap: key file {path}: cannot read (No such file or directory)"]
+    with pytest.raises(exceptions.OptionsError, match="cannot read"):
+        tap.configure({"fp_keys_file"})
+
+
 def test_bad_key_file_names_the_line_not_the_key(addon, tmp_path: Path) -> None:
     tap, tctx = addon
     bad = tmp_path / "bad.txt"
