@@ -264,9 +264,10 @@ class Delivery:
                 self.stats.incr_group("webhook_failures", result.error or "unknown")
                 self._warn(
                     "failed",
-                    "fp-tap: webhook %s: %s for %s (attempt %d); %d event(s) pending",
+                    "fp-tap: webhook %s: %s%s for %s (attempt %d); %d event(s) pending",
                     describe_url(self.config.url),
                     result.error,
+                    f" ({result.detail})" if result.detail else "",
                     event.request_id,
                     event.attempts + 1,
                     self.spool.pending,

@@ -228,6 +228,9 @@ class PostResult:
     error: str | None
     #: Seconds the receiver asked to wait (``Retry-After`` on 429 and 503).
     retry_after: float | None = None
+    #: What the failure said, for the warning only (the counters keep ``error``):
+    #: "Connection refused", "certificate verify failed: ...".
+    detail: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -313,12 +316,24 @@ class HttpPoster:
 
 
 def _failure(exc: BaseException) -> PostResult:
+    detail = _detail(exc)
     if isinstance(exc, TimeoutError):
-        return PostResult(None, "timeout")
+        return PostResult(None, "timeout", detail=detail)
     if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-        return PostResult(None, "tls")
+        return PostResult(None, "tls", detail=detail)
     if isinstance(exc, OSError):
-        return PostResult(None, "connection")
+        return PostResult(None, "connection", detail=detail)
     if isinstance(exc, http.client.HTTPException):
-        return PostResult(None, "protocol")
-    return PostResult(None, "internal")
+        return PostResult(None, "protocol", detail=detail)
+    return PostResult(None, "internal", detail=type(exc).__name__)
+
+
+#: A failure's detail is cut here: a warning line, not a dump.
+MAX_DETAIL = 160
+
+
+def _detail(exc: BaseException) -> str:
+    """What the exception says (an OSError without its errno), on one short line."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -161,6 +162,20 @@ def test_failures_are_retried_until_delivered(rig: Rig) -> None:
     assert len(sender.ids()) == 5
     assert webhook(rig.stats) == {"sent": 2, "failed": 3, "retried": 3}
     assert rig.stats.group("webhook_failures") == {"connection": 1, "http_500": 1, "timeout": 1}
+
+
+def test_a_failure_is_logged_with_what_it_said(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    refused = PostResult(None, "connection", detail="Connection refused")
+    sender = Sender(lambda n: refused if n == 1 else OK)
+    with caplog.at_level(logging.WARNING, logger="fp_core.delivery"):
+        delivery = rig.start(sender, config(concurrency=1))
+        delivery.spool.add(items(1))
+        delivery.wake()
+        wait_until(lambda: webhook(rig.stats).get("sent") == 1, "the retry")
+    assert [r.getMessage() for r in caplog.records] == [
+        "fp-tap: webhook http://127.0.0.1:9/hook: connection (Connection refused) for req-0 "
+        "(attempt 1); 1 event(s) pending"
+    ]
 
 
 def test_retry_after_is_honoured(rig: Rig) -> None:

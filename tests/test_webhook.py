@@ -267,12 +267,14 @@ def test_refused_connection() -> None:
     poster = HttpPoster(f"http://127.0.0.1:{free_port()}/", timeout=5)
     result = poster.post(b"{}", {})
     assert (result.status, result.error) == (None, "connection")
+    assert result.detail == "Connection refused"
 
 
 def test_timeout_is_its_own_error() -> None:
     server = Receiver(ReceiverConfig(delay_s=2))
     poster = HttpPoster(server.url, timeout=0.2)
-    assert poster.post(b"{}", {}).error == "timeout"
+    result = poster.post(b"{}", {})
+    assert (result.error, result.detail) == ("timeout", "timed out")
     server.close()
 
 
@@ -285,7 +287,10 @@ def test_https_with_a_private_ca(tmp_path: Path) -> None:
     poster.close_local()
     # Without that CA the certificate is not trusted: no delivery.
     untrusting = HttpPoster(server.url, timeout=5)
-    assert untrusting.post(b"{}", {}).error == "tls"
+    result = untrusting.post(b"{}", {})
+    assert result.error == "tls"
+    assert result.detail is not None
+    assert "certificate verify failed" in result.detail
     server.close()
     assert len(server.received) == 1
 
