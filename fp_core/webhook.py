@@ -316,7 +316,7 @@ class HttpPoster:
 
 
 def _failure(exc: BaseException) -> PostResult:
-    detail = _detail(exc)
+    detail = _detail(exc)  # OS and TLS errors: they say nothing of the URL's path
     if isinstance(exc, TimeoutError):
         return PostResult(None, "timeout", detail=detail)
     if isinstance(exc, ssl.SSLError | ssl.CertificateError):
@@ -324,7 +324,9 @@ def _failure(exc: BaseException) -> PostResult:
     if isinstance(exc, OSError):
         return PostResult(None, "connection", detail=detail)
     if isinstance(exc, http.client.HTTPException):
-        return PostResult(None, "protocol", detail=detail)
+        # By name only: some repeat what they parsed, InvalidURL the target with its
+        # query, which may carry a token (describe_url leaves it out for that reason).
+        return PostResult(None, "protocol", detail=type(exc).__name__)
     return PostResult(None, "internal", detail=type(exc).__name__)
 
 

@@ -270,6 +270,25 @@ def test_refused_connection() -> None:
     assert result.detail == "Connection refused"
 
 
+def test_a_garbled_answer_is_a_protocol_error_named_not_quoted() -> None:
+    """What the receiver sent back stays out of the warning: only the error's name."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer_garbage() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"NOT-HTTP token=abc123\r\n\r\n")
+
+    thread = threading.Thread(target=answer_garbage, daemon=True)
+    thread.start()
+    result = HttpPoster(f"http://127.0.0.1:{port}/hook?token=abc123", timeout=5).post(b"{}", {})
+    thread.join(5)
+    listener.close()
+    assert (result.status, result.error, result.detail) == (None, "protocol", "BadStatusLine")
+
+
 def test_timeout_is_its_own_error() -> None:
     server = Receiver(ReceiverConfig(delay_s=2))
     poster = HttpPoster(server.url, timeout=0.2)
