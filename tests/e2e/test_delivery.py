@@ -253,7 +253,8 @@ def test_receiver_down_at_start_then_up(rig: Rig) -> None:
     proxy = rig.tap(url)
     try:
         ids = rig.send(proxy, 10)
-        wait_until(lambda: "connection for" in proxy.output(), "a refused delivery attempt")
+        refused = "connection (Connection refused) for"
+        wait_until(lambda: refused in proxy.output(), "a refused delivery attempt")
         time.sleep(2)  # down a while longer: several rounds of retries with backoff
         assert rig.received() == []
         gate.touch()
