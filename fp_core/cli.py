@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import IO, Any, NoReturn
@@ -43,8 +44,13 @@ def _unechoed(message: str) -> str:
     prefix = "unrecognized arguments: "
     if not message.startswith(prefix):
         return message
-    names = [a.split("=", 1)[0] for a in message[len(prefix) :].split() if a.startswith("-")]
+    words = (word.split("=", 1)[0] for word in message[len(prefix) :].split())
+    # An option's name, not a URL-safe base64 key that happens to start with "-".
+    names = [word for word in words if _OPTION_NAME.fullmatch(word)]
     return prefix + (" ".join(names) or "(values not repeated)")
+
+
+_OPTION_NAME = re.compile(r"--?[A-Za-z][A-Za-z0-9-]{0,30}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -199,7 +199,8 @@ def build_report(path: str, top: int = TOP_VISITORS) -> dict[str, Any]:
     except Exception as exc:  # a corrupt row: say so rather than print half a report
         raise ReportError(f"{path}: cannot read a record ({type(exc).__name__}: {exc})") from None
     if not tally.records and tally.unreadable_lines:
-        # Lines, but not one record: some other file, not a tap's output still empty.
+        # Lines, but not one record: some other file (a tap that has written nothing
+        # yet leaves an empty file, which is a report of nothing).
         raise ReportError(
             f"{path}: no record in {tally.unreadable_lines} line(s); "
             "not an fp_jsonl file or fp_sqlite store?"

@@ -316,26 +316,27 @@ class HttpPoster:
 
 
 def _failure(exc: BaseException) -> PostResult:
-    detail = _detail(exc)  # OS and TLS errors: they say nothing of the URL's path
-    if isinstance(exc, TimeoutError):
-        return PostResult(None, "timeout", detail=detail)
-    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-        return PostResult(None, "tls", detail=detail)
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError):  # RemoteDisconnected too: an HTTPException and an OSError
+        # What an OS or TLS error says ("Connection refused", "certificate verify
+        # failed: ...") names no part of the URL: it goes into the warning.
+        detail = _detail(exc)
+        if isinstance(exc, TimeoutError):
+            return PostResult(None, "timeout", detail=detail)
+        if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+            return PostResult(None, "tls", detail=detail)
         return PostResult(None, "connection", detail=detail)
-    if isinstance(exc, http.client.HTTPException):
-        # By name only: some repeat what they parsed, InvalidURL the target with its
-        # query, which may carry a token (describe_url leaves it out for that reason).
-        return PostResult(None, "protocol", detail=type(exc).__name__)
-    return PostResult(None, "internal", detail=type(exc).__name__)
+    # The rest by name only: some repeat what they parsed, InvalidURL the target with
+    # its query, which may carry a token (describe_url leaves it out for that reason).
+    kind = "protocol" if isinstance(exc, http.client.HTTPException) else "internal"
+    return PostResult(None, kind, detail=type(exc).__name__)
 
 
 #: A failure's detail is cut here: a warning line, not a dump.
 MAX_DETAIL = 160
 
 
-def _detail(exc: BaseException) -> str:
-    """What the exception says (an OSError without its errno), on one short line."""
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+def _detail(exc: OSError) -> str:
+    """What the error says (without its errno), on one short line."""
+    text = exc.strerror or str(exc)
     text = " ".join(text.split()) or type(exc).__name__
     return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."

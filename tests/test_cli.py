@@ -143,6 +143,14 @@ def test_a_mistyped_option_neither_abbreviates_nor_echoes_its_value(
     assert args[-1].rstrip("=").encode() in out.stderr
 
 
+def test_a_url_safe_key_starting_with_a_dash_is_not_taken_for_an_option_name() -> None:
+    key = "-" + DecryptionKey.generate().to_base64().replace("+", "-").replace("/", "_")[1:]
+    out = run(["unseal", "--key", key])
+    assert out.returncode == 64
+    assert key.encode() not in out.stderr
+    assert out.stderr.endswith(b"error: usage: unrecognized arguments: --key\n")
+
+
 def test_an_open_key_file_warns_and_still_works(keyfile: tuple[Path, DecryptionKey]) -> None:
     path, key = keyfile
     path.chmod(0o644)
