@@ -743,8 +743,8 @@ def _parse_filter(expression: str | None) -> flowfilter.TFilter | None:
         return None
     try:
         return flowfilter.parse(expression)
-    except ValueError as exc:
-        raise exceptions.OptionsError(f"fp_filter: invalid filter expression: {exc}") from None
+    except ValueError as exc:  # it says "Invalid filter expression: ..." itself
+        raise exceptions.OptionsError(f"fp_filter: {exc}") from None
 
 
 def _load_keys(keys_file: str | None) -> list[DecryptionKey]:
