@@ -351,7 +351,7 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
             (
                 f"proxy {r.name}: p50 @1 conn <= +{MAX_P50_DELTA_MS} ms",
                 r.p50_delta_ms.median <= MAX_P50_DELTA_MS,
-                f"+{r.p50_delta_ms.show(3)} ms",
+                f"{r.p50_delta_ms.show(3, signed=True)} ms",
             )
         )
     for name in proxy.skipped:

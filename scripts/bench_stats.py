@@ -33,10 +33,12 @@ class Spread:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def show(self, digits: int = 0, scale: float = 1.0) -> str:
-        """``median (low-high)``, each multiplied by ``scale``."""
+    def show(self, digits: int = 0, scale: float = 1.0, signed: bool = False) -> str:
+        """``median (low-high)``, each multiplied by ``scale``; ``signed``: the median
+        with its sign, + included (a difference)."""
         m, lo, hi = self.median * scale, self.low * scale, self.high * scale
-        return f"{m:,.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})"
+        sign = "+" if signed else ""
+        return f"{m:{sign},.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})"
 
 
 def paired_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> Spread:

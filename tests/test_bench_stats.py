@@ -12,6 +12,9 @@ def test_spread_is_median_and_range() -> None:
     assert (s.median, s.low, s.high, s.n) == (2.5, 1.0, 10.0, 4)
     assert s.show(1) == "2.5 (1.0-10.0)"
     assert Spread.of([1500.0]).show() == "1,500 (1,500-1,500)"
+    # A difference keeps its sign: "+-0.119" was once printed for a p50 under no addon's.
+    assert Spread.of([-0.119, -4.183, 0.831]).show(3, signed=True) == "-0.119 (-4.183-0.831)"
+    assert Spread.of([0.25]).show(2, signed=True) == "+0.25 (0.25-0.25)"
 
 
 def test_spread_needs_samples() -> None:
