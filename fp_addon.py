@@ -377,7 +377,7 @@ class FingerprintTap:
         except FpError:
             return
         if secret is not None:
-            self.scrubber.add(secret.text())
+            self.scrubber.pin(secret.text())
 
     def _start_pipeline(self, opts: Any) -> None:
         """Run the pipeline where ``fp_worker`` says, retiring the one running before

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
+import threading
 from collections import OrderedDict
 
 from fp_core.redact import REDACTED
@@ -23,20 +24,45 @@ _MIN_LITERAL = 6  # shorter values would blank out ordinary words
 
 
 class Scrubber:
-    """Replaces known secret values, and any proxy-secret header value, with a mask."""
+    """Replaces known secret values, and any proxy-secret header value, with a mask.
+
+    Safe across threads: lines are scrubbed on whatever thread logs them (the writer,
+    delivery) while the event loop adds the header values requests carry.
+    """
 
     def __init__(self, max_literals: int = 64) -> None:
-        self._literals: OrderedDict[str, None] = OrderedDict()
+        self._pinned: dict[str, None] = {}
+        self._seen: OrderedDict[str, None] = OrderedDict()
         self._max = max_literals
+        self._lock = threading.Lock()
+        #: What scrub() reads: replaced whole, never changed in place.
+        self._literals: tuple[str, ...] = ()
 
-    def add(self, secret: str) -> None:
-        """Remember a secret value (the most recent ``max_literals`` are kept)."""
+    def pin(self, secret: str) -> None:
+        """Remember a configured secret (a key, the webhook secret) for good: what
+        clients send can never push it out."""
         if len(secret) < _MIN_LITERAL or secret == REDACTED:
             return
-        self._literals.pop(secret, None)
-        self._literals[secret] = None
-        while len(self._literals) > self._max:
-            self._literals.popitem(last=False)
+        with self._lock:
+            self._pinned[secret] = None
+            self._publish()
+
+    def add(self, secret: str) -> None:
+        """Remember a value seen in a request's proxy-secret header (the most recent
+        ``max_literals`` are kept)."""
+        if len(secret) < _MIN_LITERAL or secret == REDACTED:
+            return
+        with self._lock:
+            if secret in self._pinned or (self._seen and next(reversed(self._seen)) == secret):
+                return  # every request of a proxy integration carries the same one
+            self._seen.pop(secret, None)
+            self._seen[secret] = None
+            while len(self._seen) > self._max:
+                self._seen.popitem(last=False)
+            self._publish()
+
+    def _publish(self) -> None:
+        self._literals = (*self._pinned, *self._seen)
 
     def add_key(self, raw: bytes) -> None:
         """A key in every textual form it could take: base64 (both alphabets), hex."""
@@ -46,7 +72,7 @@ class Scrubber:
             raw.hex(),
             raw.hex().upper(),
         ):
-            self.add(form)
+            self.pin(form)
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret masked (unchanged, same object, when there is none)."""

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import threading
 
 import pytest
 
@@ -68,6 +69,45 @@ def test_literals_are_bounded_most_recent_kept() -> None:
     scrubber.add("secret-value-2")  # seen again: now the most recent
     scrubber.add("secret-value-9")
     assert "secret-value-2" not in scrubber.scrub("secret-value-2")
+
+
+def test_configured_secrets_are_never_pushed_out_by_header_values() -> None:
+    scrubber = Scrubber(max_literals=3)
+    scrubber.pin("webhook-secret-value")
+    scrubber.add_key(bytes(range(32)))
+    for i in range(100):  # any client may send any header value
+        scrubber.add(f"junk-header-value-{i}")
+    key_b64 = base64.b64encode(bytes(range(32))).decode().rstrip("=")
+    assert scrubber.scrub(f"webhook-secret-value {key_b64}") == f"{MASK} {MASK}"
+    assert scrubber.scrub("junk-header-value-99 junk-header-value-96") == (
+        f"{MASK} junk-header-value-96"
+    )
+
+
+def test_adding_while_other_threads_scrub() -> None:
+    """Lines are scrubbed on the writer's and delivery's threads while the event loop
+    adds header values: a scrub must never see the literals half-changed."""
+    scrubber = Scrubber(max_literals=8)
+    scrubber.pin("pinned-secret")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def scrub_lines() -> None:
+        try:
+            while not stop.is_set():
+                assert scrubber.scrub("x pinned-secret y") == f"x {MASK} y"
+        except BaseException as exc:  # reported below, on the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=scrub_lines) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for i in range(20_000):
+        scrubber.add(f"header-value-{i % 50}")
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert errors == []
 
 
 def test_ordinary_lines_are_untouched() -> None:
