@@ -559,10 +559,15 @@ class FingerprintTap:
             if context is None:
                 continue
             flow, held = context
-            if record is not None:
-                self._show(flow, record, late=held is None)
-            if held is not None and not held.done():
-                held.set_result(None)
+            try:
+                if record is not None:
+                    self._show(flow, record, late=held is None)
+            except Exception as exc:  # one bad answer must not stop the rest, nor hold
+                self.stats.incr_group("errors", "internal")
+                log.warning("fp-tap: internal error on flow %s: %s", flow.id, type(exc).__name__)
+            finally:
+                if held is not None and not held.done():
+                    held.set_result(None)  # a held response goes on whatever happened
 
     def _on_worker_exit(self, code: int | None) -> None:
         worker = self.worker

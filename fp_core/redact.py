@@ -18,6 +18,8 @@ REDACTED = "[redacted]"
 #: Where a path may start. Ids, verdicts and checks stay: sinks and the replay check
 #: depend on them, and they say nothing about the visitor as a person.
 ROOTS = ("event", "summary", "client_ip", "host", "path")
+#: Summary fields no redaction path may reach ("*" would reach them all).
+_SUMMARY_KEPT = frozenset(("request_id", "api", "*"))
 
 _V3 = "event.products"
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -75,6 +77,13 @@ def parse_paths(values: Iterable[str]) -> tuple[Path, ...]:
             )
         if parts[0] in ("client_ip", "host", "path") and len(parts) > 1:
             raise ValueError(f"redaction path {value!r}: {parts[0]} has no parts")
+        if parts[0] == "summary" and (len(parts) == 1 or parts[1] in _SUMMARY_KEPT):
+            # The replay memory is reloaded from stored summaries' request ids, and the
+            # comment, the log line and the store read the summary as an object.
+            raise ValueError(
+                f"redaction path {value!r}: the summary itself, its request_id and api "
+                "stay (name its fields, e.g. summary.visitor_id)"
+            )
         out.append(parts)
     return tuple(dict.fromkeys(out))  # keep order, drop repeats
 

@@ -122,6 +122,40 @@ async def test_a_held_response_waits_for_its_annotation(keyfile: Path) -> None:
 
 
 @on_loop
+async def test_an_answer_that_cannot_be_shown_still_releases_its_held_response(
+    keyfile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure while annotating one answer must neither hold its response forever
+    nor stop the answers after it in the same batch."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+        tap.running()
+        broken, fine = make_flow(fp_body()[0]), make_flow(fp_body()[0])
+        annotate = fp_addon._annotate
+
+        def failing(flow: http.HTTPFlow, record: dict[str, Any]) -> None:
+            if flow is broken:
+                raise TypeError("a record the annotation cannot take")
+            annotate(flow, record)
+
+        monkeypatch.setattr(fp_addon, "_annotate", failing)
+        loop = asyncio.get_running_loop()
+        helds = [loop.create_future(), loop.create_future()]
+        record = {"verdict": "trusted", "ok": True}
+        tap._on_records([((broken, helds[0]), record), ((fine, helds[1]), None)])
+        assert [h.done() for h in helds] == [True, True]
+        assert tap.stats.group("errors") == {"internal": 1}
+        # And end to end: the worker's answers for two held flows, the first broken.
+        broken = make_flow(fp_body()[0])
+        waits = [tap.response(broken), tap.response(fine := make_flow(fp_body()[0]))]
+        assert all(w is not None for w in waits)
+        await asyncio.wait_for(asyncio.gather(*[w for w in waits if w is not None]), 30)
+        assert "fp" in fine.metadata
+        tap.done()
+
+
+@on_loop
 async def test_saving_flows_holds_responses(tmp_path: Path) -> None:
     tap = fp_addon.FingerprintTap()
     with taddons.context(save.Save(), tap) as tctx:

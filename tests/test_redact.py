@@ -115,7 +115,22 @@ def test_whole_subtrees_and_scalars_in_the_way() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "event..x", "visitor_id", "request_id", "checks.id_match", "client_ip.x", ".event"],
+    [
+        "",
+        "event..x",
+        "visitor_id",
+        "request_id",
+        "checks.id_match",
+        "client_ip.x",
+        ".event",
+        # The summary is an object the comment, the log line and the store read, and its
+        # request id what the replay memory is reloaded from.
+        "summary",
+        "summary.request_id",
+        "summary.api",
+        "summary.*",
+        "summary.request_id.x",
+    ],
 )
 def test_bad_paths_are_rejected_with_the_entry_named(bad: str) -> None:
     with pytest.raises(ValueError, match=r"redaction path|empty part"):
