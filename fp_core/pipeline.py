@@ -151,10 +151,12 @@ class Pipeline:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        # Writers retired by a change of options may still be writing into the spool of
+        # the delivery closed next: they finish first.
+        self.background.join()
         if self.delivery is not None:
             # Kept (closed): its spool's last gauges stay in snapshot().
             self.delivery.close(drain=drain)
-        self.background.join()
 
     def _configure_outputs(self, opts: Any, updated: AbstractSet[str]) -> None:
         """Open what the options ask for first; only then swap it in and retire the old

@@ -61,6 +61,32 @@ def test_a_bad_value_leaves_the_running_sinks_alone(tmp_path: Path) -> None:
     assert len(out.read_text().splitlines()) == 1
 
 
+def test_a_writer_retired_by_a_change_finishes_before_the_spool_closes(tmp_path: Path) -> None:
+    """Closing right after a change of options: the retired writer, still writing its
+    queue into the webhook spool, must not find the spool closed under it."""
+    out = tmp_path / "out.jsonl"
+    options = {
+        "fp_jsonl": str(out),
+        "fp_webhook_url": "http://127.0.0.1:9/hook",  # nobody there: events stay pending
+        "fp_state_dir": str(tmp_path / "state"),
+        "fp_queue_size": 20_000,
+    }
+    pipeline = Pipeline()
+    pipeline.configure(opts(**options), OPTIONS, [KEY])
+    record = pipeline.inspect(info(fp_body()[0]))
+    assert record is not None
+    assert pipeline.writer is not None
+    count = 10_000
+    for _ in range(count - 1):  # queued faster than the writer writes
+        assert pipeline.writer.submit(dict(record))
+    pipeline.configure(opts(**options | {"fp_queue_size": 30_000}), {"fp_queue_size"}, [KEY])
+    pipeline.close(0)
+    stats = pipeline.snapshot()
+    assert stats.get("sink_errors", {}) == {}
+    assert stats["written"] == {"jsonl": count, "webhook": count}
+    assert len(out.read_text().splitlines()) == count
+
+
 def test_the_replay_memory_survives_unrelated_changes() -> None:
     pipeline = Pipeline()
     pipeline.configure(opts(), OPTIONS, [KEY])
