@@ -11,7 +11,7 @@ import os
 import sqlite3
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from fp_core.errors import FpError
 
@@ -78,11 +78,14 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        # Inside: a COMMIT that fails (locked, disk full) must not leave the transaction
+        # open, or every later BEGIN on this connection fails for good.
+        conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
-            conn.execute("ROLLBACK")
+            with suppress(sqlite3.Error):  # the first error is the one to report
+                conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 def connect_readonly(path: str) -> sqlite3.Connection:

@@ -79,6 +79,32 @@ def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
     conn.close()
 
 
+def test_a_commit_that_fails_leaves_no_transaction_open(tmp_path: Path) -> None:
+    """In a rollback journal a reader's lock makes COMMIT itself fail: the connection
+    must come out of it usable, not stuck inside the transaction."""
+    path = str(tmp_path / "f.sqlite3")
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = DELETE")
+    conn.execute("PRAGMA busy_timeout = 0")
+    conn.execute("CREATE TABLE t (x)")
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM t").fetchone()  # holds a shared lock
+
+    def insert() -> None:
+        with transaction(conn):
+            conn.execute("INSERT INTO t VALUES (1)")
+
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        insert()
+    assert not conn.in_transaction
+    reader.execute("COMMIT")
+    insert()  # the lock gone, the next transaction goes through
+    assert conn.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 1
+    reader.close()
+    conn.close()
+
+
 def test_is_busy_tells_a_lock_from_other_errors(tmp_path: Path) -> None:
     path = str(tmp_path / "f.sqlite3")
     conn = connect(path, busy_timeout_ms=1)
