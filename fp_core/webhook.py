@@ -17,6 +17,7 @@ import http.client
 import ipaddress
 import json
 import os
+import re
 import ssl
 import threading
 import urllib.parse
@@ -171,7 +172,24 @@ def outgoing(record: Mapping[str, Any]) -> Outgoing | None:
         # ASCII JSON: header values must be ASCII, and every check is a bool, int or null.
         CHECKS_HEADER: json.dumps(record.get("checks") or {}, separators=(",", ":")),
     }
-    return Outgoing(str(record.get("request_id")), dumps(event).encode("utf-8"), headers)
+    return Outgoing(idempotency_key(record), dumps(event).encode("utf-8"), headers)
+
+
+#: What an idempotency key may be as it is: a header value of visible ASCII.
+_PLAIN_KEY = re.compile(r"[!-~]{1,256}")
+
+
+def idempotency_key(record: Mapping[str, Any]) -> str:
+    """The request id sealed in the event (the outer one only if it has none): the
+    outer id is the client's to forge, and a replay sent under another event's outer id
+    must not take that event's key. Not visible ASCII (CR, LF, non-Latin-1 would make
+    every POST fail), it becomes ``sha256-<hex>`` of itself."""
+    summary = record.get("summary")
+    inner = summary.get("request_id") if isinstance(summary, Mapping) else None
+    key = inner if isinstance(inner, str) and inner else str(record.get("request_id"))
+    if _PLAIN_KEY.fullmatch(key):
+        return key
+    return "sha256-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def request_headers(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import secrets
 import socket
 import threading
@@ -31,6 +32,7 @@ from fp_core.webhook import (
     WebhookSink,
     check_url,
     describe_url,
+    idempotency_key,
     is_plaintext_remote,
     load_secret,
     outgoing,
@@ -186,6 +188,29 @@ def test_only_unsealed_events_are_forwarded() -> None:
     without_event = record()
     del without_event["event"]
     assert outgoing(without_event) is None
+
+
+def test_the_idempotency_key_is_the_sealed_id_and_header_safe() -> None:
+    rec = record()
+    rec["summary"] = {"request_id": "1795730334960.4ucbXp"}
+    rec["request_id"] = "1795730399999.forged"  # a spliced or replayed outer id
+    item = outgoing(rec)
+    assert item is not None
+    assert item.request_id == "1795730334960.4ucbXp", "the authenticated id, not the outer"
+    rec["summary"] = {"request_id": None}  # no id sealed: the outer one it is
+    assert idempotency_key(rec) == "1795730399999.forged"
+    server = Receiver(ReceiverConfig())
+    poster = HttpPoster(server.url, timeout=5)
+    for unsafe in ("a\r\nX-Injected: 1", "p\u0159\u00edklad", "with space", "x" * 257):
+        rec["summary"] = {"request_id": unsafe}
+        key = idempotency_key(rec)
+        assert re.fullmatch(r"sha256-[0-9a-f]{64}", key), unsafe
+        assert key == idempotency_key(rec), "the same id, the same key"
+        # Such an id as the header made every attempt fail ("internal"), for a day.
+        assert poster.post(b"{}", request_headers({}, key, b"{}", None)).ok, unsafe
+    poster.close_local()
+    server.close()
+    assert len(server.received) == 4
 
 
 def test_the_body_is_the_event_as_sealed() -> None:

@@ -68,9 +68,12 @@ def comparable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSONL file (one being written may end mid-line: tests
+    poll files that a tap or a receiver is still writing)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    *complete, _partial = path.read_text().split("\n")
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def secret_forms(secret: bytes) -> list[bytes]:

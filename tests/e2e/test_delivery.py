@@ -152,8 +152,12 @@ class Rig:
         return read_jsonl(self.received_log)
 
     def delivered(self) -> Counter[str]:
-        """Request ids answered 200, with how often."""
-        return Counter(r["request_id"] for r in self.received() if r["status"] == 200)
+        """Request ids answered 200, with how often. The receiver sees each event's
+        idempotency key, the id sealed in it: mapped back to the outer id the client got
+        through the records (a spliced response's two ids differ)."""
+        outer = {r["summary"]["request_id"]: r["request_id"] for r in self.records() if r["ok"]}
+        keys = (r["request_id"] for r in self.received() if r["status"] == 200)
+        return Counter(outer.get(key, key) for key in keys)
 
     def records(self) -> list[dict[str, Any]]:
         return read_jsonl(self.jsonl)
@@ -167,6 +171,10 @@ class Rig:
         assert {r["request_id"] for r in records if r["ok"]} == forwarded
         delivered = self.delivered()
         assert set(delivered) == forwarded
+        # Each under the id sealed in its event, not the outer one a client may forge.
+        sealed = {r["summary"]["request_id"] for r in records if r["ok"]}
+        assert {r["request_id"] for r in self.received() if r["status"] == 200} == sealed
+        assert any(r["summary"]["request_id"] != r["request_id"] for r in records if r["ok"])
         # Every answer the receiver gave was to a correctly signed request.
         assert {r["signature"] for r in self.received()} == {"valid"}
 
