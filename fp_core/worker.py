@@ -41,7 +41,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from fp_core.errors import ConfigError, FpError
-from fp_core.keys import load_keys
+from fp_core.keys import DecryptionKey, load_keys
 from fp_core.pipeline import Pipeline
 from fp_core.tap import RECORD_FIELDS, ResponseInfo
 
@@ -170,6 +170,8 @@ class WorkerClient:
         self._tokens = itertools.count()
         self._seq = itertools.count()
         self._replies: dict[int, tuple[bool, Any]] = {}
+        #: Configurations sent without waiting: their replies are logged, not kept.
+        self._unawaited: set[int] = set()
         self._backlog: collections.deque[memoryview] = collections.deque()
         #: The event loop calls _flush when the pipe can take more (a backlog waits).
         self._writing = False
@@ -230,6 +232,8 @@ class WorkerClient:
         """Send option values; with ``wait``, raise :class:`ConfigError` if the child refuses
         them (otherwise a refusal is logged when it comes)."""
         seq = next(self._seq)
+        if not wait:
+            self._unawaited.add(seq)
         self._send(encode(("configure", seq, dict(values), sorted(updated))))
         if wait:
             ok, payload = self._wait(seq, timeout)
@@ -375,7 +379,12 @@ class WorkerClient:
             elif kind == "log":
                 logging.getLogger(frame[2]).log(frame[1], "%s", frame[3])
             elif kind == "reply":
-                self._replies[frame[1]] = (frame[2], frame[3])
+                if frame[1] not in self._unawaited:
+                    self._replies[frame[1]] = (frame[2], frame[3])
+                else:  # nobody waits for it: say here what was refused, and forget it
+                    self._unawaited.discard(frame[1])
+                    if not frame[2]:
+                        log.error("fp-tap: the worker process refused the options: %s", frame[3])
         if records:
             self.on_records(records)
 
@@ -434,6 +443,7 @@ class _ForwardLogs(logging.Handler):
 class _Child:
     def __init__(self) -> None:
         self.pipeline = Pipeline()
+        self.keys: list[DecryptionKey] | None = None
 
     def handle(self, frame: tuple[Any, ...], answers: list[tuple[Any, ...]]) -> bool:
         """Act on one frame; False once told to close."""
@@ -466,10 +476,15 @@ class _Child:
     def _configure(self, values: dict[str, Any], updated: set[str]) -> tuple[bool, Any]:
         opts = SimpleNamespace(**values)
         try:
-            keys = load_keys(opts.fp_keys_file)  # as the parent did: same file, same env
+            keys = self.keys
+            if keys is None or "fp_keys_file" in updated:
+                # As the parent does: the same file and environment, read again only when
+                # the option changes (a key file moved since must not refuse other options).
+                keys = load_keys(opts.fp_keys_file)
             self.pipeline.configure(opts, updated, keys)
         except FpError as exc:
             return False, exc.message
+        self.keys = keys
         return True, None
 
 

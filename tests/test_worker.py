@@ -123,6 +123,41 @@ def test_a_refused_configuration_names_the_option_and_changes_nothing(
     assert answers.records[0][1] is not None
 
 
+def test_a_refusal_nobody_waits_for_is_logged_and_not_kept(
+    start: Callable[..., tuple[WorkerClient, Answers]],
+    keyfile: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client, _ = start(fp_keys_file=str(keyfile))
+    gone = tmp_path / "moved.txt"
+    client.configure(values(fp_keys_file=str(gone)), {"fp_keys_file"}, wait=False, timeout=60)
+    client.configure(values(fp_keys_file=str(keyfile)), {"fp_max_age"}, wait=False, timeout=60)
+    pump(client, lambda: not client._unawaited, "both replies")
+    (line,) = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert line == (
+        f"fp-tap: the worker process refused the options: key file {gone}: cannot read "
+        "(No such file or directory)"
+    )
+    assert client._replies == {}, "an accepted one is not kept either"
+
+
+def test_the_keys_are_read_again_only_when_their_option_changes(
+    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path, tmp_path: Path
+) -> None:
+    client, answers = start(fp_keys_file=str(keyfile))
+    moved = tmp_path / "moved.txt"
+    keyfile.rename(moved)  # rotated away while the tap runs: other options still apply
+    client.configure(
+        values(fp_keys_file=str(keyfile), fp_max_age=20), {"fp_max_age"}, wait=True, timeout=60
+    )
+    client.submit(info(fp_body()[0]), context=1)
+    pump(client, lambda: bool(answers.records), "an answer")
+    record = answers.records[0][1]
+    assert record is not None
+    assert record["ok"] is True, "the keys read at the start are still there"
+
+
 def test_counters_follow_the_answers(
     start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path
 ) -> None:
