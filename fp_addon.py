@@ -543,7 +543,12 @@ class FingerprintTap:
             self._spawn_worker(_options())
         worker = self.worker
         if worker is None:
-            record = self.pipeline.inspect(info) if self.pipeline else None
+            if self.pipeline is None:
+                # Neither a worker nor a pipeline: the worker died and the fallback could
+                # not start (logged then). Counted, until an option change starts one.
+                self.stats.incr("dropped")
+                return None
+            record = self.pipeline.inspect(info)
             if record is not None:
                 self._show(flow, record)
             return None

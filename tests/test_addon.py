@@ -234,6 +234,19 @@ def test_a_key_file_without_keys_is_named(tmp_path: Path, monkeypatch, caplog) -
     ]
 
 
+def test_with_nothing_left_to_inspect_with_responses_are_counted_dropped(addon) -> None:
+    """The worker died and its fallback could not start: nothing unseals, but nothing
+    goes uncounted either."""
+    tap, _ = addon
+    pipeline = tap.pipeline
+    tap.pipeline = None
+    flow = run(tap, make_flow(fp_body()[0]))
+    assert "fp" not in flow.metadata
+    assert tap.stats.get("dropped") == 1
+    assert tap.stats.get("responses") == 1
+    tap.pipeline = pipeline
+
+
 def test_keys_from_environment(monkeypatch, tmp_path: Path) -> None:
     other = DecryptionKey.generate()
     monkeypatch.setenv(ENV_VAR, f"{other.to_base64()},{KEY.to_base64()}")
