@@ -207,6 +207,11 @@ class Delivery:
         if len(self._in_flight) >= self.config.concurrency:
             return IDLE_WAIT  # a finishing worker wakes us
         next_due = self.spool.next_due_after(now)
+        if next_due is not None and next_due > now + self.config.retry_max:
+            # Nothing is scheduled further ahead than retry_max (backoff and Retry-After
+            # are capped there): the wall clock went back. Those events are due now.
+            self.spool.pull_in(now)
+            return 0.01
         wait = IDLE_WAIT if next_due is None else min(IDLE_WAIT, next_due - now)
         return max(wait, 0.01)
 

@@ -171,6 +171,14 @@ class Spool:
         ]
         return out[:limit]
 
+    def pull_in(self, when: float) -> int:
+        """Make every pending event due later than ``when`` due at ``when``; how many."""
+        with self._lock, transaction(self._conn):
+            return self._conn.execute(
+                "UPDATE events SET next_attempt = ? WHERE parked = 0 AND next_attempt > ?",
+                (when, when),
+            ).rowcount
+
     def next_due_after(self, now: float) -> float | None:
         """When the next pending event not yet due becomes due (None: there is none)."""
         with self._lock:

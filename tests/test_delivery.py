@@ -178,6 +178,21 @@ def test_a_failure_is_logged_with_what_it_said(rig: Rig, caplog: pytest.LogCaptu
     ]
 
 
+def test_a_clock_that_goes_back_does_not_hold_events_back(rig: Rig) -> None:
+    """Retry times are wall-clock: after the clock went back an hour, an event due
+    "in an hour" is really due within retry_max, and goes then."""
+    sender = Sender(lambda n: DOWN if n == 1 else OK)
+    delivery = rig.start(sender, config(concurrency=1, retry_first=5, retry_max=5))
+    delivery.spool.add(items(1))
+    delivery.wake()
+    wait_until(lambda: webhook(rig.stats).get("failed") == 1, "the first failure")
+    with delivery.spool._lock:  # what a clock set back an hour looks like from here
+        delivery.spool._conn.execute("UPDATE events SET next_attempt = next_attempt + 3600")
+    delivery.wake()
+    # wait_until gives up after a minute: the event must not wait out the hour.
+    wait_until(lambda: webhook(rig.stats).get("sent") == 1, "the delivery")
+
+
 def test_retry_after_is_honoured(rig: Rig) -> None:
     sender = Sender(lambda n: PostResult(503, "http_503", retry_after=60))
     delivery = rig.start(sender, config(retry_max=3600))
