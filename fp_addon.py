@@ -230,6 +230,13 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         "the spool and counted; fp.resend sends parked events again.",
     ),
     (
+        "fp_webhook_max_events",
+        int,
+        1_000_000,
+        "Webhook events the spool holds at most, pending and parked; beyond, new events "
+        "are not spooled (counted as webhook.spool_full; their records are still written).",
+    ),
+    (
         "fp_state_dir",
         str,
         "~/.fp-tap",

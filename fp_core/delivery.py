@@ -43,6 +43,8 @@ class DeliveryConfig:
     retry_max: float = 300.0
     give_up: float = 86_400.0
     ca_file: str | None = None
+    #: Events the spool holds at most, pending and parked: beyond, new ones are refused.
+    max_events: int = 1_000_000
 
 
 def backoff(failures: int, first: float, cap: float, rng: random.Random) -> float:

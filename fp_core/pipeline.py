@@ -56,6 +56,7 @@ DELIVERY_OPTIONS = frozenset(
         "fp_webhook_retry_ms",
         "fp_webhook_retry_max",
         "fp_webhook_give_up",
+        "fp_webhook_max_events",
         "fp_state_dir",
     }
 )
@@ -189,7 +190,9 @@ class Pipeline:
         max_queue = positive(opts, "fp_queue_size")
         sinks: list[Sink] = []
         if delivery is not None:
-            sinks.append(WebhookSink(delivery.spool, self.stats, delivery.wake))
+            # The limit read at each write: a change of it alone keeps this writer.
+            limit = lambda d=delivery: d.config.max_events  # noqa: E731
+            sinks.append(WebhookSink(delivery.spool, self.stats, delivery.wake, limit))
         files = _file_sinks(opts, self.stats)
         if delivery is not None and not opts.fp_include_event:
             files = [WithoutEvent(sink) for sink in files]
@@ -297,6 +300,7 @@ def delivery_config(opts: Any) -> DeliveryConfig | None:
         retry_max=positive(opts, "fp_webhook_retry_max"),
         give_up=positive(opts, "fp_webhook_give_up"),
         ca_file=opts.fp_webhook_ca or None,
+        max_events=positive(opts, "fp_webhook_max_events"),
     )
 
 

@@ -16,6 +16,7 @@ import hmac
 import http.client
 import ipaddress
 import json
+import logging
 import os
 import re
 import ssl
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from fp_core.errors import FpError
 from fp_core.jsontext import dumps
 from fp_core.stats import Stats
+from fp_core.throttle import Throttle
 
 if TYPE_CHECKING:  # only a type here: this module must load without sqlite3
     from fp_core.spool import Spool
@@ -41,6 +43,8 @@ CHECKS_HEADER = "FP-Tap-Checks"
 USER_AGENT = "fp-tap"
 #: A receiver's answer is read up to this size (to reuse the connection), never kept.
 MAX_ANSWER = 64 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class WebhookConfigError(FpError):
@@ -217,20 +221,45 @@ class WebhookSink:
     name = "webhook"
 
     def __init__(
-        self, spool: Spool, stats: Stats, notify: Callable[[], None] | None = None
+        self,
+        spool: Spool,
+        stats: Stats,
+        notify: Callable[[], None] | None = None,
+        limit: Callable[[], int] | None = None,
     ) -> None:
         self.spool = spool
         self.stats = stats
         self._notify = notify
+        self._limit = limit
+        self._warnings = Throttle()
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
         items = [item for r in records if (item := outgoing(r)) is not None]
+        if self._limit is not None and items:
+            # A receiver down for days must not fill the disk: past the limit, new
+            # events are refused (the oldest, already waiting longest, keep their turn).
+            limit = self._limit()
+            room = max(limit - self.spool.pending - self.spool.parked, 0)
+            if room < len(items):
+                self._refuse(len(items) - room, limit)
+                items = items[:room]
         if not items:
             return
         self.spool.add(items)
         self.stats.incr_group("webhook", "spooled", len(items))
         if self._notify is not None:
             self._notify()
+
+    def _refuse(self, count: int, limit: int) -> None:
+        self.stats.incr_group("webhook", "spool_full", count)
+        if self._warnings.ready():
+            log.warning(
+                "fp-tap: webhook spool full (fp_webhook_max_events=%d, pending and parked): "
+                "%d event(s) not spooled (%d so far)",
+                limit,
+                count,
+                self.stats.group("webhook").get("spool_full", 0),
+            )
 
     def close(self) -> None:
         """Nothing to do: the spool belongs to the delivery, which closes it last."""

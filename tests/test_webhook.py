@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 import secrets
@@ -243,6 +244,30 @@ def test_the_sink_spools_unsealed_events_only(tmp_path: Path) -> None:
     assert stats.group("webhook") == {"spooled": 2}
     assert woken == [True], "woken once per batch that spooled something"
     sink.close()
+    spool.close()
+
+
+def test_a_full_spool_refuses_new_events_counts_and_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stats = Stats()
+    spool = Spool(str(tmp_path / "state"))
+    limit = [3]
+    sink = WebhookSink(spool, stats, None, lambda: limit[0])
+    with caplog.at_level(logging.WARNING, logger="fp_core.webhook"):
+        sink.write([record() for _ in range(5)])
+        sink.write([record()])
+    assert spool.pending == 3, "the first three kept their place"
+    assert stats.group("webhook") == {"spooled": 3, "spool_full": 3}
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning == (
+        "fp-tap: webhook spool full (fp_webhook_max_events=3, pending and parked): "
+        "2 event(s) not spooled (2 so far)"
+    )
+    limit[0] = 4  # the option raised while running: room for one more
+    sink.write([record(), record()])
+    assert spool.pending == 4
+    assert stats.group("webhook") == {"spooled": 4, "spool_full": 4}
     spool.close()
 
 

@@ -277,6 +277,26 @@ def test_receiver_down_at_start_then_up(rig: Rig) -> None:
     rig.measure("receiver_down_then_up", summary)
 
 
+def test_a_full_spool_refuses_new_events_but_their_records_are_written(rig: Rig) -> None:
+    gate = rig.tmp / "gate"
+    receiver, url = rig.receiver("--gate", str(gate), "--closed", "refuse")
+    proxy = rig.tap(url, fp_webhook_max_events=3)
+    try:
+        rig.send(proxy, 5, with_error=False)
+        wait_until(lambda: len(rig.records()) == 5, "every record, spooled or not")
+        gate.touch()
+        wait_until(lambda: sum(rig.delivered().values()) == 3, "the three spooled events")
+    finally:
+        assert proxy.stop() == 0
+        receiver.stop()
+    summary = summary_of(proxy.output())
+    assert summary["webhook"]["spooled"] == 3
+    assert summary["webhook"]["spool_full"] == 2
+    assert summary["webhook"]["sent"] == 3
+    assert sum(rig.delivered().values()) == 3
+    assert proxy.output().count("webhook spool full (fp_webhook_max_events=3") == 1
+
+
 def test_receiver_answering_500_for_a_while(rig: Rig) -> None:
     gate = rig.tmp / "gate"
     receiver, url = rig.receiver("--gate", str(gate), "--closed", "fail")
