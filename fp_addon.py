@@ -30,7 +30,7 @@ from fp_core.content import ContentError, decode_content
 from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import ConfigError, FpError, KeyConfigError, UnsealError
 from fp_core.jsontext import dumps
-from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
+from fp_core.keys import ENV_VAR, DecryptionKey, load_keys, too_open_warning
 from fp_core.loglines import DirectLines
 from fp_core.pipeline import (
     DELIVERY_OPTIONS,
@@ -326,17 +326,15 @@ class FingerprintTap:
 
     def configure(self, updated: set[str]) -> None:
         try:
-            try:
-                self._configure(_options(), updated)
-            except ConfigError as exc:
-                raise exceptions.OptionsError(exc.message) from None
-        except exceptions.OptionsError as exc:
+            self._configure(_options(), updated)
+        except (ConfigError, exceptions.OptionsError) as exc:
+            message = exc.message if isinstance(exc, ConfigError) else str(exc)
             if not updated.issuperset(ctx.options.keys()):
-                raise  # a change: mitmproxy refuses the value and says why
+                # A change: mitmproxy refuses the value and says why.
+                raise exceptions.OptionsError(message) from None
             # Every option at once: mitmproxy's script loader (at start, or reloading
             # the script), which logs whatever escapes with a traceback. The message
             # says it all; logged at ERROR it still stops mitmdump at start.
-            message = str(exc)
             log.error(message if message.startswith("fp-tap: ") else f"fp-tap: {message}")
 
     def _configure(self, opts: Any, updated: set[str]) -> None:
@@ -769,8 +767,8 @@ def _load_keys(keys_file: str | None) -> list[DecryptionKey]:
         keys = load_keys(keys_file)
     except KeyConfigError as exc:
         raise exceptions.OptionsError(f"fp-tap: {exc.message}") from None
-    if keys_file and key_file_too_open(keys_file):
-        log.warning("fp-tap: key file %s is readable by group or others; chmod 600 it", keys_file)
+    if warning := too_open_warning(keys_file):
+        log.warning("fp-tap: %s", warning)
     if keys:
         log.info("fp-tap: %d decryption key(s): %s", len(keys), ", ".join(k.key_id for k in keys))
     elif keys_file:

@@ -18,7 +18,7 @@ from fp_core.envelope import parse_open_response
 from fp_core.errors import FpError, KeyConfigError
 from fp_core.events import event_api, inner_request_id
 from fp_core.generate import generate_event, open_response_body
-from fp_core.keys import ENV_VAR, DecryptionKey, key_file_too_open, load_keys
+from fp_core.keys import ENV_VAR, DecryptionKey, load_keys, too_open_warning
 from fp_core.report import TOP_VISITORS, ReportError, build_report, format_report
 from fp_core.sealed import HEADER, seal_event, unseal_event
 
@@ -140,11 +140,8 @@ def main(
 
 def _keys(keys_file: str | None) -> list[DecryptionKey]:
     keys = load_keys(keys_file)
-    if keys_file and key_file_too_open(keys_file):
-        print(
-            f"warning: key file {keys_file} is readable by group or others; chmod 600 it",
-            file=sys.stderr,
-        )
+    if warning := too_open_warning(keys_file):
+        print(f"warning: {warning}", file=sys.stderr)
     return keys
 
 

@@ -116,6 +116,10 @@ class Delivery:
         self._add_workers()
         self._thread.start()
 
+    def max_events(self) -> int:
+        """The most events the spool may hold, as configured now."""
+        return self.config.max_events
+
     def configure(self, config: DeliveryConfig) -> None:
         """Use new settings from the next attempt on (same spool)."""
         if (config.url, config.timeout, config.ca_file) != (

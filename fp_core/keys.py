@@ -141,12 +141,20 @@ def read_key_file(path: str | os.PathLike[str]) -> list[DecryptionKey]:
 
 
 def key_file_too_open(path: str | os.PathLike[str]) -> bool:
-    """True when group or others may read the key file (worth a warning)."""
+    """True when group or others have any permission on the file (worth a warning)."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return False
     return bool(mode & (stat.S_IRWXG | stat.S_IRWXO))
+
+
+def too_open_warning(path: str | os.PathLike[str] | None, what: str = "key file") -> str | None:
+    """The warning for a secret's file that group or others may use, or None: one text
+    for the addon, the worker's pipeline and the CLI."""
+    if path and key_file_too_open(path):
+        return f"{what} {os.fspath(path)} is readable by group or others; chmod 600 it"
+    return None
 
 
 def load_keys(

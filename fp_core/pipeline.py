@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from fp_core.checks import CheckConfig, parse_origins
 from fp_core.errors import ConfigError, FpError
-from fp_core.keys import DecryptionKey, key_file_too_open
+from fp_core.keys import DecryptionKey, too_open_warning
 from fp_core.redact import Redactor, parse_paths
 from fp_core.stats import Stats
 from fp_core.tap import ResponseInfo, Tap, TapConfig
@@ -191,8 +191,9 @@ class Pipeline:
         sinks: list[Sink] = []
         if delivery is not None:
             # The limit read at each write: a change of it alone keeps this writer.
-            limit = lambda d=delivery: d.config.max_events  # noqa: E731
-            sinks.append(WebhookSink(delivery.spool, self.stats, delivery.wake, limit))
+            sinks.append(
+                WebhookSink(delivery.spool, self.stats, delivery.wake, delivery.max_events)
+            )
         files = _file_sinks(opts, self.stats)
         if delivery is not None and not opts.fp_include_event:
             files = [WithoutEvent(sink) for sink in files]
@@ -277,11 +278,8 @@ def delivery_config(opts: Any) -> DeliveryConfig | None:
             tls_context(opts.fp_webhook_ca)  # a bad file is an error now, not per request
     except FpError as exc:
         raise ConfigError(f"fp_webhook: {exc.message}") from None
-    secret_file = opts.fp_webhook_secret_file
-    if secret_file and key_file_too_open(secret_file):
-        log.warning(
-            "fp-tap: webhook secret file %s is readable by others; chmod 600 it", secret_file
-        )
+    if warning := too_open_warning(opts.fp_webhook_secret_file, "webhook secret file"):
+        log.warning("fp-tap: %s", warning)
     if secret is None:
         log.warning(
             "fp-tap: webhook events are not signed: set %s or fp_webhook_secret_file",

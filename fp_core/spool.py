@@ -138,13 +138,17 @@ class Spool:
         """Events given up on, kept for :meth:`resend`."""
         return self._parked
 
-    def add(self, items: Sequence[Outgoing]) -> None:
-        """Spool events (one transaction), due at once."""
-        if not items:
-            return
-        now = self._clock()
-        rows = [(i.request_id, i.body, json.dumps(i.headers), now, now, now) for i in items]
+    def add(self, items: Sequence[Outgoing], max_events: int | None = None) -> int:
+        """Spool events (one transaction), due at once; how many were taken. With
+        ``max_events``, the spool (pending and parked) holds no more than that: the
+        first items fill what room there is, the rest are refused."""
         with self._lock:
+            if max_events is not None:
+                items = items[: max(max_events - self._pending - self._parked, 0)]
+            if not items:
+                return 0
+            now = self._clock()
+            rows = [(i.request_id, i.body, json.dumps(i.headers), now, now, now) for i in items]
             with transaction(self._conn):
                 self._conn.executemany(
                     "INSERT INTO events (request_id, body, headers, created, window_start, "
@@ -152,6 +156,7 @@ class Spool:
                     rows,
                 )
             self._pending += len(rows)
+            return len(rows)
 
     def due(self, now: float, limit: int, exclude: Collection[int] = ()) -> list[Spooled]:
         """Up to ``limit`` pending events due by ``now``, oldest due first, skipping the

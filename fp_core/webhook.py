@@ -235,18 +235,17 @@ class WebhookSink:
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
         items = [item for r in records if (item := outgoing(r)) is not None]
-        if self._limit is not None and items:
-            # A receiver down for days must not fill the disk: past the limit, new
-            # events are refused (the oldest, already waiting longest, keep their turn).
-            limit = self._limit()
-            room = max(limit - self.spool.pending - self.spool.parked, 0)
-            if room < len(items):
-                self._refuse(len(items) - room, limit)
-                items = items[:room]
         if not items:
             return
-        self.spool.add(items)
-        self.stats.incr_group("webhook", "spooled", len(items))
+        # A receiver down for days must not fill the disk: past the limit, new events
+        # are refused (the oldest, already waiting longest, keep their turn).
+        limit = self._limit() if self._limit is not None else None
+        taken = self.spool.add(items, limit)
+        if limit is not None and taken < len(items):
+            self._refuse(len(items) - taken, limit)
+        if not taken:
+            return
+        self.stats.incr_group("webhook", "spooled", taken)
         if self._notify is not None:
             self._notify()
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from fp_core.keys import DecryptionKey
 from fp_core.replay import ReplayCache
-from scripts.bench_stats import Spread, paired_ratios
+from scripts.bench_stats import Spread
 from scripts.harness import (
     ADDON,
     MitmdumpConfig,
@@ -564,10 +564,12 @@ def _row(runs: ScenarioRuns) -> ProxyRow:
     base_rates = [b.rate for b, _ in runs.paired_base] or rates
     base_p50 = [b.p50_ms for _, b in runs.paired_base] or p50
     deltas = [a - b for a, b in zip(p50, base_p50, strict=True)]
+    # None for a round whose no-addon run got no response: left out of the spread.
+    ratios = [a / b if b else None for a, b in zip(rates, base_rates, strict=True)]
     return ProxyRow(
         name=runs.name,
         rate=Spread.of(rates),
-        vs_baseline=paired_ratios(rates, base_rates),
+        vs_baseline=Spread.of([r for r in ratios if r is not None]),
         cpu_ms=Spread.of(runs.cpu_ms),
         worker_cpu_ms=Spread.of(runs.worker_cpu_ms),
         p50_ms=Spread.of(p50),
@@ -578,8 +580,7 @@ def _row(runs: ScenarioRuns) -> ProxyRow:
         written=written,
         open_responses=sum(int(s.get("open_responses", 0)) for s in runs.addon_summaries),
         addon_errors=addon_errors,
-        # None for a round whose no-addon run got no response (paired_ratios skips it).
-        round_ratios=tuple(a / b if b else None for a, b in zip(rates, base_rates, strict=True)),
+        round_ratios=tuple(ratios),
         round_p50_delta_ms=tuple(deltas),
     )
 

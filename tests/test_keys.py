@@ -19,6 +19,7 @@ from fp_core.keys import (
     parse_key_file,
     parse_key_list,
     read_key_file,
+    too_open_warning,
 )
 
 RAW = bytes(range(32))
@@ -126,6 +127,14 @@ def test_key_file_permissions(tmp_path: Path) -> None:
     path.chmod(0o640)
     assert key_file_too_open(path)
     assert not key_file_too_open(tmp_path / "missing")
+    assert too_open_warning(path, "webhook secret file") == (
+        f"webhook secret file {path} is readable by group or others; chmod 600 it"
+    )
+    path.chmod(0o620)  # writable only: still a warning (any permission for the group)
+    assert too_open_warning(path) is not None
+    path.chmod(0o600)
+    assert too_open_warning(path) is None
+    assert too_open_warning(None) is None
 
 
 def test_decode_base64_lenient_rejects_non_ascii() -> None:

@@ -115,6 +115,17 @@ def test_parked_events_are_kept_counted_and_resent(spool: Spool, clock: Clock) -
     assert spool.resend() == 0
 
 
+def test_a_limit_counts_pending_and_parked_and_keeps_the_first(spool: Spool, clock: Clock) -> None:
+    assert spool.add([item(1), item(2)]) == 2
+    one, _ = spool.due(clock.now, 10)
+    spool.settle(Outcomes(park=[(one.id, "connection")]))
+    assert (spool.pending, spool.parked) == (1, 1)
+    assert spool.add([item(3), item(4), item(5)], max_events=3) == 1, "room for one"
+    assert spool.add([item(6)], max_events=3) == 0
+    assert [e.request_id for e in spool.due(clock.now, 10)] == ["req-2", "req-3"]
+    assert (spool.pending, spool.parked) == (2, 1)
+
+
 def test_a_new_owner_sends_what_was_left_at_once(tmp_path: Path, clock: Clock) -> None:
     state = str(tmp_path / "state")
     first = Spool(state, clock=clock)
