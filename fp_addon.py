@@ -31,6 +31,7 @@ from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import ConfigError, FpError, KeyConfigError, UnsealError
 from fp_core.jsontext import dumps
 from fp_core.keys import ENV_VAR, DecryptionKey, load_keys, too_open_warning
+from fp_core.keywatch import KeyFileWatch
 from fp_core.loglines import DirectLines
 from fp_core.pipeline import (
     DELIVERY_OPTIONS,
@@ -73,6 +74,8 @@ MARK_ERROR = ":x:"
 METADATA_KEY = "fp"
 #: Seconds to wait for the worker process to take a configuration with outputs.
 WORKER_TIMEOUT = 60.0
+#: How often the key file watch wakes up to see whether fp_keys_reload says it is time.
+KEYS_TICK = 1.0
 
 # The options (names are a public interface; the README documents each with its
 # default). mitmproxy's option parser understands typing.Optional, not "str | None".
@@ -83,6 +86,13 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         None,
         f"File of base64 decryption keys, one per line, tried in order after those in "
         f"the {ENV_VAR} environment variable. Keys are never taken as option values.",
+    ),
+    (
+        "fp_keys_reload",
+        int,
+        5,
+        "Seconds between checks of fp_keys_file: when it changed, its keys are used from "
+        "then on (a key rotation without a restart); 0 never checks.",
     ),
     (
         "fp_filter",
@@ -288,6 +298,9 @@ class FingerprintTap:
         self._carried: dict[str, Any] = {}
         self._warnings = Throttle()
         self._final: dict[str, Any] | None = None
+        #: The key file's content the keys in use came from (None: no key file).
+        self._key_watch: KeyFileWatch | None = None
+        self._key_task: asyncio.Task[None] | None = None
 
     @property
     def writer(self) -> RecordWriter | None:
@@ -315,6 +328,11 @@ class FingerprintTap:
         # Only an interactive tool shows flows; telling it about late annotations
         # costs a hook dispatch to every addon, which mitmdump can do without.
         self._has_view = ctx.master.addons.get("view") is not None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a hook called by hand, not by mitmproxy on its loop
+            return
+        self._key_task = loop.create_task(self._watch_keys())
 
     def _filter_logs(self) -> None:
         for handler in logging.getLogger().handlers:
@@ -346,15 +364,18 @@ class FingerprintTap:
             self.max_body = positive(opts, "fp_max_body")
         if "fp_drain_timeout" in updated:
             self.drain_timeout = non_negative(opts, "fp_drain_timeout")
+        if "fp_keys_reload" in updated:
+            non_negative(opts, "fp_keys_reload")
         if updated & {"fp_hold", "save_stream_file"}:
             # Flows saved with -w are written in the response hook of the addon after
             # this one: only a held response is saved with its annotations.
             self.hold = opts.fp_hold or bool(getattr(opts, "save_stream_file", None))
         if updated & TAP_OPTIONS:
             if "fp_keys_file" in updated:
-                self.keys = _load_keys(opts.fp_keys_file)
-                for key in self.keys:
-                    self.scrubber.add_key(key.raw())
+                path = opts.fp_keys_file
+                watch = KeyFileWatch(path) if path else None  # before the keys are read
+                self._adopt_keys(_load_keys(path))
+                self._key_watch = watch
             self.tap = Tap(tap_config(opts, self.keys), self.stats)
             self.include_event = opts.fp_include_event
         if updated & DELIVERY_OPTIONS:
@@ -374,6 +395,59 @@ class FingerprintTap:
                 )
             elif self.pipeline is not None:
                 self.pipeline.configure(opts, names, self.keys)
+
+    def _adopt_keys(self, keys: list[DecryptionKey]) -> None:
+        self.keys = keys
+        for key in keys:
+            self.scrubber.add_key(key.raw())
+
+    async def _watch_keys(self) -> None:
+        """Check the key file every fp_keys_reload seconds, for as long as the addon runs."""
+        waited = 0.0
+        while True:
+            await asyncio.sleep(KEYS_TICK)
+            waited += KEYS_TICK
+            every = _options().fp_keys_reload
+            if every > 0 and waited >= every:
+                waited = 0.0
+                try:
+                    await self.reload_keys()
+                except Exception as exc:  # the watch must outlive a bug
+                    self.stats.incr_group("errors", "internal")
+                    log.warning("fp-tap: internal error reloading keys: %s", type(exc).__name__)
+
+    async def reload_keys(self) -> bool:
+        """If the key file changed, use its keys from now on (True); else keep the keys in
+        use, and log once why a changed file could not be used."""
+        watch = self._key_watch
+        if watch is None:
+            return False
+        reload = await asyncio.to_thread(watch.check)  # reads the file: off the loop
+        if reload is None or watch is not self._key_watch:  # or the option changed since
+            return False
+        if reload.keys is None:
+            self.stats.incr_group("errors", "keys_reload")
+            log.warning("fp-tap: %s; keeping the %d key(s) in use", reload.problem, len(self.keys))
+            return False
+        if reload.warning:
+            log.warning("fp-tap: %s", reload.warning)
+        self._adopt_keys(reload.keys)
+        opts = _options()
+        self.tap = Tap(tap_config(opts, self.keys), self.stats)
+        if self.worker is not None:
+            # The worker reads the same file itself, as at every fp_keys_file change.
+            changed = {"fp_keys_file"}
+            self.worker.configure(_values(opts), changed, wait=False, timeout=WORKER_TIMEOUT)
+        elif self.pipeline is not None:
+            self.pipeline.configure(opts, {"fp_keys_file"}, self.keys)
+        self.stats.incr("keys_reloaded")
+        log.info(
+            "fp-tap: key file %s changed: %d decryption key(s): %s",
+            watch.path,
+            len(self.keys),
+            ", ".join(k.key_id for k in self.keys),
+        )
+        return True
 
     def _scrub_webhook_secret(self, opts: Any) -> None:
         # Read here only to mask it in log lines; the pipeline reads and checks it.
@@ -466,6 +540,8 @@ class FingerprintTap:
             return None
 
     def done(self) -> None:
+        if self._key_task is not None:
+            self._key_task.cancel()
         worker, pipeline = self.worker, self.pipeline
         if worker is not None:
             worker.close(self.drain_timeout)

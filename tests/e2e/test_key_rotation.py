@@ -1,0 +1,102 @@
+"""A key rotation through a real mitmdump: the key file is rewritten while it runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fp_core.keys import DecryptionKey
+from fp_core.writer import open_private
+from scripts.harness import MitmdumpConfig, Service, addon_summary, start_mitmdump, write_key_file
+from tests.e2e.conftest import Keys, comparable_headers, fetch, read_jsonl, secret_forms
+
+pytestmark = pytest.mark.e2e
+
+
+def one_more_record(path: Path, count: int, timeout: float = 30) -> dict[str, Any]:
+    """Wait for record number ``count + 1`` in the JSONL file; return it."""
+    deadline = time.monotonic() + timeout
+    while len(records := read_jsonl(path)) <= count:
+        assert time.monotonic() < deadline, f"no record #{count + 1} in {timeout} s"
+        time.sleep(0.05)
+    return records[count]
+
+
+def outcome(record: dict[str, Any]) -> str:
+    return str(record["verdict"] if record["ok"] else record["error"]["kind"])
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace the file in one step (a check between truncating and writing in place
+    would see an empty file: one more warning, and a flaky count), mode 0600."""
+    new = path.with_suffix(".new")
+    new.unlink(missing_ok=True)
+    with open_private(str(new), "w") as handle:
+        handle.write(text)
+    os.replace(new, path)
+
+
+@pytest.mark.parametrize("worker", [True, False], ids=["worker", "in-process"])
+def test_a_rotated_key_is_taken_without_a_restart(
+    tmp_path: Path, keys: Keys, endpoint: Service, worker: bool
+) -> None:
+    """The endpoint seals with ``keys.key``; the tap starts with only an old key."""
+    old = DecryptionKey.generate()
+    tap_keys = write_key_file(tmp_path / "tap-keys.txt", old, "before the rotation")
+    jsonl = tmp_path / "events.jsonl"
+    proxy = start_mitmdump(
+        tmp_path,
+        MitmdumpConfig(
+            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
+            options={
+                "fp_keys_file": str(tap_keys),
+                "fp_keys_reload": 1,
+                "fp_jsonl": str(jsonl),
+                "fp_worker": worker,
+            },
+        ),
+    )
+    proxied, direct = f"http://127.0.0.1:{proxy.port}", f"http://127.0.0.1:{endpoint.port}"
+
+    def request(seed: int) -> None:
+        query = f"/?case=ok&api=v4&seed={seed}&ts={int(time.time() * 1000)}"
+        through, straight = fetch(proxied + query), fetch(direct + query)
+        assert through.status == straight.status == 200
+        assert through.body == straight.body, "the body changed in transit"
+        assert comparable_headers(through.headers) == comparable_headers(straight.headers)
+
+    try:
+        request(1)
+        assert outcome(one_more_record(jsonl, 0)) == "decrypt_failed"
+
+        # Caught half-written: the old key stays, and the tap says so once.
+        write_private(tap_keys, keys.key.to_base64()[:25] + "\n")
+        proxy.wait_for(re.compile(r"keeping the 1 key\(s\) in use"))
+        request(2)
+        assert outcome(one_more_record(jsonl, 1)) == "decrypt_failed"
+
+        write_private(tap_keys, f"{keys.key.to_base64()}\n{old.to_base64()}\n")
+        proxy.wait_for(re.compile(r"changed: 2 decryption key\(s\): " + keys.key.key_id))
+        request(3)
+        record = one_more_record(jsonl, 2)
+        assert (outcome(record), record["key_id"]) == ("trusted", keys.key.key_id)
+        assert proxy.proc.poll() is None, "the same mitmdump, never restarted"
+    finally:
+        assert proxy.stop(signal.SIGTERM) == 0
+
+    log = proxy.output()
+    assert log.count("keeping the 1 key(s) in use") == 1
+    summary = addon_summary(log)
+    assert summary["keys_reloaded"] == 1
+    assert summary["errors"] == {"decrypt_failed": 2, "keys_reload": 1}
+    for data in (log.encode(), jsonl.read_bytes()):
+        for key in (keys.key, old):
+            for form in secret_forms(key.raw()):
+                assert form not in data, "a key leaked"
+        assert keys.key.to_base64()[:25].encode() not in data, "the half-written key leaked"

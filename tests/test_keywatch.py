@@ -1,0 +1,145 @@
+"""fp_core.keywatch: noticing a rotated key file, and refusing a half-written one once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fp_core.keys import ENV_VAR, DecryptionKey
+from fp_core.keywatch import KeyFileWatch, file_digest
+from tests.e2e.conftest import secret_forms
+
+OLD, NEW = DecryptionKey.generate(), DecryptionKey.generate()
+NO_ENV: dict[str, str] = {}
+
+
+def write(path: Path, *lines: str, mode: int = 0o600) -> None:
+    path.write_text("".join(line + "\n" for line in lines))
+    path.chmod(mode)
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path) -> Path:
+    path = tmp_path / "keys.txt"
+    write(path, "# current", OLD.to_base64())
+    return path
+
+
+def test_an_unchanged_file_is_nothing_to_do(keyfile: Path) -> None:
+    watch = KeyFileWatch(keyfile)
+    assert watch.check(NO_ENV) is None
+    os.utime(keyfile)  # touched, not changed
+    assert watch.check(NO_ENV) is None
+
+
+def test_a_rotation_gives_the_new_keys_once(keyfile: Path) -> None:
+    watch = KeyFileWatch(keyfile)
+    write(keyfile, NEW.to_base64(), OLD.to_base64())
+    reload = watch.check(NO_ENV)
+    assert reload is not None
+    assert reload.keys == [NEW, OLD]
+    assert (reload.problem, reload.warning) == (None, None)
+    assert watch.check(NO_ENV) is None, "taken: nothing more to do"
+
+
+def test_the_content_counts_not_the_times(keyfile: Path) -> None:
+    """A key written over another of the same size, with the old modification time:
+    a watch by size and time would miss it."""
+    watch = KeyFileWatch(keyfile)
+    before = keyfile.stat()
+    write(keyfile, "# current", NEW.to_base64())
+    os.utime(keyfile, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert keyfile.stat().st_size == before.st_size
+    reload = watch.check(NO_ENV)
+    assert reload is not None
+    assert reload.keys == [NEW]
+
+
+def test_a_bad_file_keeps_the_keys_in_use_and_is_reported_once(keyfile: Path) -> None:
+    watch = KeyFileWatch(keyfile)
+    half = NEW.to_base64()[:20]  # as while the new key is being written
+    write(keyfile, half)
+    reload = watch.check(NO_ENV)
+    assert reload is not None
+    assert reload.keys is None
+    assert reload.problem == f"key file {keyfile} line 1: decodes to 15 bytes, an AES-256 key is 32"
+    assert watch.check(NO_ENV) is None, "the same content: reported already"
+    write(keyfile, NEW.to_base64())
+    reload = watch.check(NO_ENV)
+    assert reload is not None
+    assert reload.keys == [NEW]
+
+
+def test_problems_never_carry_a_key(keyfile: Path) -> None:
+    watch = KeyFileWatch(keyfile)
+    write(keyfile, NEW.to_base64(), OLD.to_base64()[:-8])  # the second line cut short
+    reload = watch.check(NO_ENV)
+    assert reload is not None
+    assert reload.problem is not None
+    assert "line 2" in reload.problem
+    for key in (OLD, NEW):
+        for form in secret_forms(key.raw()):
+            assert form.decode("latin-1") not in reload.problem
+        assert key.to_base64()[:12] not in reload.problem
+
+
+def test_a_missing_file_is_reported_once_until_it_is_back(keyfile: Path) -> None:
+    watch = KeyFileWatch(keyfile)
+    content = keyfile.read_bytes()
+    keyfile.unlink()
+    reload = watch.check(NO_ENV)
+    assert reload is not None
+    assert reload.keys is None
+    assert reload.problem is not None
+    assert "cannot read" in reload.problem
+    assert watch.check(NO_ENV) is None, "still missing: reported already"
+    keyfile.write_bytes(content)
+    assert watch.check(NO_ENV) is None, "back as it was: the keys in use are its keys"
+    keyfile.unlink()
+    reload = watch.check(NO_ENV)
+    assert reload is not None, "gone again: news again"
+    assert reload.keys is None
+
+
+def test_an_emptied_file_is_refused_unless_the_environment_has_keys(keyfile: Path) -> None:
+    watch = KeyFileWatch(keyfile)
+    write(keyfile, "# rotating")
+    reload = watch.check(NO_ENV)
+    assert reload is not None
+    assert reload.keys is None
+    assert reload.problem == f"key file {keyfile} holds no key (nor does {ENV_VAR})"
+
+    watch = KeyFileWatch(keyfile)
+    write(keyfile, "# the file's keys retired; the environment's stay")
+    reload = watch.check({ENV_VAR: NEW.to_base64()})
+    assert reload is not None
+    assert reload.keys == [NEW]
+
+
+def test_environment_keys_come_first(keyfile: Path) -> None:
+    watch = KeyFileWatch(keyfile)
+    write(keyfile, NEW.to_base64())
+    reload = watch.check({ENV_VAR: OLD.to_base64()})
+    assert reload is not None
+    assert reload.keys == [OLD, NEW]
+
+
+def test_an_open_file_warns_with_its_keys(keyfile: Path) -> None:
+    watch = KeyFileWatch(keyfile)
+    write(keyfile, NEW.to_base64(), mode=0o644)
+    reload = watch.check(NO_ENV)
+    assert reload is not None
+    assert reload.keys == [NEW]
+    assert reload.warning == f"key file {keyfile} is readable by group or others; chmod 600 it"
+
+
+def test_file_digest(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    assert file_digest(path) is None
+    path.write_bytes(b"a")
+    first = file_digest(path)
+    path.write_bytes(b"b")
+    assert first is not None
+    assert file_digest(path) not in (None, first)
