@@ -76,21 +76,58 @@ def open_private(path: str, mode: str = "a") -> IO[str]:
 
 
 class JsonlSink:
-    """One JSON object per line, appended to a file (mode 0600) or written to stdout."""
+    """One JSON object per line, appended to a file (mode 0600) or written to stdout.
+
+    A long-running tap's file gets rotated: when the path no longer leads to the open
+    file (moved away or removed, as logrotate does), the next batch starts a new file
+    there, as ``logging``'s ``WatchedFileHandler`` does. Until that new file can be
+    made, records keep going to the old one: nothing is lost.
+    """
 
     name = "jsonl"
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._handle: IO[str] = sys.stdout if path == "-" else open_private(path)
+        self._identity = None if path == "-" else _identity(os.fstat(self._handle.fileno()))
+        self._warnings = Throttle()
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
+        if self._identity is not None:
+            self._follow_path()
         self._handle.write("".join(dumps(r) + "\n" for r in records))
         self._handle.flush()
+
+    def _follow_path(self) -> None:
+        try:
+            if _identity(os.stat(self.path)) == self._identity:
+                return
+        except FileNotFoundError:
+            pass  # removed: start a new one
+        except OSError:
+            return  # cannot tell (a directory made unreadable): keep the file we have
+        try:
+            handle = open_private(self.path)
+        except OSError as exc:
+            if self._warnings.ready():
+                log.warning(
+                    "fp-tap: %s was moved or removed and cannot be made again (%s); "
+                    "writing on to the file it was",
+                    self.path,
+                    exc.strerror or type(exc).__name__,
+                )
+            return
+        self._handle.close()
+        self._handle, self._identity = handle, _identity(os.fstat(handle.fileno()))
+        log.info("fp-tap: %s was moved or removed; records go to a new file there", self.path)
 
     def close(self) -> None:
         if self._handle is not sys.stdout:
             self._handle.close()
+
+
+def _identity(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino
 
 
 class RecordWriter:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from fp_core import writer as writer_module
 from fp_core.jsontext import dumps
 from fp_core.stats import Stats
 from fp_core.writer import BATCH, JsonlSink, RecordWriter, WithoutEvent, open_private
@@ -145,6 +146,68 @@ def test_jsonl_sink_appends_to_an_existing_file(tmp_path: Path) -> None:
     assert read_jsonl(path) == [{"earlier": "run"}, record(1)]
     # The mode is only chosen for a file this code creates.
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_jsonl_sink_follows_a_rotation(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Moved away (logrotate's create mode), then removed: each time the next batch
+    starts a new file at the path, and the old file keeps what it had."""
+    caplog.set_level(logging.INFO)
+    path, rotated = tmp_path / "records.jsonl", tmp_path / "records.jsonl.1"
+    sink = JsonlSink(str(path))
+    sink.write([record(1)])
+    path.rename(rotated)
+    sink.write([record(2), record(3)])
+    sink.write([record(4)])
+    assert read_jsonl(rotated) == [record(1)]
+    assert read_jsonl(path) == [record(2), record(3), record(4)]
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.unlink()
+    sink.write([record(5)])
+    sink.close()
+    assert read_jsonl(path) == [record(5)]
+    moved = [r for r in caplog.records if "was moved or removed" in r.getMessage()]
+    assert [r.getMessage() for r in moved] == [
+        f"fp-tap: {path} was moved or removed; records go to a new file there"
+    ] * 2
+
+
+def test_jsonl_sink_appends_to_a_file_rotation_made(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    sink = JsonlSink(str(path))
+    sink.write([record(1)])
+    path.rename(tmp_path / "old.jsonl")
+    path.write_text("")  # logrotate's create: an empty file with its own mode
+    path.chmod(0o640)
+    sink.write([record(2)])
+    sink.close()
+    assert read_jsonl(path) == [record(2)]
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_jsonl_sink_loses_nothing_when_no_new_file_can_be_made(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, rotated = tmp_path / "records.jsonl", tmp_path / "records.jsonl.1"
+    sink = JsonlSink(str(path))
+    sink.write([record(1)])
+    path.rename(rotated)
+
+    def refused(name: str, mode: str = "a") -> None:
+        raise PermissionError(13, "Permission denied", name)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(writer_module, "open_private", refused)  # as in a read-only folder
+        sink.write([record(2)])
+        sink.write([record(3)])
+    sink.write([record(4)])
+    sink.close()
+    assert read_jsonl(rotated) == [record(1), record(2), record(3)]
+    assert read_jsonl(path) == [record(4)]
+    warnings = [r.getMessage() for r in caplog.records if "cannot be made again" in r.getMessage()]
+    assert warnings == [
+        f"fp-tap: {path} was moved or removed and cannot be made again (Permission denied); "
+        "writing on to the file it was"
+    ]
 
 
 def test_jsonl_sink_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:

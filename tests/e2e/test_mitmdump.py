@@ -265,3 +265,48 @@ def test_bad_key_file_stops_mitmdump_without_showing_the_key(tmp_path: Path) -> 
     assert "line 3" in text
     assert "c2hvcnQta2V5" not in text
     assert "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8" not in text
+
+
+@pytest.mark.parametrize("worker", [True, False], ids=["worker", "in-process"])
+def test_a_rotated_jsonl_file_is_started_again(
+    tmp_path: Path, keys: Keys, endpoint: Service, worker: bool
+) -> None:
+    """logrotate's way: the file is moved away while mitmdump runs; the records after
+    that go to a new file at the path, and none is lost or written twice."""
+    jsonl, rotated = tmp_path / "events.jsonl", tmp_path / "events.jsonl.1"
+    proxy = start_mitmdump(
+        tmp_path,
+        MitmdumpConfig(
+            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
+            options={"fp_keys_file": str(keys.file), "fp_jsonl": str(jsonl), "fp_worker": worker},
+        ),
+    )
+
+    def send(seeds: range) -> list[str]:
+        ids = []
+        for seed in seeds:
+            reply = fetch(f"http://127.0.0.1:{proxy.port}/?case=ok&seed={seed}")
+            assert reply.status == 200
+            ids.append({k.lower(): v for k, v in reply.headers}["x-stand-in-request-id"])
+        return ids
+
+    def ids_in(path: Path, count: int) -> list[str]:
+        deadline = time.monotonic() + 30
+        while len(records := read_jsonl(path)) < count:
+            assert time.monotonic() < deadline, f"{path.name}: {len(records)} of {count} records"
+            time.sleep(0.05)
+        return [r["request_id"] for r in records]
+
+    try:
+        before = send(range(5))
+        assert ids_in(jsonl, 5) == before
+        jsonl.rename(rotated)
+        after = send(range(5, 12))
+        assert ids_in(jsonl, 7) == after
+    finally:
+        assert proxy.stop(signal.SIGTERM) == 0
+    assert [r["request_id"] for r in read_jsonl(rotated)] == before
+    assert [r["request_id"] for r in read_jsonl(jsonl)] == after
+    assert jsonl.stat().st_mode & 0o777 == 0o600
+    assert proxy.output().count("was moved or removed; records go to a new file there") == 1
+    assert summary_of(proxy.output())["written"] == {"jsonl": 12}
