@@ -441,12 +441,7 @@ class FingerprintTap:
         elif self.pipeline is not None:
             self.pipeline.configure(opts, {"fp_keys_file"}, self.keys)
         self.stats.incr("keys_reloaded")
-        log.info(
-            "fp-tap: key file %s changed: %d decryption key(s): %s",
-            watch.path,
-            len(self.keys),
-            ", ".join(k.key_id for k in self.keys),
-        )
+        log.info("fp-tap: key file %s changed: %s", watch.path, _key_list(self.keys))
         return True
 
     def _scrub_webhook_secret(self, opts: Any) -> None:
@@ -846,7 +841,7 @@ def _load_keys(keys_file: str | None) -> list[DecryptionKey]:
     if warning := too_open_warning(keys_file):
         log.warning("fp-tap: %s", warning)
     if keys:
-        log.info("fp-tap: %d decryption key(s): %s", len(keys), ", ".join(k.key_id for k in keys))
+        log.info("fp-tap: %s", _key_list(keys))
     elif keys_file:
         log.warning(
             "fp-tap: key file %s holds no key (nor does %s): open responses will be "
@@ -861,6 +856,11 @@ def _load_keys(keys_file: str | None) -> list[DecryptionKey]:
             ENV_VAR,
         )
     return keys
+
+
+def _key_list(keys: Sequence[DecryptionKey]) -> str:
+    """How many keys and their ids (never their values)."""
+    return f"{len(keys)} decryption key(s): {', '.join(k.key_id for k in keys)}"
 
 
 def _pretty_host(request: http.Request) -> str:
