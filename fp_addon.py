@@ -31,7 +31,7 @@ from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import ConfigError, FpError, KeyConfigError, UnsealError
 from fp_core.jsontext import dumps
 from fp_core.keys import ENV_VAR, DecryptionKey, load_keys, too_open_warning
-from fp_core.keywatch import KeyFileWatch
+from fp_core.rotation import FileWatch, key_file_watch, secret_file_watch
 from fp_core.loglines import DirectLines
 from fp_core.pipeline import (
     DELIVERY_OPTIONS,
@@ -50,7 +50,7 @@ from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats, merge_counts, without_gauges
 from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
 from fp_core.throttle import Throttle
-from fp_core.webhook import SECRET_ENV_VAR, load_secret
+from fp_core.webhook import SECRET_ENV_VAR, WebhookSecret, load_secret
 from fp_core.worker import Records, WorkerClient
 from fp_core.writer import open_private
 
@@ -74,8 +74,8 @@ MARK_ERROR = ":x:"
 METADATA_KEY = "fp"
 #: Seconds to wait for the worker process to take a configuration with outputs.
 WORKER_TIMEOUT = 60.0
-#: How often the key file watch wakes up to see whether fp_keys_reload says it is time.
-KEYS_TICK = 1.0
+#: How often the file watch wakes up to see whether fp_secrets_reload says it is time.
+WATCH_TICK = 1.0
 
 # The options (names are a public interface; the README documents each with its
 # default). mitmproxy's option parser understands typing.Optional, not "str | None".
@@ -88,11 +88,12 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         f"the {ENV_VAR} environment variable. Keys are never taken as option values.",
     ),
     (
-        "fp_keys_reload",
+        "fp_secrets_reload",
         int,
         5,
-        "Seconds between checks of fp_keys_file: when it changed, its keys are used from "
-        "then on (a key rotation without a restart); 0 never checks.",
+        "Seconds between checks of fp_keys_file and fp_webhook_secret_file: when one "
+        "changed, what it holds is used from then on (a rotation without a restart); 0 "
+        "never checks.",
     ),
     (
         "fp_filter",
@@ -298,9 +299,9 @@ class FingerprintTap:
         self._carried: dict[str, Any] = {}
         self._warnings = Throttle()
         self._final: dict[str, Any] | None = None
-        #: The key file's content the keys in use came from (None: no key file).
-        self._key_watch: KeyFileWatch | None = None
-        self._key_task: asyncio.Task[None] | None = None
+        #: The files whose content is in use, by what they hold: "keys", "webhook_secret".
+        self._watches: dict[str, FileWatch[Any]] = {}
+        self._watch_task: asyncio.Task[None] | None = None
 
     @property
     def writer(self) -> RecordWriter | None:
@@ -332,7 +333,7 @@ class FingerprintTap:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # a hook called by hand, not by mitmproxy on its loop
             return
-        self._key_task = loop.create_task(self._watch_keys())
+        self._watch_task = loop.create_task(self._watch_files())
 
     def _filter_logs(self) -> None:
         for handler in logging.getLogger().handlers:
@@ -364,8 +365,8 @@ class FingerprintTap:
             self.max_body = positive(opts, "fp_max_body")
         if "fp_drain_timeout" in updated:
             self.drain_timeout = non_negative(opts, "fp_drain_timeout")
-        if "fp_keys_reload" in updated:
-            non_negative(opts, "fp_keys_reload")
+        if "fp_secrets_reload" in updated:
+            non_negative(opts, "fp_secrets_reload")
         if updated & {"fp_hold", "save_stream_file"}:
             # Flows saved with -w are written in the response hook of the addon after
             # this one: only a held response is saved with its annotations.
@@ -373,12 +374,16 @@ class FingerprintTap:
         if updated & TAP_OPTIONS:
             if "fp_keys_file" in updated:
                 path = opts.fp_keys_file
-                watch = KeyFileWatch(path) if path else None  # before the keys are read
+                watch = key_file_watch(path) if path else None  # before the keys are read
                 self._adopt_keys(_load_keys(path))
-                self._key_watch = watch
+                self._watch("keys", watch)
             self.tap = Tap(tap_config(opts, self.keys), self.stats)
             self.include_event = opts.fp_include_event
         if updated & DELIVERY_OPTIONS:
+            # Any of them has the webhook read its secret file again: from here on, it is
+            # that content that is in use (and only while there is a webhook).
+            path = opts.fp_webhook_secret_file if opts.fp_webhook_url else None
+            self._watch("webhook_secret", secret_file_watch(path) if path else None)
             self._scrub_webhook_secret(opts)
         queue_size = positive(opts, "fp_queue_size")
         if "fp_worker" in updated or (self.pipeline is None and self.worker is None):
@@ -401,48 +406,73 @@ class FingerprintTap:
         for key in keys:
             self.scrubber.add_key(key.raw())
 
-    async def _watch_keys(self) -> None:
-        """Check the key file every fp_keys_reload seconds, for as long as the addon runs."""
+    def _watch(self, name: str, watch: FileWatch[Any] | None) -> None:
+        if watch is None:
+            self._watches.pop(name, None)
+        else:
+            self._watches[name] = watch
+
+    async def _watch_files(self) -> None:
+        """Check the watched files every fp_secrets_reload seconds, while the addon runs."""
         waited = 0.0
         while True:
-            await asyncio.sleep(KEYS_TICK)
-            waited += KEYS_TICK
-            every = _options().fp_keys_reload
+            await asyncio.sleep(WATCH_TICK)
+            waited += WATCH_TICK
+            every = _options().fp_secrets_reload
             if every > 0 and waited >= every:
                 waited = 0.0
                 try:
-                    await self.reload_keys()
+                    await self.reload_files()
                 except Exception as exc:  # the watch must outlive a bug
                     self.stats.incr_group("errors", "internal")
-                    log.warning("fp-tap: internal error reloading keys: %s", type(exc).__name__)
+                    log.warning("fp-tap: internal error reloading files: %s", type(exc).__name__)
 
-    async def reload_keys(self) -> bool:
-        """If the key file changed, use its keys from now on (True); else keep the keys in
-        use, and log once why a changed file could not be used."""
-        watch = self._key_watch
-        if watch is None:
-            return False
-        reload = await asyncio.to_thread(watch.check)  # reads the file: off the loop
-        if reload is None or watch is not self._key_watch:  # or the option changed since
-            return False
-        if reload.keys is None:
-            self.stats.incr_group("errors", "keys_reload")
-            log.warning("fp-tap: %s; keeping the %d key(s) in use", reload.problem, len(self.keys))
-            return False
-        if reload.warning:
-            log.warning("fp-tap: %s", reload.warning)
-        self._adopt_keys(reload.keys)
+    async def reload_files(self) -> list[str]:
+        """Use what each watched file holds now if it changed; what was taken ("keys",
+        "webhook_secret"). A changed file that cannot be used is logged once, and what
+        is in use stays."""
+        taken = []
+        for name, watch in list(self._watches.items()):
+            reload = await asyncio.to_thread(watch.check)  # reads the file: off the loop
+            if reload is None or self._watches.get(name) is not watch:  # or options changed
+                continue
+            if reload.value is None:
+                self.stats.incr_group("errors", f"{name}_reload")
+                in_use = f"the {len(self.keys)} key(s)" if name == "keys" else "the secret"
+                log.warning("fp-tap: %s; keeping %s in use", reload.problem, in_use)
+                continue
+            if reload.warning:
+                log.warning("fp-tap: %s", reload.warning)
+            if name == "keys":
+                self._take_keys(reload.value, watch.path)
+            else:
+                self._take_secret(reload.value, watch.path)
+            self.stats.incr_group("reloaded", name)
+            taken.append(name)
+        return taken
+
+    def _take_keys(self, keys: list[DecryptionKey], path: str) -> None:
+        self._adopt_keys(keys)
         opts = _options()
-        self.tap = Tap(tap_config(opts, self.keys), self.stats)
+        self.tap = Tap(tap_config(opts, keys), self.stats)
+        self._reconfigure_pipeline(opts, "fp_keys_file")
+        log.info("fp-tap: key file %s changed: %s", path, _key_list(keys))
+
+    def _take_secret(self, secret: WebhookSecret, path: str) -> None:
+        self.scrubber.pin(secret.text())  # before anything could log it
+        self._reconfigure_pipeline(_options(), "fp_webhook_secret_file")
+        log.info("fp-tap: webhook secret file %s changed: its secret signs from now on", path)
+
+    def _reconfigure_pipeline(self, opts: Any, option: str) -> None:
+        """Have the pipeline read ``option``'s file again, as when the option is set."""
         if self.worker is not None:
-            # The worker reads the same file itself, as at every fp_keys_file change.
-            changed = {"fp_keys_file"}
-            self.worker.configure(_values(opts), changed, wait=False, timeout=WORKER_TIMEOUT)
+            # The worker reads the file itself; a refusal there is logged when it comes.
+            self.worker.configure(_values(opts), {option}, wait=False, timeout=WORKER_TIMEOUT)
         elif self.pipeline is not None:
-            self.pipeline.configure(opts, {"fp_keys_file"}, self.keys)
-        self.stats.incr("keys_reloaded")
-        log.info("fp-tap: key file %s changed: %s", watch.path, _key_list(self.keys))
-        return True
+            try:
+                self.pipeline.configure(opts, {option}, self.keys)
+            except ConfigError as exc:  # changed again since the check
+                log.warning("fp-tap: %s", exc.message)
 
     def _scrub_webhook_secret(self, opts: Any) -> None:
         # Read here only to mask it in log lines; the pipeline reads and checks it.
@@ -535,8 +565,8 @@ class FingerprintTap:
             return None
 
     def done(self) -> None:
-        if self._key_task is not None:
-            self._key_task.cancel()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         worker, pipeline = self.worker, self.pipeline
         if worker is not None:
             worker.close(self.drain_timeout)

@@ -1,10 +1,12 @@
-"""fp_addon: a rotated key file is taken without a restart (``fp_keys_reload``)."""
+"""fp_addon: a rotated key file or webhook secret file is taken without a restart
+(``fp_secrets_reload``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import secrets
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from mitmproxy.test import taddons
 
 import fp_addon
 from fp_core.keys import DecryptionKey
+from fp_core.webhook import SECRET_ENV_VAR
 from tests.e2e.conftest import secret_forms
 from tests.test_addon import KEY, fp_body, make_flow, run
 from tests.test_addon_worker import annotated, on_loop, until
@@ -47,16 +50,16 @@ def test_a_rotated_key_file_is_used_from_the_next_check(keyfile: Path, caplog) -
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False)
         assert verdict_for(tap, NEW) == "decrypt_failed"
-        assert asyncio.run(tap.reload_keys()) is False, "unchanged"
+        assert asyncio.run(tap.reload_files()) == [], "unchanged"
 
         rotate(keyfile, NEW.to_base64(), KEY.to_base64())
-        assert asyncio.run(tap.reload_keys()) is True
+        assert asyncio.run(tap.reload_files()) == ["keys"]
         assert verdict_for(tap, NEW) == "trusted"
         assert verdict_for(tap, KEY) == "trusted", "the old key still works"
-        assert asyncio.run(tap.reload_keys()) is False, "taken"
+        assert asyncio.run(tap.reload_files()) == [], "taken"
 
         stats = json.loads(tap.stats_command())
-        assert stats["keys_reloaded"] == 1
+        assert stats["reloaded"] == {"keys": 1}
         assert "keys_reload" not in stats["errors"]
         tap.done()
     assert messages(caplog, "changed:") == [
@@ -70,13 +73,13 @@ def test_a_file_being_written_keeps_the_keys_in_use(keyfile: Path, caplog) -> No
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False)
         rotate(keyfile, NEW.to_base64()[:30])
-        assert asyncio.run(tap.reload_keys()) is False
-        assert asyncio.run(tap.reload_keys()) is False
+        assert asyncio.run(tap.reload_files()) == []
+        assert asyncio.run(tap.reload_files()) == []
         assert verdict_for(tap, KEY) == "trusted", "the key in use stays"
         assert json.loads(tap.stats_command())["errors"] == {"keys_reload": 1}
 
         rotate(keyfile, NEW.to_base64())
-        assert asyncio.run(tap.reload_keys()) is True
+        assert asyncio.run(tap.reload_files()) == ["keys"]
         assert verdict_for(tap, NEW) == "trusted"
         assert verdict_for(tap, KEY) == "decrypt_failed", "the file no longer has it"
         tap.done()
@@ -92,7 +95,7 @@ def test_new_keys_are_scrubbed_from_log_lines(keyfile: Path, caplog) -> None:
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False)
         rotate(keyfile, NEW.to_base64())
-        assert asyncio.run(tap.reload_keys()) is True
+        assert asyncio.run(tap.reload_files()) == ["keys"]
         logging.getLogger("fp_addon").warning("leak? %s", NEW.to_base64())
         tap.done()
     no_key_in(caplog.text)
@@ -108,13 +111,13 @@ def test_an_option_change_during_a_check_wins(keyfile: Path, tmp_path: Path) -> 
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False)
         rotate(keyfile, KEY.to_base64(), "# changed")
 
-        async def check_while_the_option_changes() -> bool:
-            checking = asyncio.ensure_future(tap.reload_keys())
+        async def check_while_the_option_changes() -> list[str]:
+            checking = asyncio.ensure_future(tap.reload_files())
             await asyncio.sleep(0)  # the check is off to its thread
             tctx.configure(tap, fp_keys_file=str(other))
             return await checking
 
-        assert asyncio.run(check_while_the_option_changes()) is False
+        assert asyncio.run(check_while_the_option_changes()) == []
         assert [k.key_id for k in tap.keys] == [NEW.key_id]
         assert verdict_for(tap, NEW) == "trusted"
         tap.done()
@@ -124,9 +127,9 @@ def test_a_negative_interval_is_an_option_error(keyfile: Path) -> None:
     tap = fp_addon.FingerprintTap()
     with (
         taddons.context(tap) as tctx,
-        pytest.raises(exceptions.OptionsError, match="fp_keys_reload"),
+        pytest.raises(exceptions.OptionsError, match="fp_secrets_reload"),
     ):
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_keys_reload=-1)
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_secrets_reload=-1)
 
 
 @on_loop
@@ -141,7 +144,7 @@ async def test_the_worker_takes_the_new_keys(keyfile: Path) -> None:
         assert flow.metadata["fp"]["error"]["kind"] == "decrypt_failed"
 
         rotate(keyfile, NEW.to_base64())
-        assert await tap.reload_keys() is True
+        assert await tap.reload_files() == ["keys"]
         flow = make_flow(fp_body(key=NEW)[0])
         await annotated(tap, flow)
         assert flow.metadata["fp"]["verdict"] == "trusted"
@@ -153,19 +156,85 @@ async def test_the_worker_takes_the_new_keys(keyfile: Path) -> None:
 async def test_the_watch_checks_every_interval_and_never_at_zero(
     keyfile: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fp_addon, "KEYS_TICK", 0.02)
+    monkeypatch.setattr(fp_addon, "WATCH_TICK", 0.02)
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False, fp_keys_reload=0)
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False, fp_secrets_reload=0)
         tap.running()
         rotate(keyfile, NEW.to_base64())
         await asyncio.sleep(0.5)  # 25 ticks
-        assert tap.stats.get("keys_reloaded") == 0, "0: never checks"
+        assert tap.stats.group("reloaded") == {}, "0: never checks"
 
-        tctx.configure(tap, fp_keys_reload=1)  # 50 ticks
-        await until(lambda: tap.stats.get("keys_reloaded") == 1, "the reload")
+        tctx.configure(tap, fp_secrets_reload=1)  # 50 ticks
+        await until(lambda: tap.stats.group("reloaded") == {"keys": 1}, "the reload")
         assert [k.key_id for k in tap.keys] == [NEW.key_id]
         tap.done()
-        assert tap._key_task is not None
+        assert tap._watch_task is not None
         await asyncio.sleep(0)
-        assert tap._key_task.cancelled(), "done() stops the watch"
+        assert tap._watch_task.cancelled(), "done() stops the watch"
+
+
+def test_a_rotated_webhook_secret_signs_in_process(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    caplog.set_level(logging.INFO)
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
+    old, new = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    path = tmp_path / "webhook.secret"
+    rotate(path, old)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(
+            tap,
+            fp_keys_file=str(keyfile),
+            fp_worker=False,
+            fp_webhook_url="http://127.0.0.1:9/hook",  # nobody answers: events wait
+            fp_webhook_secret_file=str(path),
+            fp_state_dir=str(tmp_path / "state"),
+        )
+        delivery = tap.delivery
+        assert delivery is not None
+        assert delivery.config.secret is not None
+        assert delivery.config.secret.text() == old
+
+        rotate(path, "")  # caught while being written
+        assert asyncio.run(tap.reload_files()) == []
+        assert delivery.config.secret.text() == old, "the secret in use stays"
+        rotate(path, new)
+        assert asyncio.run(tap.reload_files()) == ["webhook_secret"]
+        assert tap.delivery is delivery, "the same delivery and spool"
+        assert delivery.config.secret is not None
+        assert delivery.config.secret.text() == new
+        logging.getLogger("fp_addon").warning("leak? %s", new)
+        assert json.loads(tap.stats_command())["errors"] == {"webhook_secret_reload": 1}
+        tap.done()
+    assert messages(caplog, "keeping the secret in use") == [
+        f"fp-tap: webhook secret file {path} is empty; keeping the secret in use"
+    ]
+    assert messages(caplog, "secret file") == [
+        f"fp-tap: webhook secret file {path} is empty; keeping the secret in use",
+        f"fp-tap: webhook secret file {path} changed: its secret signs from now on",
+    ]
+    assert old not in caplog.text
+    assert new not in caplog.text
+
+
+def test_the_secret_watch_follows_the_options(keyfile: Path, tmp_path: Path, monkeypatch) -> None:
+    """Watched only while a webhook uses the file: no webhook, nothing to reload."""
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
+    path = tmp_path / "webhook.secret"
+    rotate(path, "first")
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(
+            tap,
+            fp_keys_file=str(keyfile),
+            fp_worker=False,
+            fp_webhook_url="http://127.0.0.1:9/hook",
+            fp_webhook_secret_file=str(path),
+            fp_state_dir=str(tmp_path / "state"),
+        )
+        tctx.configure(tap, fp_webhook_url=None)
+        rotate(path, "second")
+        assert asyncio.run(tap.reload_files()) == []
+        tap.done()

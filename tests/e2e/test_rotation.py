@@ -1,9 +1,11 @@
-"""A key rotation through a real mitmdump: the key file is rewritten while it runs."""
+"""Rotations through a real mitmdump: the key file, or the webhook secret file, is
+rewritten while it runs."""
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -13,7 +15,14 @@ import pytest
 
 from fp_core.keys import DecryptionKey
 from fp_core.writer import open_private
-from scripts.harness import MitmdumpConfig, Service, addon_summary, start_mitmdump, write_key_file
+from scripts.harness import (
+    MitmdumpConfig,
+    Service,
+    addon_summary,
+    start_mitmdump,
+    start_receiver,
+    write_key_file,
+)
 from tests.e2e.conftest import Keys, comparable_headers, fetch, read_jsonl, secret_forms
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +65,7 @@ def test_a_rotated_key_is_taken_without_a_restart(
             mode=f"reverse:http://127.0.0.1:{endpoint.port}",
             options={
                 "fp_keys_file": str(tap_keys),
-                "fp_keys_reload": 1,
+                "fp_secrets_reload": 1,
                 "fp_jsonl": str(jsonl),
                 "fp_worker": worker,
             },
@@ -93,10 +102,82 @@ def test_a_rotated_key_is_taken_without_a_restart(
     log = proxy.output()
     assert log.count("keeping the 1 key(s) in use") == 1
     summary = addon_summary(log)
-    assert summary["keys_reloaded"] == 1
+    assert summary["reloaded"] == {"keys": 1}
     assert summary["errors"] == {"decrypt_failed": 2, "keys_reload": 1}
     for data in (log.encode(), jsonl.read_bytes()):
         for key in (keys.key, old):
             for form in secret_forms(key.raw()):
                 assert form not in data, "a key leaked"
         assert keys.key.to_base64()[:25].encode() not in data, "the half-written key leaked"
+
+
+def test_a_rotated_webhook_secret_signs_the_next_attempt(
+    tmp_path: Path, keys: Keys, endpoint: Service
+) -> None:
+    """The backend already wants the new secret: an event signed with the old one is
+    refused (401) and retried, until the tap reads the rewritten secret file; then the
+    same event goes through, and the ones after it on their first attempt."""
+    old, new = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    backend_secret, tap_secret = tmp_path / "backend.secret", tmp_path / "tap.secret"
+    write_private(backend_secret, new + "\n")
+    write_private(tap_secret, old + "\n")
+    received = tmp_path / "received.jsonl"
+    receiver, url = start_receiver(
+        tmp_path, log=received, args=["--secret-file", str(backend_secret)]
+    )
+    proxy = start_mitmdump(
+        tmp_path,
+        MitmdumpConfig(
+            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
+            options={
+                "fp_keys_file": str(keys.file),
+                "fp_webhook_url": url,
+                "fp_webhook_secret_file": str(tap_secret),
+                "fp_webhook_retry_ms": 200,
+                "fp_webhook_retry_max": 1,
+                "fp_state_dir": str(tmp_path / "state"),
+                "fp_secrets_reload": 1,
+            },
+        ),
+    )
+
+    def send(seed: int) -> str:
+        reply = fetch(f"http://127.0.0.1:{proxy.port}/?case=ok&seed={seed}")
+        assert reply.status == 200
+        return {k.lower(): v for k, v in reply.headers}["x-stand-in-request-id"]
+
+    def attempts(event_id: str, signature: str, count: int = 1) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + 30
+        while (
+            len(
+                found := [
+                    r
+                    for r in read_jsonl(received)
+                    if r["event_id"] == event_id and r["signature"] == signature
+                ]
+            )
+            < count
+        ):
+            assert time.monotonic() < deadline, f"no {signature} attempt for {event_id}"
+            time.sleep(0.05)
+        return found
+
+    try:
+        first = send(1)
+        assert attempts(first, "invalid", 2)[0]["status"] == 401, "refused, then retried"
+        write_private(tap_secret, new + "\n")
+        proxy.wait_for(re.compile(r"webhook secret file \S+ changed: its secret signs from now on"))
+        assert attempts(first, "valid")[0]["status"] == 200, "the same event, delivered"
+        second = send(2)
+        assert attempts(second, "valid")[0]["status"] == 200
+    finally:
+        assert proxy.stop(signal.SIGTERM) == 0
+        receiver.stop()
+
+    log = receiver.output() + proxy.output()
+    assert [r["signature"] for r in read_jsonl(received) if r["event_id"] == second] == ["valid"]
+    summary = addon_summary(proxy.output())
+    assert summary["reloaded"] == {"webhook_secret": 1}
+    assert summary["webhook"]["sent"] == 2
+    for secret in (old, new):
+        assert secret not in log, "a webhook secret leaked"

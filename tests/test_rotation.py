@@ -1,4 +1,5 @@
-"""fp_core.keywatch: noticing a rotated key file, and refusing a half-written one once."""
+"""fp_core.rotation: noticing a rotated key or secret file, and refusing a half-written
+one once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fp_core.keys import ENV_VAR, DecryptionKey
-from fp_core.keywatch import KeyFileWatch, file_digest
+from fp_core.rotation import file_digest, key_file_watch, secret_file_watch
 from tests.e2e.conftest import secret_forms
 
 OLD, NEW = DecryptionKey.generate(), DecryptionKey.generate()
@@ -28,54 +29,54 @@ def keyfile(tmp_path: Path) -> Path:
 
 
 def test_an_unchanged_file_is_nothing_to_do(keyfile: Path) -> None:
-    watch = KeyFileWatch(keyfile)
-    assert watch.check(NO_ENV) is None
+    watch = key_file_watch(keyfile, NO_ENV)
+    assert watch.check() is None
     os.utime(keyfile)  # touched, not changed
-    assert watch.check(NO_ENV) is None
+    assert watch.check() is None
 
 
 def test_a_rotation_gives_the_new_keys_once(keyfile: Path) -> None:
-    watch = KeyFileWatch(keyfile)
+    watch = key_file_watch(keyfile, NO_ENV)
     write(keyfile, NEW.to_base64(), OLD.to_base64())
-    reload = watch.check(NO_ENV)
+    reload = watch.check()
     assert reload is not None
-    assert reload.keys == [NEW, OLD]
+    assert reload.value == [NEW, OLD]
     assert (reload.problem, reload.warning) == (None, None)
-    assert watch.check(NO_ENV) is None, "taken: nothing more to do"
+    assert watch.check() is None, "taken: nothing more to do"
 
 
 def test_the_content_counts_not_the_times(keyfile: Path) -> None:
     """A key written over another of the same size, with the old modification time:
     a watch by size and time would miss it."""
-    watch = KeyFileWatch(keyfile)
+    watch = key_file_watch(keyfile, NO_ENV)
     before = keyfile.stat()
     write(keyfile, "# current", NEW.to_base64())
     os.utime(keyfile, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert keyfile.stat().st_size == before.st_size
-    reload = watch.check(NO_ENV)
+    reload = watch.check()
     assert reload is not None
-    assert reload.keys == [NEW]
+    assert reload.value == [NEW]
 
 
 def test_a_bad_file_keeps_the_keys_in_use_and_is_reported_once(keyfile: Path) -> None:
-    watch = KeyFileWatch(keyfile)
+    watch = key_file_watch(keyfile, NO_ENV)
     half = NEW.to_base64()[:20]  # as while the new key is being written
     write(keyfile, half)
-    reload = watch.check(NO_ENV)
+    reload = watch.check()
     assert reload is not None
-    assert reload.keys is None
+    assert reload.value is None
     assert reload.problem == f"key file {keyfile} line 1: decodes to 15 bytes, an AES-256 key is 32"
-    assert watch.check(NO_ENV) is None, "the same content: reported already"
+    assert watch.check() is None, "the same content: reported already"
     write(keyfile, NEW.to_base64())
-    reload = watch.check(NO_ENV)
+    reload = watch.check()
     assert reload is not None
-    assert reload.keys == [NEW]
+    assert reload.value == [NEW]
 
 
 def test_problems_never_carry_a_key(keyfile: Path) -> None:
-    watch = KeyFileWatch(keyfile)
+    watch = key_file_watch(keyfile, NO_ENV)
     write(keyfile, NEW.to_base64(), OLD.to_base64()[:-8])  # the second line cut short
-    reload = watch.check(NO_ENV)
+    reload = watch.check()
     assert reload is not None
     assert reload.problem is not None
     assert "line 2" in reload.problem
@@ -86,52 +87,52 @@ def test_problems_never_carry_a_key(keyfile: Path) -> None:
 
 
 def test_a_missing_file_is_reported_once_until_it_is_back(keyfile: Path) -> None:
-    watch = KeyFileWatch(keyfile)
+    watch = key_file_watch(keyfile, NO_ENV)
     content = keyfile.read_bytes()
     keyfile.unlink()
-    reload = watch.check(NO_ENV)
+    reload = watch.check()
     assert reload is not None
-    assert reload.keys is None
+    assert reload.value is None
     assert reload.problem is not None
     assert "cannot read" in reload.problem
-    assert watch.check(NO_ENV) is None, "still missing: reported already"
+    assert watch.check() is None, "still missing: reported already"
     keyfile.write_bytes(content)
-    assert watch.check(NO_ENV) is None, "back as it was: the keys in use are its keys"
+    assert watch.check() is None, "back as it was: the keys in use are its keys"
     keyfile.unlink()
-    reload = watch.check(NO_ENV)
+    reload = watch.check()
     assert reload is not None, "gone again: news again"
-    assert reload.keys is None
+    assert reload.value is None
 
 
 def test_an_emptied_file_is_refused_unless_the_environment_has_keys(keyfile: Path) -> None:
-    watch = KeyFileWatch(keyfile)
+    watch = key_file_watch(keyfile, NO_ENV)
     write(keyfile, "# rotating")
-    reload = watch.check(NO_ENV)
+    reload = watch.check()
     assert reload is not None
-    assert reload.keys is None
+    assert reload.value is None
     assert reload.problem == f"key file {keyfile} holds no key (nor does {ENV_VAR})"
 
-    watch = KeyFileWatch(keyfile)
+    watch = key_file_watch(keyfile, {ENV_VAR: NEW.to_base64()})
     write(keyfile, "# the file's keys retired; the environment's stay")
-    reload = watch.check({ENV_VAR: NEW.to_base64()})
+    reload = watch.check()
     assert reload is not None
-    assert reload.keys == [NEW]
+    assert reload.value == [NEW]
 
 
 def test_environment_keys_come_first(keyfile: Path) -> None:
-    watch = KeyFileWatch(keyfile)
+    watch = key_file_watch(keyfile, {ENV_VAR: OLD.to_base64()})
     write(keyfile, NEW.to_base64())
-    reload = watch.check({ENV_VAR: OLD.to_base64()})
+    reload = watch.check()
     assert reload is not None
-    assert reload.keys == [OLD, NEW]
+    assert reload.value == [OLD, NEW]
 
 
 def test_an_open_file_warns_with_its_keys(keyfile: Path) -> None:
-    watch = KeyFileWatch(keyfile)
+    watch = key_file_watch(keyfile, NO_ENV)
     write(keyfile, NEW.to_base64(), mode=0o644)
-    reload = watch.check(NO_ENV)
+    reload = watch.check()
     assert reload is not None
-    assert reload.keys == [NEW]
+    assert reload.value == [NEW]
     assert reload.warning == f"key file {keyfile} is readable by group or others; chmod 600 it"
 
 
@@ -143,3 +144,34 @@ def test_file_digest(tmp_path: Path) -> None:
     path.write_bytes(b"b")
     assert first is not None
     assert file_digest(path) not in (None, first)
+
+
+def test_a_rotated_webhook_secret(tmp_path: Path) -> None:
+    path = tmp_path / "webhook.secret"
+    write(path, "old-secret")
+    watch = secret_file_watch(path, NO_ENV)
+    assert watch.check() is None
+    write(path, "  new-secret  ")
+    reload = watch.check()
+    assert reload is not None
+    assert reload.value is not None
+    assert reload.value.text() == "new-secret"
+    assert reload.warning is None, "the webhook's configuration warns about permissions"
+    assert watch.check() is None
+
+
+def test_an_emptied_secret_file_keeps_the_secret_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "webhook.secret"
+    write(path, "old-secret")
+    watch = secret_file_watch(path, NO_ENV)
+    write(path)
+    reload = watch.check()
+    assert reload is not None
+    assert (reload.value, reload.problem) == (None, f"webhook secret file {path} is empty")
+    assert watch.check() is None, "reported once"
+    path.unlink()
+    reload = watch.check()
+    assert reload is not None
+    assert reload.problem is not None
+    assert "cannot read" in reload.problem
+    assert "old-secret" not in reload.problem
