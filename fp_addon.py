@@ -333,7 +333,8 @@ class FingerprintTap:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # a hook called by hand, not by mitmproxy on its loop
             return
-        self._watch_task = loop.create_task(self._watch_files())
+        if self._watch_task is None or self._watch_task.done():  # one watch, if run twice
+            self._watch_task = loop.create_task(self._watch_files())
 
     def _filter_logs(self) -> None:
         for handler in logging.getLogger().handlers:

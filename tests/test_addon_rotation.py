@@ -161,6 +161,9 @@ async def test_the_watch_checks_every_interval_and_never_at_zero(
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False, fp_secrets_reload=0)
         tap.running()
+        task = tap._watch_task
+        tap.running()
+        assert tap._watch_task is task, "one watch"
         rotate(keyfile, NEW.to_base64())
         await asyncio.sleep(0.5)  # 25 ticks
         assert tap.stats.group("reloaded") == {}, "0: never checks"
