@@ -31,7 +31,6 @@ from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import ConfigError, FpError, KeyConfigError, UnsealError
 from fp_core.jsontext import dumps
 from fp_core.keys import ENV_VAR, DecryptionKey, load_keys, too_open_warning
-from fp_core.rotation import FileWatch, key_file_watch, secret_file_watch
 from fp_core.loglines import DirectLines
 from fp_core.pipeline import (
     DELIVERY_OPTIONS,
@@ -45,6 +44,7 @@ from fp_core.pipeline import (
 )
 from fp_core.pipeline import OPTIONS as PIPELINE_OPTIONS
 from fp_core.redact import PRESETS, REDACTED
+from fp_core.rotation import FileWatch, key_file_watch, secret_file_watch
 from fp_core.scrub import Scrubber
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats, merge_counts, without_gauges
@@ -74,8 +74,9 @@ MARK_ERROR = ":x:"
 METADATA_KEY = "fp"
 #: Seconds to wait for the worker process to take a configuration with outputs.
 WORKER_TIMEOUT = 60.0
-#: How often the file watch wakes up to see whether fp_secrets_reload says it is time.
-WATCH_TICK = 1.0
+#: How often the periodic task wakes up to see whether fp_secrets_reload or
+#: fp_stats_every says it is time.
+TICK = 1.0
 
 # The options (names are a public interface; the README documents each with its
 # default). mitmproxy's option parser understands typing.Optional, not "str | None".
@@ -94,6 +95,13 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         "Seconds between checks of fp_keys_file and fp_webhook_secret_file: when one "
         "changed, what it holds is used from then on (a rotation without a restart); 0 "
         "never checks.",
+    ),
+    (
+        "fp_stats_every",
+        int,
+        0,
+        "Log the counters (what fp.stats says) every this many seconds, for a headless "
+        "tap, where fp.stats cannot be called; 0: only the summary at shutdown.",
     ),
     (
         "fp_filter",
@@ -301,7 +309,8 @@ class FingerprintTap:
         self._final: dict[str, Any] | None = None
         #: The files whose content is in use, by what they hold: "keys", "webhook_secret".
         self._watches: dict[str, FileWatch[Any]] = {}
-        self._watch_task: asyncio.Task[None] | None = None
+        #: What runs every TICK seconds: the file watch, the stats line.
+        self._ticker: asyncio.Task[None] | None = None
 
     @property
     def writer(self) -> RecordWriter | None:
@@ -333,8 +342,8 @@ class FingerprintTap:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # a hook called by hand, not by mitmproxy on its loop
             return
-        if self._watch_task is None or self._watch_task.done():  # one watch, if run twice
-            self._watch_task = loop.create_task(self._watch_files())
+        if self._ticker is None or self._ticker.done():  # one, if running() came twice
+            self._ticker = loop.create_task(self._tick())
 
     def _filter_logs(self) -> None:
         for handler in logging.getLogger().handlers:
@@ -366,8 +375,9 @@ class FingerprintTap:
             self.max_body = positive(opts, "fp_max_body")
         if "fp_drain_timeout" in updated:
             self.drain_timeout = non_negative(opts, "fp_drain_timeout")
-        if "fp_secrets_reload" in updated:
-            non_negative(opts, "fp_secrets_reload")
+        for name in ("fp_secrets_reload", "fp_stats_every"):
+            if name in updated:
+                non_negative(opts, name)
         if updated & {"fp_hold", "save_stream_file"}:
             # Flows saved with -w are written in the response hook of the addon after
             # this one: only a held response is saved with its annotations.
@@ -413,20 +423,25 @@ class FingerprintTap:
         else:
             self._watches[name] = watch
 
-    async def _watch_files(self) -> None:
-        """Check the watched files every fp_secrets_reload seconds, while the addon runs."""
-        waited = 0.0
+    async def _tick(self) -> None:
+        """Every fp_stats_every seconds the stats line, every fp_secrets_reload seconds
+        the file check, while the addon runs."""
+        since_stats = since_check = 0.0
         while True:
-            await asyncio.sleep(WATCH_TICK)
-            waited += WATCH_TICK
-            every = _options().fp_secrets_reload
-            if every > 0 and waited >= every:
-                waited = 0.0
-                try:
+            await asyncio.sleep(TICK)
+            since_stats += TICK
+            since_check += TICK
+            opts = _options()
+            try:
+                if 0 < opts.fp_stats_every <= since_stats:
+                    since_stats = 0.0
+                    log.info("fp-tap stats: %s", json.dumps(self.snapshot(), sort_keys=True))
+                if 0 < opts.fp_secrets_reload <= since_check:
+                    since_check = 0.0
                     await self.reload_files()
-                except Exception as exc:  # the watch must outlive a bug
-                    self.stats.incr_group("errors", "internal")
-                    log.warning("fp-tap: internal error reloading files: %s", type(exc).__name__)
+            except Exception as exc:  # the ticker must outlive a bug
+                self.stats.incr_group("errors", "internal")
+                log.warning("fp-tap: internal error in periodic work: %s", type(exc).__name__)
 
     async def reload_files(self) -> list[str]:
         """Use what each watched file holds now if it changed; what was taken ("keys",
@@ -566,8 +581,8 @@ class FingerprintTap:
             return None
 
     def done(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
         worker, pipeline = self.worker, self.pipeline
         if worker is not None:
             worker.close(self.drain_timeout)

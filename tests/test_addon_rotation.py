@@ -156,14 +156,14 @@ async def test_the_worker_takes_the_new_keys(keyfile: Path) -> None:
 async def test_the_watch_checks_every_interval_and_never_at_zero(
     keyfile: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fp_addon, "WATCH_TICK", 0.02)
+    monkeypatch.setattr(fp_addon, "TICK", 0.02)
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False, fp_secrets_reload=0)
         tap.running()
-        task = tap._watch_task
+        task = tap._ticker
         tap.running()
-        assert tap._watch_task is task, "one watch"
+        assert tap._ticker is task, "one watch"
         rotate(keyfile, NEW.to_base64())
         await asyncio.sleep(0.5)  # 25 ticks
         assert tap.stats.group("reloaded") == {}, "0: never checks"
@@ -172,9 +172,9 @@ async def test_the_watch_checks_every_interval_and_never_at_zero(
         await until(lambda: tap.stats.group("reloaded") == {"keys": 1}, "the reload")
         assert [k.key_id for k in tap.keys] == [NEW.key_id]
         tap.done()
-        assert tap._watch_task is not None
+        assert tap._ticker is not None
         await asyncio.sleep(0)
-        assert tap._watch_task.cancelled(), "done() stops the watch"
+        assert tap._ticker.cancelled(), "done() stops the watch"
 
 
 def test_a_rotated_webhook_secret_signs_in_process(

@@ -310,3 +310,25 @@ def test_a_rotated_jsonl_file_is_started_again(
     assert jsonl.stat().st_mode & 0o777 == 0o600
     assert proxy.output().count("was moved or removed; records go to a new file there") == 1
     assert summary_of(proxy.output())["written"] == {"jsonl": 12}
+
+
+def test_a_headless_tap_logs_its_counters_every_interval(
+    tmp_path: Path, keys: Keys, endpoint: Service
+) -> None:
+    proxy = start_mitmdump(
+        tmp_path,
+        MitmdumpConfig(
+            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
+            options={"fp_keys_file": str(keys.file), "fp_stats_every": 1},
+        ),
+    )
+    try:
+        for seed in range(3):
+            assert fetch(f"http://127.0.0.1:{proxy.port}/?case=ok&seed={seed}").status == 200
+        line = proxy.wait_for(re.compile(r'fp-tap stats: (\{.*"open_responses": 3.*\})'))
+    finally:
+        assert proxy.stop(signal.SIGTERM) == 0
+    counters = json.loads(line.group(1))
+    assert (counters["responses"], counters["unsealed"]) == (3, 3)
+    assert counters["verdicts"] == {"trusted": 3}
+    assert summary_of(proxy.output())["open_responses"] == 3
