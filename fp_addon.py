@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional
 
 from mitmproxy import command, contentviews, ctx, exceptions, flowfilter, hooks, http, types
@@ -28,9 +29,16 @@ from mitmproxy.net.http import url
 
 from fp_core.content import ContentError, decode_content
 from fp_core.envelope import might_be_open_response, parse_open_response
-from fp_core.errors import ConfigError, FpError, KeyConfigError, UnsealError
+from fp_core.errors import ConfigError, FpError, UnsealError
 from fp_core.jsontext import dumps
-from fp_core.keys import ENV_VAR, DecryptionKey, load_keys, too_open_warning
+from fp_core.keys import (
+    ENV_VAR,
+    DecryptionKey,
+    describe_keys,
+    env_keys,
+    too_open_warning,
+    unique_keys,
+)
 from fp_core.loglines import DirectLines
 from fp_core.pipeline import (
     DELIVERY_OPTIONS,
@@ -38,19 +46,20 @@ from fp_core.pipeline import (
     TAP_OPTIONS,
     Background,
     Pipeline,
+    load_keys_watched,
     non_negative,
     positive,
     tap_config,
 )
 from fp_core.pipeline import OPTIONS as PIPELINE_OPTIONS
 from fp_core.redact import PRESETS, REDACTED
-from fp_core.rotation import FileWatch, key_file_watch, secret_file_watch
+from fp_core.rotation import FileWatch, secret_file_watch
 from fp_core.scrub import Scrubber
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats, merge_counts, without_gauges
 from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
 from fp_core.throttle import Throttle
-from fp_core.webhook import SECRET_ENV_VAR, WebhookSecret, load_secret
+from fp_core.webhook import SECRET_ENV_VAR, env_secret
 from fp_core.worker import Records, WorkerClient
 from fp_core.writer import open_private
 
@@ -384,17 +393,12 @@ class FingerprintTap:
             self.hold = opts.fp_hold or bool(getattr(opts, "save_stream_file", None))
         if updated & TAP_OPTIONS:
             if "fp_keys_file" in updated:
-                path = opts.fp_keys_file
-                watch = key_file_watch(path) if path else None  # before the keys are read
-                self._adopt_keys(_load_keys(path))
+                keys, watch = _load_keys(opts.fp_keys_file)
+                self._adopt_keys(keys)
                 self._watch("keys", watch)
             self.tap = Tap(tap_config(opts, self.keys), self.stats)
             self.include_event = opts.fp_include_event
         if updated & DELIVERY_OPTIONS:
-            # Any of them has the webhook read its secret file again: from here on, it is
-            # that content that is in use (and only while there is a webhook).
-            path = opts.fp_webhook_secret_file if opts.fp_webhook_url else None
-            self._watch("webhook_secret", secret_file_watch(path) if path else None)
             self._scrub_webhook_secret(opts)
         queue_size = positive(opts, "fp_queue_size")
         if "fp_worker" in updated or (self.pipeline is None and self.worker is None):
@@ -410,7 +414,7 @@ class FingerprintTap:
                     _values(opts), names, wait=_has_outputs(opts), timeout=WORKER_TIMEOUT
                 )
             elif self.pipeline is not None:
-                self.pipeline.configure(opts, names, self.keys)
+                self.pipeline.configure(opts, names)
 
     def _adopt_keys(self, keys: list[DecryptionKey]) -> None:
         self.keys = keys
@@ -444,60 +448,42 @@ class FingerprintTap:
                 log.warning("fp-tap: internal error in periodic work: %s", type(exc).__name__)
 
     async def reload_files(self) -> list[str]:
-        """Use what each watched file holds now if it changed; what was taken ("keys",
-        "webhook_secret"). A changed file that cannot be used is logged once, and what
-        is in use stays."""
-        taken = []
+        """Take what changed in the key file and the webhook secret file, reading them off
+        the event loop; what the pipeline took, when it runs in this process.
+
+        This process keeps its own copy of both, for the log scrubber and the content
+        view, and takes a change silently: the pipeline, which unseals and signs with
+        them, here or in the worker process (which checks on its own), logs and counts.
+        """
         for name, watch in list(self._watches.items()):
-            reload = await asyncio.to_thread(watch.check)  # reads the file: off the loop
-            if reload is None or self._watches.get(name) is not watch:  # or options changed
+            reload = await asyncio.to_thread(watch.check)
+            if reload is None or reload.value is None or self._watches.get(name) is not watch:
                 continue
-            if reload.value is None:
-                self.stats.incr_group("errors", f"{name}_reload")
-                in_use = f"the {len(self.keys)} key(s)" if name == "keys" else "the secret"
-                log.warning("fp-tap: %s; keeping %s in use", reload.problem, in_use)
-                continue
-            if reload.warning:
-                log.warning("fp-tap: %s", reload.warning)
             if name == "keys":
-                self._take_keys(reload.value, watch.path)
+                self._adopt_keys(unique_keys(env_keys() + reload.value))
+                self.tap = Tap(replace(self.tap.config, keys=self.keys), self.stats)
             else:
-                self._take_secret(reload.value, watch.path)
-            self.stats.incr_group("reloaded", name)
-            taken.append(name)
-        return taken
-
-    def _take_keys(self, keys: list[DecryptionKey], path: str) -> None:
-        self._adopt_keys(keys)
-        opts = _options()
-        self.tap = Tap(tap_config(opts, keys), self.stats)
-        self._reconfigure_pipeline(opts, "fp_keys_file")
-        log.info("fp-tap: key file %s changed: %s", path, _key_list(keys))
-
-    def _take_secret(self, secret: WebhookSecret, path: str) -> None:
-        self.scrubber.pin(secret.text())  # before anything could log it
-        self._reconfigure_pipeline(_options(), "fp_webhook_secret_file")
-        log.info("fp-tap: webhook secret file %s changed: its secret signs from now on", path)
-
-    def _reconfigure_pipeline(self, opts: Any, option: str) -> None:
-        """Have the pipeline read ``option``'s file again, as when the option is set."""
-        if self.worker is not None:
-            # The worker reads the file itself; a refusal there is logged when it comes.
-            self.worker.configure(_values(opts), {option}, wait=False, timeout=WORKER_TIMEOUT)
-        elif self.pipeline is not None:
-            try:
-                self.pipeline.configure(opts, {option}, self.keys)
-            except ConfigError as exc:  # changed again since the check
-                log.warning("fp-tap: %s", exc.message)
+                self.scrubber.pin(reload.value.text())
+        pipeline = self.pipeline
+        if pipeline is None:
+            return []
+        changes = await asyncio.to_thread(pipeline.check_files)
+        return pipeline.take(changes) if pipeline is self.pipeline else []
 
     def _scrub_webhook_secret(self, opts: Any) -> None:
-        # Read here only to mask it in log lines; the pipeline reads and checks it.
+        # Read here to mask it in log lines (and watched while there is a webhook, to mask
+        # the next one too); the pipeline reads, checks and uses it.
+        watch = None
         try:
-            secret = load_secret(opts.fp_webhook_secret_file)
-        except FpError:
-            return
+            secret = env_secret(opts.fp_webhook_secret_file)
+            if secret is None and opts.fp_webhook_secret_file and opts.fp_webhook_url:
+                watch = secret_file_watch(opts.fp_webhook_secret_file)
+                secret = watch.load()
+        except FpError:  # the pipeline refuses the options and says why
+            secret = watch = None
         if secret is not None:
             self.scrubber.pin(secret.text())
+        self._watch("webhook_secret", watch)
 
     def _start_pipeline(self, opts: Any) -> None:
         """Run the pipeline where ``fp_worker`` says, retiring the one running before
@@ -518,7 +504,7 @@ class FingerprintTap:
 
     def _run_in_process(self, opts: Any) -> None:
         pipeline = Pipeline(self.stats)
-        pipeline.configure(opts, PIPELINE_OPTIONS, self.keys)
+        pipeline.configure(opts, PIPELINE_OPTIONS)
         self.pipeline = pipeline
 
     def _spawn_worker(self, opts: Any) -> None:
@@ -879,15 +865,15 @@ def _parse_filter(expression: str | None) -> flowfilter.TFilter | None:
         raise exceptions.OptionsError(f"fp_filter: {exc}") from None
 
 
-def _load_keys(keys_file: str | None) -> list[DecryptionKey]:
+def _load_keys(keys_file: str | None) -> tuple[list[DecryptionKey], FileWatch[Any] | None]:
     try:
-        keys = load_keys(keys_file)
-    except KeyConfigError as exc:
+        keys, watch = load_keys_watched(keys_file)
+    except ConfigError as exc:
         raise exceptions.OptionsError(f"fp-tap: {exc.message}") from None
     if warning := too_open_warning(keys_file):
         log.warning("fp-tap: %s", warning)
     if keys:
-        log.info("fp-tap: %s", _key_list(keys))
+        log.info("fp-tap: %s", describe_keys(keys))
     elif keys_file:
         log.warning(
             "fp-tap: key file %s holds no key (nor does %s): open responses will be "
@@ -901,12 +887,7 @@ def _load_keys(keys_file: str | None) -> list[DecryptionKey]:
             "recorded with error no_keys",
             ENV_VAR,
         )
-    return keys
-
-
-def _key_list(keys: Sequence[DecryptionKey]) -> str:
-    """How many keys and their ids (never their values)."""
-    return f"{len(keys)} decryption key(s): {', '.join(k.key_id for k in keys)}"
+    return keys, watch
 
 
 def _pretty_host(request: http.Request) -> str:

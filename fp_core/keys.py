@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -162,11 +162,21 @@ def load_keys(
     environ: Mapping[str, str] | None = None,
 ) -> list[DecryptionKey]:
     """Keys from ``FP_DECRYPTION_KEYS`` first, then from ``keys_file``; duplicates dropped."""
-    env = os.environ if environ is None else environ
-    keys = parse_key_list(env.get(ENV_VAR, ""), ENV_VAR)
+    keys = env_keys(environ)
     if keys_file:
         keys += read_key_file(keys_file)
     return unique_keys(keys)
+
+
+def env_keys(environ: Mapping[str, str] | None = None) -> list[DecryptionKey]:
+    """The keys in ``FP_DECRYPTION_KEYS`` (none when it is unset)."""
+    env = os.environ if environ is None else environ
+    return parse_key_list(env.get(ENV_VAR, ""), ENV_VAR)
+
+
+def describe_keys(keys: Sequence[DecryptionKey]) -> str:
+    """How many keys and their ids (never their values), for a log line."""
+    return f"{len(keys)} decryption key(s): {', '.join(k.key_id for k in keys)}"
 
 
 def unique_keys(keys: Iterable[DecryptionKey]) -> list[DecryptionKey]:

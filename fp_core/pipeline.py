@@ -5,7 +5,9 @@ record writer and the webhook delivery, built from the addon's option values. Th
 runs it in mitmproxy's own process (``fp_worker=false``) or has :mod:`fp_core.worker`
 run it in a separate process; the code is the same either way, which is why it takes
 ``opts``: any object with the ``fp_*`` option names as attributes (mitmproxy's options,
-or the plain values the worker was sent). Keys are passed in, loaded by the caller.
+or the plain values the worker was sent). It reads the key file and the webhook secret
+file itself, through a :class:`~fp_core.rotation.FileWatch` each, and takes what they
+hold when they change (:meth:`Pipeline.check_files`, :meth:`Pipeline.take`).
 """
 
 from __future__ import annotations
@@ -16,21 +18,24 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from fp_core.checks import CheckConfig, parse_origins
 from fp_core.errors import ConfigError, FpError
-from fp_core.keys import DecryptionKey, too_open_warning
+from fp_core.keys import DecryptionKey, describe_keys, env_keys, too_open_warning, unique_keys
 from fp_core.redact import Redactor, parse_paths
+from fp_core.rotation import FileWatch, Reload, key_file_watch, secret_file_watch
 from fp_core.stats import Stats
 from fp_core.tap import ResponseInfo, Tap, TapConfig
 from fp_core.webhook import (
     SECRET_ENV_VAR,
+    WebhookSecret,
     WebhookSink,
     check_url,
     describe_url,
+    env_secret,
     is_plaintext_remote,
-    load_secret,
     tls_context,
 )
 from fp_core.writer import JsonlSink, RecordWriter, Sink, WithoutEvent
@@ -73,8 +78,10 @@ TAP_OPTIONS = frozenset(
         "fp_webhook_url",  # the webhook needs the event in records even without fp_include_event
     }
 )
+#: How often the watched files are checked (the worker process's loop reads it).
+RELOAD_OPTIONS = frozenset({"fp_secrets_reload"})
 #: Every option a pipeline reads.
-OPTIONS = WRITER_OPTIONS | DELIVERY_OPTIONS | TAP_OPTIONS
+OPTIONS = WRITER_OPTIONS | DELIVERY_OPTIONS | TAP_OPTIONS | RELOAD_OPTIONS
 #: Options that open files or connections: a configuration with any of them set can fail
 #: in ways only opening them tells.
 OUTPUT_OPTIONS = ("fp_jsonl", "fp_sqlite", "fp_webhook_url")
@@ -106,22 +113,116 @@ class Pipeline:
         self.delivery: Delivery | None = None
         self.background = Background()
         self._closed = False
+        #: The keys in use: the environment's, then the key file's (None: not loaded yet).
+        self.keys: list[DecryptionKey] | None = None
+        #: Seconds between two checks of the watched files (0: never).
+        self.reload_every = 0
+        #: The files whose content is in use, by what they hold: "keys", "webhook_secret".
+        self._watches: dict[str, FileWatch[Any]] = {}
 
     def configure(
-        self, opts: Any, updated: AbstractSet[str], keys: Sequence[DecryptionKey]
+        self, opts: Any, updated: AbstractSet[str], keys: Sequence[DecryptionKey] | None = None
     ) -> None:
         """Apply the options named in ``updated``; raises :class:`ConfigError`, leaving
-        what ran before untouched."""
+        what ran before untouched. The keys come from the environment and
+        ``fp_keys_file``, read (and then watched) here, unless ``keys`` are given."""
+        if updated & RELOAD_OPTIONS:
+            self.reload_every = non_negative(opts, "fp_secrets_reload")
         if updated & (WRITER_OPTIONS | DELIVERY_OPTIONS):
             self._configure_outputs(opts, updated)
         if updated & TAP_OPTIONS:
+            watch = self._watches.get("keys")
+            if keys is not None:
+                keys, watch = list(keys), None
+            elif self.keys is None or "fp_keys_file" in updated:
+                keys, watch = self._load_keys(opts.fp_keys_file)
+            else:
+                keys = self.keys
             config = tap_config(opts, keys)
             replay = self.tap.replay
             self.tap = Tap(config, self.stats)
             if replay.ttl == config.replay_ttl:
                 self.tap.replay = replay  # keep what was seen across unrelated option changes
+            self.keys = keys
+            self._watch("keys", watch)
         if opts.fp_sqlite and updated & {"fp_sqlite", "fp_replay_ttl"}:
             self._preload_replay(opts.fp_sqlite)
+
+    def _load_keys(
+        self, path: str | None
+    ) -> tuple[list[DecryptionKey], FileWatch[list[DecryptionKey]] | None]:
+        try:
+            keys = env_keys()
+        except FpError as exc:
+            raise ConfigError(exc.message) from None
+        if not path:
+            return keys, None
+        watch = key_file_watch(path)
+        try:
+            return unique_keys(keys + watch.load()), watch
+        except FpError as exc:
+            # The addon read this file a moment ago, or refused the option: it changed
+            # since (a rotation caught half-written). Carry on with the keys in use; the
+            # watch takes the file once it is whole.
+            kept = self.keys if self.keys is not None else keys
+            self.stats.incr_group("errors", "keys_reload")
+            log.warning("fp-tap: %s; keeping the %d key(s) in use", exc.message, len(kept))
+            return kept, watch
+
+    def check_files(self) -> list[FileChange]:
+        """What the watched files hold now, where it changed. Blocking: it reads them."""
+        changes = []
+        for name, watch in list(self._watches.items()):
+            if (reload := watch.check()) is not None:
+                changes.append(FileChange(name, watch, reload))
+        return changes
+
+    def take(self, changes: Sequence[FileChange]) -> list[str]:
+        """Use what :meth:`check_files` found (no file is read here); the names taken.
+
+        A changed file that cannot be used is logged once and counted, and what is in
+        use stays.
+        """
+        taken = []
+        for change in changes:
+            name, reload = change.name, change.reload
+            if self._watches.get(name) is not change.watch:
+                continue  # the options changed since: a newer watch has the say
+            if reload.value is None:
+                self.stats.incr_group("errors", f"{name}_reload")
+                in_use = f"the {len(self.keys or ())} key(s)" if name == "keys" else "the secret"
+                log.warning("fp-tap: %s; keeping %s in use", reload.problem, in_use)
+                continue
+            if reload.warning:
+                log.warning("fp-tap: %s", reload.warning)
+            if name == "keys":
+                self._take_keys(reload.value, change.watch.path)
+            else:
+                self._take_secret(reload.value, change.watch.path)
+            self.stats.incr_group("reloaded", name)
+            taken.append(name)
+        return taken
+
+    def _take_keys(self, file_keys: list[DecryptionKey], path: str) -> None:
+        # The environment's keys were good at start, and the environment does not change.
+        keys = unique_keys(env_keys() + file_keys)
+        replay = self.tap.replay
+        self.tap = Tap(replace(self.tap.config, keys=keys), self.stats)
+        self.tap.replay = replay
+        self.keys = keys
+        log.info("fp-tap: key file %s changed: %s", path, describe_keys(keys))
+
+    def _take_secret(self, secret: WebhookSecret, path: str) -> None:
+        if self.delivery is not None:
+            # The same delivery and spool: the next attempt, a retry or not, signs with it.
+            self.delivery.configure(replace(self.delivery.config, secret=secret))
+        log.info("fp-tap: webhook secret file %s changed: its secret signs from now on", path)
+
+    def _watch(self, name: str, watch: FileWatch[Any] | None) -> None:
+        if watch is None:
+            self._watches.pop(name, None)
+        else:
+            self._watches[name] = watch
 
     def inspect(self, info: ResponseInfo) -> dict[str, Any] | None:
         """The record for ``info`` (queued for the sinks), or None: not an open response."""
@@ -164,8 +265,9 @@ class Pipeline:
         writer and delivery (in that order, in the background), so that a bad value
         leaves the running ones untouched."""
         delivery, retired = self.delivery, None
+        secret_watch = self._watches.get("webhook_secret")
         if updated & DELIVERY_OPTIONS:
-            config = delivery_config(opts)
+            config, secret_watch = delivery_config(opts)
             if config is None:
                 delivery, retired = None, self.delivery
             elif delivery is None or delivery.spool.state_dir != state_dir(opts):
@@ -181,6 +283,7 @@ class Pipeline:
                     delivery.close(drain=0)
                 raise
         self.writer, self.delivery = writer, delivery
+        self._watch("webhook_secret", secret_watch)
         if old_writer is not None or retired is not None:
             self.background.run(_retire(old_writer, retired))
 
@@ -264,16 +367,21 @@ def state_dir(opts: Any) -> str:
     return os.path.abspath(os.path.expanduser(str(opts.fp_state_dir)))
 
 
-def delivery_config(opts: Any) -> DeliveryConfig | None:
-    """The webhook settings, validated (the secret read once, here); None: no webhook."""
+def delivery_config(opts: Any) -> tuple[DeliveryConfig | None, FileWatch[WebhookSecret] | None]:
+    """The webhook settings, validated, and the watch of the secret file the secret was
+    read from, if any; (None, None): no webhook."""
     if not opts.fp_webhook_url:
-        return None
+        return None, None
     require_sqlite("fp_webhook_url")  # for the spool
     from fp_core.delivery import DeliveryConfig
 
+    watch = None
     try:
         url = check_url(opts.fp_webhook_url)
-        secret = load_secret(opts.fp_webhook_secret_file)
+        secret = env_secret(opts.fp_webhook_secret_file)
+        if secret is None and opts.fp_webhook_secret_file:
+            watch = secret_file_watch(opts.fp_webhook_secret_file)
+            secret = watch.load()
         if opts.fp_webhook_ca:
             tls_context(opts.fp_webhook_ca)  # a bad file is an error now, not per request
     except FpError as exc:
@@ -299,7 +407,31 @@ def delivery_config(opts: Any) -> DeliveryConfig | None:
         give_up=positive(opts, "fp_webhook_give_up"),
         ca_file=opts.fp_webhook_ca or None,
         max_events=positive(opts, "fp_webhook_max_events"),
-    )
+    ), watch
+
+
+def load_keys_watched(
+    keys_file: str | None,
+) -> tuple[list[DecryptionKey], FileWatch[list[DecryptionKey]] | None]:
+    """The environment's keys, then the key file's (read through its watch, which is
+    returned); :class:`ConfigError` when either is unusable."""
+    try:
+        keys = env_keys()
+        if not keys_file:
+            return keys, None
+        watch = key_file_watch(keys_file)
+        return unique_keys(keys + watch.load()), watch
+    except FpError as exc:
+        raise ConfigError(exc.message) from None
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """A watched file that holds something else now (:meth:`Pipeline.check_files`)."""
+
+    name: str
+    watch: FileWatch[Any]
+    reload: Reload[Any]
 
 
 def require_sqlite(option: str) -> None:

@@ -2,30 +2,24 @@
 changed, and reading it again.
 
 A tap sits in the traffic's path: restarting it to take a new key drops connections.
-So the addon checks the key file and the webhook secret file every few seconds
-(``fp_secrets_reload``) with a :class:`FileWatch` each, off the event loop, and uses
-what they hold from then on.
+So whoever uses a key file or a webhook secret file reads it through a
+:class:`FileWatch`, and checks it again every few seconds (``fp_secrets_reload``),
+never on mitmproxy's event loop. Each process watches for itself (the worker for
+unsealing and signing, the addon for its log scrubber and content view): each compares
+the file with what *it* read, so no process can miss a change another one saw.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fp_core.errors import FpError, KeyConfigError
-from fp_core.keys import ENV_VAR, DecryptionKey, load_keys, too_open_warning
-from fp_core.webhook import WebhookConfigError, WebhookSecret, load_secret
-
-
-def file_digest(path: str | os.PathLike[str]) -> bytes | None:
-    """SHA-256 of the file's bytes, or None when it cannot be read."""
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).digest()
-    except OSError:
-        return None
+from fp_core.keys import DecryptionKey, parse_key_file, too_open_warning
+from fp_core.webhook import WebhookConfigError, WebhookSecret
 
 
 @dataclass(frozen=True)
@@ -46,71 +40,120 @@ _NOTHING = object()
 
 
 class FileWatch[T]:
-    """Tells when a file holds something other than what the value in use came from.
+    """A file's value, read by :meth:`load`, and :meth:`check` to tell when the file holds
+    something else.
 
     It compares the file's bytes (by digest), not its times: a new key written in the
-    same timestamp tick as the old one, or with the same size, is still a change. A
-    content that fails to load (or a file that cannot be read) is reported once, not at
+    same timestamp tick as the old one, or with the same size, is still a change. The
+    digest and the value come from one read. A changed content that fails to load, or
+    parses to nothing (a file caught while being written), is reported once, not at
     every check.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], load: Callable[[str], T], warn_as: str | None
+        self,
+        path: str | os.PathLike[str],
+        parse: Callable[[str], T],
+        *,
+        what: str,
+        error: type[FpError],
+        empty: str,
     ) -> None:
         self.path = os.fspath(path)
-        self._load = load
-        self._warn_as = warn_as
-        # Taken before the value is read (by whoever made the watch): a change in
-        # between is seen by the first check.
-        self._loaded = file_digest(self.path)
+        self.what = what
+        self._parse = parse
+        self._error = error
+        self._empty = empty
+        self._loaded: object = _NOTHING
         self._refused: object = _NOTHING
 
+    def load(self) -> T:
+        """Read and parse the file now: its value is the one in use from here on. Raises
+        the watch's :class:`FpError` when it cannot be read or parsed; that content then
+        counts as refused (checks stay quiet until it changes, and take it once it is
+        whole)."""
+        try:
+            data = self._read()
+        except FpError:
+            self._refused = None
+            raise
+        try:
+            value = self._parse(self._text(data))
+        except FpError:
+            self._refused = _digest(data)
+            raise
+        self._loaded, self._refused = _digest(data), _NOTHING
+        return value
+
     def check(self) -> Reload[T] | None:
-        """None when the file is as the value in use came from, or as it was when it last
-        failed to load; else what it holds now. Blocking: it reads the file."""
-        digest = file_digest(self.path)
+        """None when the file holds what the value in use came from, or what last failed
+        to load; else what it holds now, which is in use from here on if it loaded.
+        Blocking: it reads the file."""
+        try:
+            data = self._read()
+        except FpError as exc:
+            return self._refuse(None, exc.message)  # None: unreadable
+        digest = _digest(data)
         if digest == self._loaded:
             self._refused = _NOTHING  # back as it was: a later failure is news again
             return None
         if digest == self._refused:
             return None
         try:
-            value = self._load(self.path)
+            value = self._parse(self._text(data))
         except FpError as exc:
-            self._refused = digest
-            return Reload(None, problem=exc.message)
-        # The digest read before the value: if the file changed in between, the next
-        # check reads it again.
+            return self._refuse(digest, exc.message)
+        if not value:
+            return self._refuse(digest, f"{self.what} {self.path} {self._empty}")
         self._loaded, self._refused = digest, _NOTHING
-        warning = too_open_warning(self.path, self._warn_as) if self._warn_as else None
-        return Reload(value, warning=warning)
+        return Reload(value, warning=too_open_warning(self.path, self.what))
+
+    def _refuse(self, digest: bytes | None, problem: str) -> Reload[T] | None:
+        if digest == self._refused:
+            return None  # reported already
+        self._refused = digest
+        return Reload(None, problem=problem)
+
+    def _read(self) -> bytes:
+        try:
+            return Path(self.path).read_bytes()
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            raise self._error(f"{self.what} {self.path}: cannot read ({why})") from None
+
+    def _text(self, data: bytes) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._error(f"{self.what} {self.path}: cannot read (not UTF-8)") from None
 
 
-def key_file_watch(
-    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
-) -> FileWatch[list[DecryptionKey]]:
-    """The key file's watch: its keys after the environment's, as at start. A file with
-    no key, and none in the environment, is refused (as it is while being written)."""
-
-    def load(name: str) -> list[DecryptionKey]:
-        keys = load_keys(name, environ)
-        if not keys:
-            raise KeyConfigError(f"key file {name} holds no key (nor does {ENV_VAR})")
-        return keys
-
-    return FileWatch(path, load, "key file")
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
-def secret_file_watch(
-    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
-) -> FileWatch[WebhookSecret]:
-    """The webhook secret file's watch. (The webhook's own configuration, which reads the
-    file again, warns about its permissions.)"""
+def key_file_watch(path: str | os.PathLike[str]) -> FileWatch[list[DecryptionKey]]:
+    """The keys of a key file (without the environment's). A changed file with no key
+    of its own is refused: it is far likelier caught while being written than meant."""
+    name = os.fspath(path)
+    return FileWatch(
+        name,
+        lambda text: parse_key_file(text, f"key file {name}"),
+        what="key file",
+        error=KeyConfigError,
+        empty="holds no key",
+    )
 
-    def load(name: str) -> WebhookSecret:
-        secret = load_secret(name, environ)
-        if secret is None:  # only without a file name, which a watch always has
-            raise WebhookConfigError(f"webhook secret file {name}: no secret")
-        return secret
 
-    return FileWatch(path, load, None)
+def secret_file_watch(path: str | os.PathLike[str]) -> FileWatch[WebhookSecret]:
+    """The secret of a webhook secret file (surrounding whitespace removed)."""
+    name = os.fspath(path)
+
+    def parse(text: str) -> WebhookSecret:
+        if not (secret := text.strip()):
+            raise WebhookConfigError(f"webhook secret file {name} is empty")
+        return WebhookSecret(secret)
+
+    return FileWatch(
+        name, parse, what="webhook secret file", error=WebhookConfigError, empty="is empty"
+    )

@@ -24,7 +24,6 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fp_core.errors import FpError
@@ -95,11 +94,11 @@ def sign(body: bytes, secret: bytes) -> str:
     return "v1=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
-def load_secret(
+def env_secret(
     secret_file: str | None, environ: Mapping[str, str] | None = None
 ) -> WebhookSecret | None:
-    """The secret from ``FP_WEBHOOK_SECRET`` or from ``secret_file`` (not both), surrounding
-    whitespace removed; None when neither is set. Errors never contain the secret."""
+    """The secret in ``FP_WEBHOOK_SECRET``, or None; an error when ``secret_file`` is set
+    too (which one would win is not obvious)."""
     env = os.environ if environ is None else environ
     from_env = env.get(SECRET_ENV_VAR, "").strip()
     if from_env and secret_file:
@@ -107,20 +106,20 @@ def load_secret(
             f"the webhook secret is set twice ({SECRET_ENV_VAR} and fp_webhook_secret_file); "
             "keep one"
         )
-    if from_env:
-        return WebhookSecret(from_env)
-    if not secret_file:
-        return None
-    try:
-        text = Path(secret_file).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
-        raise WebhookConfigError(
-            f"webhook secret file {secret_file}: cannot read ({why})"
-        ) from None
-    if not text:
-        raise WebhookConfigError(f"webhook secret file {secret_file} is empty")
-    return WebhookSecret(text)
+    return WebhookSecret(from_env) if from_env else None
+
+
+def load_secret(
+    secret_file: str | None, environ: Mapping[str, str] | None = None
+) -> WebhookSecret | None:
+    """The secret from ``FP_WEBHOOK_SECRET`` or from ``secret_file`` (not both), surrounding
+    whitespace removed; None when neither is set. Errors never contain the secret."""
+    from_env = env_secret(secret_file, environ)
+    if from_env is not None or not secret_file:
+        return from_env
+    from fp_core.rotation import secret_file_watch  # it imports this module
+
+    return secret_file_watch(secret_file).load()
 
 
 def check_url(url: str) -> str:

@@ -10,7 +10,8 @@ which the addon puts on the flow and logs.
 The two talk over pipes the parent created, in frames: a 4-byte big-endian length, then
 a pickle. Nothing else can write to those pipes, so unpickling them is safe. The child
 loads keys and the webhook secret itself, from the same options and environment as the
-parent: no secret ever travels in a frame.
+parent: no secret ever travels in a frame. It also checks those files for changes itself
+(``fp_secrets_reload``), as the parent does for its own use.
 
 Parent to child: ``("configure", seq, values, updated)``, ``("inspect", token, info)``,
 ``("resend",)``, ``("close", seq, drain)``. Child to parent: ``("reply", seq, ok,
@@ -41,7 +42,6 @@ from types import SimpleNamespace
 from typing import Any
 
 from fp_core.errors import ConfigError, FpError
-from fp_core.keys import DecryptionKey, load_keys
 from fp_core.pipeline import Pipeline
 from fp_core.tap import RECORD_FIELDS, ResponseInfo
 
@@ -443,7 +443,6 @@ class _ForwardLogs(logging.Handler):
 class _Child:
     def __init__(self) -> None:
         self.pipeline = Pipeline()
-        self.keys: list[DecryptionKey] | None = None
 
     def handle(self, frame: tuple[Any, ...], answers: list[tuple[Any, ...]]) -> bool:
         """Act on one frame; False once told to close."""
@@ -474,18 +473,23 @@ class _Child:
             return None
 
     def _configure(self, values: dict[str, Any], updated: set[str]) -> tuple[bool, Any]:
-        opts = SimpleNamespace(**values)
         try:
-            keys = self.keys
-            if keys is None or "fp_keys_file" in updated:
-                # As the parent does: the same file and environment, read again only when
-                # the option changes (a key file moved since must not refuse other options).
-                keys = load_keys(opts.fp_keys_file)
-            self.pipeline.configure(opts, updated, keys)
+            # As the parent does: the same file and environment. The pipeline reads the
+            # key file again only when the option changes (a key file moved since must
+            # not refuse other options).
+            self.pipeline.configure(SimpleNamespace(**values), updated)
         except FpError as exc:
             return False, exc.message
-        self.keys = keys
         return True, None
+
+    def check_files(self) -> None:
+        """Take what changed in the key file and the webhook secret file (blocking: here,
+        in the worker, that only delays the next response a little)."""
+        try:
+            self.pipeline.take(self.pipeline.check_files())
+        except Exception as exc:  # the worker must outlive a bug
+            self.pipeline.stats.incr_group("errors", "internal")
+            log.warning("fp-tap: internal error checking files: %s", type(exc).__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -503,17 +507,23 @@ def main(argv: list[str] | None = None) -> int:
     root.setLevel(logging.INFO)
     child, reader = _Child(), FrameReader(sys.stdin.fileno())
     running, reported, next_report = True, None, 0.0
+    next_check = time.monotonic()
     while running:
+        now = time.monotonic()
+        if (every := child.pipeline.reload_every) and now >= next_check:
+            child.check_files()
+            next_check = now + every
         # Counters go out every STATS_EVERY seconds when they changed (the delivery's
         # change with no response coming in): one snapshot per answer would cost the
         # parent more than the answer.
-        if (now := time.monotonic()) >= next_report:
+        if now >= next_report:
             snapshot = child.pipeline.snapshot()
             if snapshot != reported:
                 out.send(("stats", snapshot))
                 reported = snapshot
             next_report = now + STATS_EVERY
-        if not select.select([reader.fd], [], [], max(0.0, next_report - time.monotonic()))[0]:
+        wake = min(next_report, next_check) if every else next_report
+        if not select.select([reader.fd], [], [], max(0.0, wake - time.monotonic()))[0]:
             continue
         frames = reader.read()
         if frames is None:

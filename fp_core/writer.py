@@ -81,7 +81,8 @@ class JsonlSink:
     A long-running tap's file gets rotated: when the path no longer leads to the open
     file (moved away or removed, as logrotate does), the next batch starts a new file
     there, as ``logging``'s ``WatchedFileHandler`` does. Until that new file can be
-    made, records keep going to the old one: nothing is lost.
+    made, records keep going to the old one (which, if it was removed rather than moved,
+    only the process still holds).
     """
 
     name = "jsonl"

@@ -133,23 +133,33 @@ def test_a_negative_interval_is_an_option_error(keyfile: Path) -> None:
 
 
 @on_loop
-async def test_the_worker_takes_the_new_keys(keyfile: Path) -> None:
+async def test_the_worker_takes_the_new_keys(keyfile: Path, caplog) -> None:
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True, fp_secrets_reload=1)
         tap.running()
         assert tap.worker is not None
         flow = make_flow(fp_body(key=NEW)[0])
         await annotated(tap, flow)
         assert flow.metadata["fp"]["error"]["kind"] == "decrypt_failed"
 
+        rotate(keyfile, NEW.to_base64()[:30])  # half-written
+        assert await tap.reload_files() == []
+        await until(lambda: tap.snapshot().get("errors", {}).get("keys_reload") == 1, "the refusal")
+        await asyncio.sleep(1.5)  # the worker's next check, and this process's again
+        assert await tap.reload_files() == []
+
         rotate(keyfile, NEW.to_base64())
-        assert await tap.reload_files() == ["keys"]
+        assert await tap.reload_files() == [], "the worker checks on its own"
+        assert [k.key_id for k in tap.keys] == [NEW.key_id], "this process's own copy"
+        await until(lambda: tap.snapshot().get("reloaded") == {"keys": 1}, "the worker's reload")
         flow = make_flow(fp_body(key=NEW)[0])
         await annotated(tap, flow)
         assert flow.metadata["fp"]["verdict"] == "trusted"
         assert flow.metadata["fp"]["key_id"] == NEW.key_id
         tap.done()
+    assert json.loads(tap.stats_command())["errors"] == {"decrypt_failed": 1, "keys_reload": 1}
+    assert len(messages(caplog, "keeping")) == 1, "one warning, from the worker"
 
 
 @on_loop

@@ -13,8 +13,10 @@ import pytest
 
 import fp_addon
 from fp_core.errors import ConfigError
+from fp_core.keys import ENV_VAR, DecryptionKey
 from fp_core.pipeline import OPTIONS, Background, Pipeline, tap_config
 from fp_core.tap import ResponseInfo
+from fp_core.webhook import SECRET_ENV_VAR
 from tests.test_addon import KEY, fp_body
 
 DEFAULTS = {name: default for name, _, default, _ in fp_addon.OPTIONS}
@@ -130,3 +132,63 @@ def test_background_jobs_are_joined() -> None:
     background.run(job)
     background.join()
     assert done.is_set()
+
+
+def test_take_uses_what_the_check_read_and_reads_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check_files reads (off the event loop), take only uses what it read: the files may
+    be gone by then, or changed again, and take neither fails nor reads them again."""
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    secret, keys = tmp_path / "webhook.secret", tmp_path / "keys.txt"
+    secret.write_text("old-secret\n")
+    keys.write_text(KEY.to_base64() + "\n")
+    pipeline = Pipeline()
+    pipeline.configure(
+        opts(
+            fp_keys_file=str(keys),
+            fp_webhook_url="http://127.0.0.1:9/hook",
+            fp_webhook_secret_file=str(secret),
+            fp_state_dir=str(tmp_path / "state"),
+        ),
+        OPTIONS,
+    )
+    try:
+        new_key = DecryptionKey.generate()
+        secret.write_text("new-secret\n")
+        keys.write_text(new_key.to_base64() + "\n")
+        changes = pipeline.check_files()
+        secret.unlink()
+        keys.unlink()
+        assert sorted(pipeline.take(changes)) == ["keys", "webhook_secret"]
+        assert pipeline.delivery is not None
+        assert pipeline.delivery.config.secret is not None
+        assert pipeline.delivery.config.secret.text() == "new-secret"
+        assert pipeline.keys == [new_key]
+        assert pipeline.stats.group("reloaded") == {"keys": 1, "webhook_secret": 1}
+    finally:
+        pipeline.close(0)
+
+
+def test_a_key_file_half_written_at_configure_is_taken_once_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The addon checked the file a moment earlier: it changed in between. The pipeline
+    carries on with the keys it has (and says so), and its watch takes the file later."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    keys = tmp_path / "keys.txt"
+    keys.write_text(KEY.to_base64() + "\n")
+    pipeline = Pipeline()
+    pipeline.configure(opts(fp_keys_file=str(keys)), OPTIONS)
+    other = tmp_path / "other.txt"
+    other.write_text(KEY.to_base64()[:10] + "\n")
+    pipeline.configure(opts(fp_keys_file=str(other)), {"fp_keys_file"})
+    assert pipeline.keys == [KEY], "kept"
+    assert pipeline.stats.group("errors") == {"keys_reload": 1}
+    assert pipeline.check_files() == [], "reported already"
+    new_key = DecryptionKey.generate()
+    other.write_text(new_key.to_base64() + "\n")
+    assert pipeline.take(pipeline.check_files()) == ["keys"]
+    assert pipeline.keys == [new_key]
+    pipeline.close(0)

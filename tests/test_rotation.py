@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from fp_core.keys import ENV_VAR, DecryptionKey
-from fp_core.rotation import file_digest, key_file_watch, secret_file_watch
+from fp_core.errors import KeyConfigError
+from fp_core.keys import DecryptionKey
+from fp_core.rotation import FileWatch, key_file_watch, secret_file_watch
+from fp_core.webhook import WebhookConfigError
 from tests.e2e.conftest import secret_forms
 
 OLD, NEW = DecryptionKey.generate(), DecryptionKey.generate()
-NO_ENV: dict[str, str] = {}
 
 
 def write(path: Path, *lines: str, mode: int = 0o600) -> None:
@@ -28,15 +29,21 @@ def keyfile(tmp_path: Path) -> Path:
     return path
 
 
+def loaded(path: Path) -> FileWatch[list[DecryptionKey]]:
+    watch = key_file_watch(path)
+    assert watch.load() == [OLD]
+    return watch
+
+
 def test_an_unchanged_file_is_nothing_to_do(keyfile: Path) -> None:
-    watch = key_file_watch(keyfile, NO_ENV)
+    watch = loaded(keyfile)
     assert watch.check() is None
     os.utime(keyfile)  # touched, not changed
     assert watch.check() is None
 
 
 def test_a_rotation_gives_the_new_keys_once(keyfile: Path) -> None:
-    watch = key_file_watch(keyfile, NO_ENV)
+    watch = loaded(keyfile)
     write(keyfile, NEW.to_base64(), OLD.to_base64())
     reload = watch.check()
     assert reload is not None
@@ -48,7 +55,7 @@ def test_a_rotation_gives_the_new_keys_once(keyfile: Path) -> None:
 def test_the_content_counts_not_the_times(keyfile: Path) -> None:
     """A key written over another of the same size, with the old modification time:
     a watch by size and time would miss it."""
-    watch = key_file_watch(keyfile, NO_ENV)
+    watch = loaded(keyfile)
     before = keyfile.stat()
     write(keyfile, "# current", NEW.to_base64())
     os.utime(keyfile, ns=(before.st_atime_ns, before.st_mtime_ns))
@@ -58,10 +65,32 @@ def test_the_content_counts_not_the_times(keyfile: Path) -> None:
     assert reload.value == [NEW]
 
 
+def test_the_value_and_the_digest_come_from_one_read(keyfile: Path) -> None:
+    """Rewritten again while a check parses what it read: that check takes what it read,
+    and the next one sees the newer content (had the digest come from a second read, the
+    newer content would pass for the one in use, and never be taken)."""
+    newest = DecryptionKey.generate()
+    watch = loaded(keyfile)
+    write(keyfile, NEW.to_base64())
+    parse = watch._parse
+
+    def rewritten_meanwhile(text: str) -> list[DecryptionKey]:
+        write(keyfile, newest.to_base64())
+        return parse(text)
+
+    watch._parse = rewritten_meanwhile
+    reload = watch.check()
+    watch._parse = parse
+    assert reload is not None
+    assert reload.value == [NEW]
+    reload = watch.check()
+    assert reload is not None
+    assert reload.value == [newest]
+
+
 def test_a_bad_file_keeps_the_keys_in_use_and_is_reported_once(keyfile: Path) -> None:
-    watch = key_file_watch(keyfile, NO_ENV)
-    half = NEW.to_base64()[:20]  # as while the new key is being written
-    write(keyfile, half)
+    watch = loaded(keyfile)
+    write(keyfile, NEW.to_base64()[:20])  # as while the new key is being written
     reload = watch.check()
     assert reload is not None
     assert reload.value is None
@@ -74,7 +103,7 @@ def test_a_bad_file_keeps_the_keys_in_use_and_is_reported_once(keyfile: Path) ->
 
 
 def test_problems_never_carry_a_key(keyfile: Path) -> None:
-    watch = key_file_watch(keyfile, NO_ENV)
+    watch = loaded(keyfile)
     write(keyfile, NEW.to_base64(), OLD.to_base64()[:-8])  # the second line cut short
     reload = watch.check()
     assert reload is not None
@@ -87,14 +116,13 @@ def test_problems_never_carry_a_key(keyfile: Path) -> None:
 
 
 def test_a_missing_file_is_reported_once_until_it_is_back(keyfile: Path) -> None:
-    watch = key_file_watch(keyfile, NO_ENV)
+    watch = loaded(keyfile)
     content = keyfile.read_bytes()
     keyfile.unlink()
     reload = watch.check()
     assert reload is not None
     assert reload.value is None
-    assert reload.problem is not None
-    assert "cannot read" in reload.problem
+    assert reload.problem == f"key file {keyfile}: cannot read (No such file or directory)"
     assert watch.check() is None, "still missing: reported already"
     keyfile.write_bytes(content)
     assert watch.check() is None, "back as it was: the keys in use are its keys"
@@ -104,31 +132,23 @@ def test_a_missing_file_is_reported_once_until_it_is_back(keyfile: Path) -> None
     assert reload.value is None
 
 
-def test_an_emptied_file_is_refused_unless_the_environment_has_keys(keyfile: Path) -> None:
-    watch = key_file_watch(keyfile, NO_ENV)
+def test_a_changed_file_with_no_key_is_refused(keyfile: Path) -> None:
+    """Far likelier caught while being written than meant: refused, whatever the
+    environment holds (the keys in use stay)."""
+    watch = loaded(keyfile)
     write(keyfile, "# rotating")
     reload = watch.check()
     assert reload is not None
     assert reload.value is None
-    assert reload.problem == f"key file {keyfile} holds no key (nor does {ENV_VAR})"
-
-    watch = key_file_watch(keyfile, {ENV_VAR: NEW.to_base64()})
-    write(keyfile, "# the file's keys retired; the environment's stay")
+    assert reload.problem == f"key file {keyfile} holds no key"
+    write(keyfile)
     reload = watch.check()
     assert reload is not None
-    assert reload.value == [NEW]
-
-
-def test_environment_keys_come_first(keyfile: Path) -> None:
-    watch = key_file_watch(keyfile, {ENV_VAR: OLD.to_base64()})
-    write(keyfile, NEW.to_base64())
-    reload = watch.check()
-    assert reload is not None
-    assert reload.value == [OLD, NEW]
+    assert reload.problem == f"key file {keyfile} holds no key", "another content: news"
 
 
 def test_an_open_file_warns_with_its_keys(keyfile: Path) -> None:
-    watch = key_file_watch(keyfile, NO_ENV)
+    watch = loaded(keyfile)
     write(keyfile, NEW.to_base64(), mode=0o644)
     reload = watch.check()
     assert reload is not None
@@ -136,34 +156,36 @@ def test_an_open_file_warns_with_its_keys(keyfile: Path) -> None:
     assert reload.warning == f"key file {keyfile} is readable by group or others; chmod 600 it"
 
 
-def test_file_digest(tmp_path: Path) -> None:
-    path = tmp_path / "f"
-    assert file_digest(path) is None
-    path.write_bytes(b"a")
-    first = file_digest(path)
-    path.write_bytes(b"b")
-    assert first is not None
-    assert file_digest(path) not in (None, first)
+def test_load_raises_what_it_cannot_use(tmp_path: Path) -> None:
+    path = tmp_path / "keys.txt"
+    with pytest.raises(KeyConfigError, match="cannot read"):
+        key_file_watch(path).load()
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(KeyConfigError, match=r"cannot read \(not UTF-8\)"):
+        key_file_watch(path).load()
+    write(path, "# a key file that holds no key yet is fine at start")
+    assert key_file_watch(path).load() == []
 
 
 def test_a_rotated_webhook_secret(tmp_path: Path) -> None:
     path = tmp_path / "webhook.secret"
     write(path, "old-secret")
-    watch = secret_file_watch(path, NO_ENV)
+    watch = secret_file_watch(path)
+    assert watch.load().text() == "old-secret"
     assert watch.check() is None
     write(path, "  new-secret  ")
     reload = watch.check()
     assert reload is not None
     assert reload.value is not None
     assert reload.value.text() == "new-secret"
-    assert reload.warning is None, "the webhook's configuration warns about permissions"
     assert watch.check() is None
 
 
 def test_an_emptied_secret_file_keeps_the_secret_in_use(tmp_path: Path) -> None:
     path = tmp_path / "webhook.secret"
     write(path, "old-secret")
-    watch = secret_file_watch(path, NO_ENV)
+    watch = secret_file_watch(path)
+    watch.load()
     write(path)
     reload = watch.check()
     assert reload is not None
@@ -175,3 +197,5 @@ def test_an_emptied_secret_file_keeps_the_secret_in_use(tmp_path: Path) -> None:
     assert reload.problem is not None
     assert "cannot read" in reload.problem
     assert "old-secret" not in reload.problem
+    with pytest.raises(WebhookConfigError, match="cannot read"):
+        watch.load()

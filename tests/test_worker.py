@@ -24,7 +24,7 @@ from fp_core.keys import ENV_VAR, DecryptionKey
 from fp_core.pipeline import OPTIONS
 from fp_core.tap import RECORD_FIELDS
 from fp_core.worker import FrameReader, WorkerClient, encode
-from tests.test_addon import fp_body, hostile_bodies
+from tests.test_addon import KEY, fp_body, hostile_bodies
 from tests.test_pipeline import info, values
 
 
@@ -130,14 +130,19 @@ def test_a_refusal_nobody_waits_for_is_logged_and_not_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     client, _ = start(fp_keys_file=str(keyfile))
-    gone = tmp_path / "moved.txt"
-    client.configure(values(fp_keys_file=str(gone)), {"fp_keys_file"}, wait=False, timeout=60)
+    nowhere = tmp_path / "no" / "out.jsonl"
+    client.configure(
+        values(fp_keys_file=str(keyfile), fp_jsonl=str(nowhere)),
+        {"fp_jsonl"},
+        wait=False,
+        timeout=60,
+    )
     client.configure(values(fp_keys_file=str(keyfile)), {"fp_max_age"}, wait=False, timeout=60)
     pump(client, lambda: not client._unawaited, "both replies")
     (line,) = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert line == (
-        f"fp-tap: the worker process refused the options: key file {gone}: cannot read "
-        "(No such file or directory)"
+        f"fp-tap: the worker process refused the options: fp_jsonl: cannot open {nowhere}: "
+        "No such file or directory"
     )
     assert client._replies == {}, "an accepted one is not kept either"
 
@@ -156,6 +161,56 @@ def test_the_keys_are_read_again_only_when_their_option_changes(
     record = answers.records[0][1]
     assert record is not None
     assert record["ok"] is True, "the keys read at the start are still there"
+
+
+def verdict(client: WorkerClient, answers: Answers, key: DecryptionKey, n: int) -> str:
+    """What the worker makes of an event sealed with ``key`` (context ``n``)."""
+    client.submit(info(fp_body(key=key)[0], n), context=n)
+    pump(client, lambda: any(c == n for c, _ in answers.records), "an answer")
+    record = next(r for c, r in answers.records if c == n)
+    assert record is not None
+    return str(record["verdict"] if record["ok"] else record["error"]["kind"])
+
+
+def test_the_worker_watches_the_key_file_itself(
+    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path, caplog
+) -> None:
+    """Each process compares the file with what it read itself: nothing the parent does
+    (or misses) can leave the worker with other keys than the file's."""
+    caplog.set_level(logging.INFO)
+    new = DecryptionKey.generate()
+    client, answers = start(fp_keys_file=str(keyfile), fp_secrets_reload=1)
+    keyfile.write_text(new.to_base64()[:30] + "\n")  # half-written
+    pump(client, lambda: client.stats.get("errors", {}).get("keys_reload") == 1, "a refusal")
+    assert verdict(client, answers, KEY, 1) == "trusted", "the key in use stays"
+    keyfile.write_text(new.to_base64() + "\n")
+    pump(client, lambda: client.stats.get("reloaded") == {"keys": 1}, "the reload")
+    assert verdict(client, answers, new, 2) == "trusted"
+    assert verdict(client, answers, KEY, 3) == "decrypt_failed"
+    pump(client, lambda: "decrypt_failed" in client.stats["errors"], "the counters")
+    assert client.stats["errors"] == {"keys_reload": 1, "decrypt_failed": 1}, "reported once"
+    lines = [r.getMessage() for r in caplog.records if "key file" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].endswith("; keeping the 1 key(s) in use")
+    assert lines[1] == f"fp-tap: key file {keyfile} changed: 1 decryption key(s): {new.key_id}"
+
+
+def test_a_worker_started_on_a_half_written_file_takes_it_once_whole(
+    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path, caplog
+) -> None:
+    """The addon read the file a moment before the worker started, and it changed in
+    between: the worker carries on without it, says so once, and takes it when whole."""
+    keyfile.write_text(KEY.to_base64()[:30] + "\n")
+    client, answers = start(fp_keys_file=str(keyfile), fp_secrets_reload=1)
+    assert verdict(client, answers, KEY, 1) == "no_keys"
+    keyfile.write_text(KEY.to_base64() + "\n")
+    pump(client, lambda: client.stats.get("reloaded") == {"keys": 1}, "the reload")
+    assert verdict(client, answers, KEY, 2) == "trusted"
+    refusals = [r.getMessage() for r in caplog.records if "keeping" in r.getMessage()]
+    assert refusals == [
+        f"fp-tap: key file {keyfile} line 1: decodes to 22 bytes, an AES-256 key is 32; "
+        "keeping the 0 key(s) in use"
+    ]
 
 
 def test_counters_follow_the_answers(
