@@ -123,13 +123,11 @@ def test_an_option_change_during_a_check_wins(keyfile: Path, tmp_path: Path) -> 
         tap.done()
 
 
-def test_a_negative_interval_is_an_option_error(keyfile: Path) -> None:
+@pytest.mark.parametrize("option", ["fp_secrets_reload", "fp_stats_every"])
+def test_a_negative_interval_is_an_option_error(keyfile: Path, option: str) -> None:
     tap = fp_addon.FingerprintTap()
-    with (
-        taddons.context(tap) as tctx,
-        pytest.raises(exceptions.OptionsError, match="fp_secrets_reload"),
-    ):
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_secrets_reload=-1)
+    with taddons.context(tap) as tctx, pytest.raises(exceptions.OptionsError, match=option):
+        tctx.configure(tap, fp_keys_file=str(keyfile), **{option: -1})
 
 
 @on_loop
@@ -187,6 +185,21 @@ async def test_the_watch_checks_every_interval_and_never_at_zero(
         assert tap._ticker.cancelled(), "done() stops the watch"
 
 
+def with_webhook(
+    tctx: taddons.context, tap: fp_addon.FingerprintTap, keyfile: Path, secret_file: Path
+) -> None:
+    """In-process, with a webhook nobody answers (events wait in the spool) signed with
+    the secret in ``secret_file``."""
+    tctx.configure(
+        tap,
+        fp_keys_file=str(keyfile),
+        fp_worker=False,
+        fp_webhook_url="http://127.0.0.1:9/hook",
+        fp_webhook_secret_file=str(secret_file),
+        fp_state_dir=str(secret_file.parent / "state"),
+    )
+
+
 def test_a_rotated_webhook_secret_signs_in_process(
     keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
@@ -197,14 +210,7 @@ def test_a_rotated_webhook_secret_signs_in_process(
     rotate(path, old)
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
-        tctx.configure(
-            tap,
-            fp_keys_file=str(keyfile),
-            fp_worker=False,
-            fp_webhook_url="http://127.0.0.1:9/hook",  # nobody answers: events wait
-            fp_webhook_secret_file=str(path),
-            fp_state_dir=str(tmp_path / "state"),
-        )
+        with_webhook(tctx, tap, keyfile, path)
         delivery = tap.delivery
         assert delivery is not None
         assert delivery.config.secret is not None
@@ -239,14 +245,7 @@ def test_the_secret_watch_follows_the_options(keyfile: Path, tmp_path: Path, mon
     rotate(path, "first")
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
-        tctx.configure(
-            tap,
-            fp_keys_file=str(keyfile),
-            fp_worker=False,
-            fp_webhook_url="http://127.0.0.1:9/hook",
-            fp_webhook_secret_file=str(path),
-            fp_state_dir=str(tmp_path / "state"),
-        )
+        with_webhook(tctx, tap, keyfile, path)
         tctx.configure(tap, fp_webhook_url=None)
         rotate(path, "second")
         assert asyncio.run(tap.reload_files()) == []

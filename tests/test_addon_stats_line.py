@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 import fp_addon
@@ -61,12 +60,3 @@ async def test_off_by_default(keyfile: Path, monkeypatch, caplog) -> None:
         await asyncio.sleep(0.5)
         tap.done()
     assert stats_lines(caplog) == []
-
-
-def test_a_negative_interval_is_an_option_error(keyfile: Path) -> None:
-    tap = fp_addon.FingerprintTap()
-    with (
-        taddons.context(tap) as tctx,
-        pytest.raises(exceptions.OptionsError, match="fp_stats_every"),
-    ):
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_stats_every=-5)

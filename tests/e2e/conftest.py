@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from fp_core.keys import DecryptionKey
-from scripts.harness import Service, start_endpoint, write_key_file
+from scripts.harness import MitmdumpConfig, Service, start_endpoint, start_mitmdump, write_key_file
 
 pytestmark = pytest.mark.e2e
 
@@ -34,6 +34,12 @@ def endpoint(tmp_path: Path, keys: Keys) -> Iterator[Service]:
     service = start_endpoint(tmp_path, keys.file, log=tmp_path / "answers.jsonl")
     yield service
     service.kill()
+
+
+def reverse_tap(workdir: Path, endpoint: Service, **options: str | int | bool) -> Service:
+    """mitmdump with the addon, as a reverse proxy in front of the stand-in endpoint."""
+    config = MitmdumpConfig(mode=f"reverse:http://127.0.0.1:{endpoint.port}", options=options)
+    return start_mitmdump(workdir, config)
 
 
 @dataclass

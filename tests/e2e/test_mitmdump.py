@@ -25,7 +25,14 @@ from scripts.harness import (
     start_endpoint,
     start_mitmdump,
 )
-from tests.e2e.conftest import Keys, comparable_headers, fetch, read_jsonl, secret_forms
+from tests.e2e.conftest import (
+    Keys,
+    comparable_headers,
+    fetch,
+    read_jsonl,
+    reverse_tap,
+    secret_forms,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -274,12 +281,8 @@ def test_a_rotated_jsonl_file_is_started_again(
     """logrotate's way: the file is moved away while mitmdump runs; the records after
     that go to a new file at the path, and none is lost or written twice."""
     jsonl, rotated = tmp_path / "events.jsonl", tmp_path / "events.jsonl.1"
-    proxy = start_mitmdump(
-        tmp_path,
-        MitmdumpConfig(
-            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
-            options={"fp_keys_file": str(keys.file), "fp_jsonl": str(jsonl), "fp_worker": worker},
-        ),
+    proxy = reverse_tap(
+        tmp_path, endpoint, fp_keys_file=str(keys.file), fp_jsonl=str(jsonl), fp_worker=worker
     )
 
     def send(seeds: range) -> list[str]:
@@ -315,13 +318,7 @@ def test_a_rotated_jsonl_file_is_started_again(
 def test_a_headless_tap_logs_its_counters_every_interval(
     tmp_path: Path, keys: Keys, endpoint: Service
 ) -> None:
-    proxy = start_mitmdump(
-        tmp_path,
-        MitmdumpConfig(
-            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
-            options={"fp_keys_file": str(keys.file), "fp_stats_every": 1},
-        ),
-    )
+    proxy = reverse_tap(tmp_path, endpoint, fp_keys_file=str(keys.file), fp_stats_every=1)
     try:
         for seed in range(3):
             assert fetch(f"http://127.0.0.1:{proxy.port}/?case=ok&seed={seed}").status == 200

@@ -16,14 +16,19 @@ import pytest
 from fp_core.keys import DecryptionKey
 from fp_core.writer import open_private
 from scripts.harness import (
-    MitmdumpConfig,
     Service,
     addon_summary,
-    start_mitmdump,
     start_receiver,
     write_key_file,
 )
-from tests.e2e.conftest import Keys, comparable_headers, fetch, read_jsonl, secret_forms
+from tests.e2e.conftest import (
+    Keys,
+    comparable_headers,
+    fetch,
+    read_jsonl,
+    reverse_tap,
+    secret_forms,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -59,17 +64,13 @@ def test_a_rotated_key_is_taken_without_a_restart(
     old = DecryptionKey.generate()
     tap_keys = write_key_file(tmp_path / "tap-keys.txt", old, "before the rotation")
     jsonl = tmp_path / "events.jsonl"
-    proxy = start_mitmdump(
+    proxy = reverse_tap(
         tmp_path,
-        MitmdumpConfig(
-            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
-            options={
-                "fp_keys_file": str(tap_keys),
-                "fp_secrets_reload": 1,
-                "fp_jsonl": str(jsonl),
-                "fp_worker": worker,
-            },
-        ),
+        endpoint,
+        fp_keys_file=str(tap_keys),
+        fp_secrets_reload=1,
+        fp_jsonl=str(jsonl),
+        fp_worker=worker,
     )
     proxied, direct = f"http://127.0.0.1:{proxy.port}", f"http://127.0.0.1:{endpoint.port}"
 
@@ -125,20 +126,16 @@ def test_a_rotated_webhook_secret_signs_the_next_attempt(
     receiver, url = start_receiver(
         tmp_path, log=received, args=["--secret-file", str(backend_secret)]
     )
-    proxy = start_mitmdump(
+    proxy = reverse_tap(
         tmp_path,
-        MitmdumpConfig(
-            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
-            options={
-                "fp_keys_file": str(keys.file),
-                "fp_webhook_url": url,
-                "fp_webhook_secret_file": str(tap_secret),
-                "fp_webhook_retry_ms": 200,
-                "fp_webhook_retry_max": 1,
-                "fp_state_dir": str(tmp_path / "state"),
-                "fp_secrets_reload": 1,
-            },
-        ),
+        endpoint,
+        fp_keys_file=str(keys.file),
+        fp_webhook_url=url,
+        fp_webhook_secret_file=str(tap_secret),
+        fp_webhook_retry_ms=200,
+        fp_webhook_retry_max=1,
+        fp_state_dir=str(tmp_path / "state"),
+        fp_secrets_reload=1,
     )
 
     def send(seed: int) -> str:
