@@ -45,6 +45,7 @@ from fp_core.pipeline import (
     OUTPUT_OPTIONS,
     TAP_OPTIONS,
     Background,
+    InUse,
     Pipeline,
     load_keys_watched,
     non_negative,
@@ -59,7 +60,7 @@ from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats, merge_counts, without_gauges
 from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
 from fp_core.throttle import Throttle
-from fp_core.webhook import SECRET_ENV_VAR, env_secret
+from fp_core.webhook import SECRET_ENV_VAR, WebhookSecret, env_secret
 from fp_core.worker import Records, WorkerClient
 from fp_core.writer import open_private
 
@@ -318,6 +319,9 @@ class FingerprintTap:
         self._final: dict[str, Any] | None = None
         #: The files whose content is in use, by what they hold: "keys", "webhook_secret".
         self._watches: dict[str, FileWatch[Any]] = {}
+        #: The webhook secret in use (None: none, or the pipeline refuses the options).
+        self.secret: WebhookSecret | None = None
+        self._keys_read = False
         #: What runs every TICK seconds: the file watch, the stats line.
         self._ticker: asyncio.Task[None] | None = None
 
@@ -343,7 +347,7 @@ class FingerprintTap:
         self._filter_logs()  # handlers added after the script was loaded
         self._running = True
         if self._worker_wanted:
-            self._spawn_worker(_options())
+            self._spawn_wanted()
         # Only an interactive tool shows flows; telling it about late annotations
         # costs a hook dispatch to every addon, which mitmdump can do without.
         self._has_view = ctx.master.addons.get("view") is not None
@@ -391,11 +395,15 @@ class FingerprintTap:
             # Flows saved with -w are written in the response hook of the addon after
             # this one: only a held response is saved with its annotations.
             self.hold = opts.fp_hold or bool(getattr(opts, "save_stream_file", None))
-        if updated & TAP_OPTIONS:
-            if "fp_keys_file" in updated:
-                keys, watch = _load_keys(opts.fp_keys_file)
-                self._adopt_keys(keys)
-                self._watch("keys", watch)
+        # Read at the first configuration whatever it names (the environment's keys
+        # count even without fp_keys_file), and again when the option changes.
+        read_keys = "fp_keys_file" in updated or not self._keys_read
+        if read_keys:
+            keys, watch = _load_keys(opts.fp_keys_file)
+            self._adopt_keys(keys)
+            self._watch("keys", watch)
+            self._keys_read = True
+        if read_keys or updated & TAP_OPTIONS:
             self.tap = Tap(tap_config(opts, self.keys), self.stats)
             self.include_event = opts.fp_include_event
         if updated & DELIVERY_OPTIONS:
@@ -411,10 +419,13 @@ class FingerprintTap:
                 # order, after the responses it still has, which is milliseconds unless
                 # it is far behind.
                 self.worker.configure(
-                    _values(opts), names, wait=_has_outputs(opts), timeout=WORKER_TIMEOUT
+                    self._worker_values(opts),
+                    names,
+                    wait=_has_outputs(opts) or "fp_keys_file" in names,
+                    timeout=WORKER_TIMEOUT,
                 )
             elif self.pipeline is not None:
-                self.pipeline.configure(opts, names)
+                self.pipeline.configure(opts, names, in_use=self._in_use())
 
     def _adopt_keys(self, keys: list[DecryptionKey]) -> None:
         self.keys = keys
@@ -463,6 +474,7 @@ class FingerprintTap:
                 self._adopt_keys(unique_keys(env_keys() + reload.value))
                 self.tap = Tap(replace(self.tap.config, keys=self.keys), self.stats)
             else:
+                self.secret = reload.value
                 self.scrubber.pin(reload.value.text())
         pipeline = self.pipeline
         if pipeline is None:
@@ -483,7 +495,18 @@ class FingerprintTap:
             secret = watch = None
         if secret is not None:
             self.scrubber.pin(secret.text())
+        self.secret = secret
         self._watch("webhook_secret", watch)
+
+    def _in_use(self) -> InUse:
+        """The keys and secret this process has, for a pipeline in it to take as they are."""
+        keys, secret = self._watches.get("keys"), self._watches.get("webhook_secret")
+        return InUse(
+            keys=list(self.keys),
+            key_watch=keys.copy() if keys else None,
+            secret=self.secret,
+            secret_watch=secret.copy() if secret else None,
+        )
 
     def _start_pipeline(self, opts: Any) -> None:
         """Run the pipeline where ``fp_worker`` says, retiring the one running before
@@ -504,7 +527,10 @@ class FingerprintTap:
 
     def _run_in_process(self, opts: Any) -> None:
         pipeline = Pipeline(self.stats)
-        pipeline.configure(opts, PIPELINE_OPTIONS)
+        # What this process has read already: a pipeline made after a worker died, or
+        # when fp_worker was switched off, must not depend on the files being usable
+        # right now (nor read them on the event loop).
+        pipeline.configure(opts, PIPELINE_OPTIONS, in_use=self._in_use())
         self.pipeline = pipeline
 
     def _spawn_worker(self, opts: Any) -> None:
@@ -522,13 +548,29 @@ class FingerprintTap:
             self._run_in_process(opts)
             return
         try:
+            # Always waited for: a worker that refuses its first options (a key file
+            # caught half-written since this process read it) must not run without keys.
             worker.configure(
-                _values(opts), PIPELINE_OPTIONS, wait=_has_outputs(opts), timeout=WORKER_TIMEOUT
+                self._worker_values(opts), PIPELINE_OPTIONS, wait=True, timeout=WORKER_TIMEOUT
             )
         except ConfigError:
             worker.close(drain=0)
             raise
         self.worker = worker
+
+    def _spawn_wanted(self) -> None:
+        """The worker put off until mitmproxy runs; if it refuses its options there is no
+        option to refuse: carry on in this process."""
+        try:
+            self._spawn_worker(_options())
+        except ConfigError as exc:
+            log.warning("fp-tap: %s; unsealing in mitmproxy's process", exc.message)
+            self._run_in_process(_options())
+
+    def _worker_values(self, opts: Any) -> dict[str, Any]:
+        """The option values for the worker, and the ids (not the values) of the keys this
+        process read: the worker refuses to run with others."""
+        return _values(opts) | {"fp_key_ids": [k.key_id for k in self.keys]}
 
     def _stop_pipeline(self, drain: float) -> None:
         worker, pipeline = self.worker, self.pipeline
@@ -648,7 +690,7 @@ class FingerprintTap:
         if info is None:
             return None
         if self._worker_wanted:
-            self._spawn_worker(_options())
+            self._spawn_wanted()
         worker = self.worker
         if worker is None:
             if self.pipeline is None:

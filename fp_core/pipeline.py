@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fp_core.checks import CheckConfig, parse_origins
@@ -119,23 +119,38 @@ class Pipeline:
         self.reload_every = 0
         #: The files whose content is in use, by what they hold: "keys", "webhook_secret".
         self._watches: dict[str, FileWatch[Any]] = {}
+        self._env_keys: list[DecryptionKey] | None = None
 
     def configure(
-        self, opts: Any, updated: AbstractSet[str], keys: Sequence[DecryptionKey] | None = None
+        self,
+        opts: Any,
+        updated: AbstractSet[str],
+        keys: Sequence[DecryptionKey] | None = None,
+        *,
+        in_use: InUse | None = None,
     ) -> None:
         """Apply the options named in ``updated``; raises :class:`ConfigError`, leaving
-        what ran before untouched. The keys come from the environment and
-        ``fp_keys_file``, read (and then watched) here, unless ``keys`` are given."""
+        what ran before untouched.
+
+        The keys and the webhook secret are read (and then watched) here, unless the
+        caller has them already: ``in_use`` (the addon, when the pipeline runs in its
+        process), or plain ``keys`` (tests, benchmarks: nothing watched). Options from
+        the worker's parent may carry ``fp_key_ids``, the ids of the keys it has: keys
+        read here must be those, or the file changed in between and is refused.
+        """
         if updated & RELOAD_OPTIONS:
             self.reload_every = non_negative(opts, "fp_secrets_reload")
         if updated & (WRITER_OPTIONS | DELIVERY_OPTIONS):
-            self._configure_outputs(opts, updated)
+            self._configure_outputs(opts, updated, in_use)
         if updated & TAP_OPTIONS:
             watch = self._watches.get("keys")
             if keys is not None:
                 keys, watch = list(keys), None
             elif self.keys is None or "fp_keys_file" in updated:
-                keys, watch = self._load_keys(opts.fp_keys_file)
+                if in_use is not None:
+                    keys, watch = in_use.keys, in_use.key_watch
+                else:
+                    keys, watch = self._load_keys(opts)
             else:
                 keys = self.keys
             config = tap_config(opts, keys)
@@ -149,25 +164,24 @@ class Pipeline:
             self._preload_replay(opts.fp_sqlite)
 
     def _load_keys(
-        self, path: str | None
+        self, opts: Any
     ) -> tuple[list[DecryptionKey], FileWatch[list[DecryptionKey]] | None]:
-        try:
-            keys = env_keys()
-        except FpError as exc:
-            raise ConfigError(exc.message) from None
-        if not path:
-            return keys, None
-        watch = key_file_watch(path)
-        try:
-            return unique_keys(keys + watch.load()), watch
-        except FpError as exc:
-            # The addon read this file a moment ago, or refused the option: it changed
-            # since (a rotation caught half-written). Carry on with the keys in use; the
-            # watch takes the file once it is whole.
-            kept = self.keys if self.keys is not None else keys
-            self.stats.incr_group("errors", "keys_reload")
-            log.warning("fp-tap: %s; keeping the %d key(s) in use", exc.message, len(kept))
-            return kept, watch
+        keys, watch = load_keys_watched(opts.fp_keys_file)
+        expected = getattr(opts, "fp_key_ids", None)
+        if expected is not None and [k.key_id for k in keys] != list(expected):
+            # Its parent read the file a moment ago: it changed since (a rotation caught
+            # half-written). Refused: a worker must not unseal with other keys.
+            raise ConfigError(
+                f"key file {opts.fp_keys_file} changed while being read (it holds "
+                f"{describe_keys(keys)}, not the {len(expected)} key(s) expected)"
+            )
+        return keys, watch
+
+    def _environment_keys(self) -> list[DecryptionKey]:
+        # Read once: the environment was good at start, and does not change.
+        if self._env_keys is None:
+            self._env_keys = env_keys()
+        return self._env_keys
 
     def check_files(self) -> list[FileChange]:
         """What the watched files hold now, where it changed. Blocking: it reads them."""
@@ -205,7 +219,7 @@ class Pipeline:
 
     def _take_keys(self, file_keys: list[DecryptionKey], path: str) -> None:
         # The environment's keys were good at start, and the environment does not change.
-        keys = unique_keys(env_keys() + file_keys)
+        keys = unique_keys(self._environment_keys() + file_keys)
         replay = self.tap.replay
         self.tap = Tap(replace(self.tap.config, keys=keys), self.stats)
         self.tap.replay = replay
@@ -260,14 +274,24 @@ class Pipeline:
             # Kept (closed): its spool's last gauges stay in snapshot().
             self.delivery.close(drain=drain)
 
-    def _configure_outputs(self, opts: Any, updated: AbstractSet[str]) -> None:
+    def _configure_outputs(
+        self, opts: Any, updated: AbstractSet[str], in_use: InUse | None = None
+    ) -> None:
         """Open what the options ask for first; only then swap it in and retire the old
         writer and delivery (in that order, in the background), so that a bad value
         leaves the running ones untouched."""
         delivery, retired = self.delivery, None
         secret_watch = self._watches.get("webhook_secret")
         if updated & DELIVERY_OPTIONS:
-            config, secret_watch = delivery_config(opts)
+            # The secret in use stays while its file does (a change of it is for the
+            # watch to report); else the caller's; else the file is read.
+            if secret_watch is not None and delivery is not None:
+                reuse: InUse | None = InUse(
+                    secret=delivery.config.secret, secret_watch=secret_watch
+                )
+            else:
+                reuse = in_use
+            config, secret_watch = delivery_config(opts, reuse)
             if config is None:
                 delivery, retired = None, self.delivery
             elif delivery is None or delivery.spool.state_dir != state_dir(opts):
@@ -367,9 +391,12 @@ def state_dir(opts: Any) -> str:
     return os.path.abspath(os.path.expanduser(str(opts.fp_state_dir)))
 
 
-def delivery_config(opts: Any) -> tuple[DeliveryConfig | None, FileWatch[WebhookSecret] | None]:
+def delivery_config(
+    opts: Any, in_use: InUse | None = None
+) -> tuple[DeliveryConfig | None, FileWatch[WebhookSecret] | None]:
     """The webhook settings, validated, and the watch of the secret file the secret was
-    read from, if any; (None, None): no webhook."""
+    read from, if any; (None, None): no webhook. The secret file is not read again when
+    ``in_use`` has its secret."""
     if not opts.fp_webhook_url:
         return None, None
     require_sqlite("fp_webhook_url")  # for the spool
@@ -379,9 +406,13 @@ def delivery_config(opts: Any) -> tuple[DeliveryConfig | None, FileWatch[Webhook
     try:
         url = check_url(opts.fp_webhook_url)
         secret = env_secret(opts.fp_webhook_secret_file)
-        if secret is None and opts.fp_webhook_secret_file:
-            watch = secret_file_watch(opts.fp_webhook_secret_file)
-            secret = watch.load()
+        path = opts.fp_webhook_secret_file
+        if secret is None and path:
+            if in_use is not None and in_use.secret_watch and in_use.secret_watch.path == path:
+                secret, watch = in_use.secret, in_use.secret_watch
+            else:
+                watch = secret_file_watch(path)
+                secret = watch.load()
         if opts.fp_webhook_ca:
             tls_context(opts.fp_webhook_ca)  # a bad file is an error now, not per request
     except FpError as exc:
@@ -423,6 +454,18 @@ def load_keys_watched(
         return unique_keys(keys + watch.load()), watch
     except FpError as exc:
         raise ConfigError(exc.message) from None
+
+
+@dataclass(frozen=True)
+class InUse:
+    """Keys and the webhook secret a caller has read already, with the watches of their
+    files (copies: each user of a watch needs its own), for a pipeline to take instead
+    of reading the files again."""
+
+    keys: list[DecryptionKey] = field(default_factory=list)
+    key_watch: FileWatch[list[DecryptionKey]] | None = None
+    secret: WebhookSecret | None = None
+    secret_watch: FileWatch[WebhookSecret] | None = None
 
 
 @dataclass(frozen=True)

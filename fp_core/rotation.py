@@ -67,6 +67,15 @@ class FileWatch[T]:
         self._loaded: object = _NOTHING
         self._refused: object = _NOTHING
 
+    def copy(self) -> FileWatch[T]:
+        """Another watch of the same file, where this one stands: for another user of the
+        same value (each check changes the watch it is made on)."""
+        twin = FileWatch(
+            self.path, self._parse, what=self.what, error=self._error, empty=self._empty
+        )
+        twin._loaded, twin._refused = self._loaded, self._refused
+        return twin
+
     def load(self) -> T:
         """Read and parse the file now: its value is the one in use from here on. Raises
         the watch's :class:`FpError` when it cannot be read or parsed; that content then

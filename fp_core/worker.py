@@ -507,12 +507,15 @@ def main(argv: list[str] | None = None) -> int:
     root.setLevel(logging.INFO)
     child, reader = _Child(), FrameReader(sys.stdin.fileno())
     running, reported, next_report = True, None, 0.0
-    next_check = time.monotonic()
+    checked = time.monotonic()
     while running:
         now = time.monotonic()
-        if (every := child.pipeline.reload_every) and now >= next_check:
+        # From the last check, with the interval as it is now: a shorter one applies at
+        # once, not after the longer one ran out.
+        next_check = checked + (every := child.pipeline.reload_every)
+        if every and now >= next_check:
             child.check_files()
-            next_check = now + every
+            checked, next_check = now, now + every
         # Counters go out every STATS_EVERY seconds when they changed (the delivery's
         # change with no response coming in): one snapshot per answer would cost the
         # parent more than the answer.

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
+import signal
 from pathlib import Path
 
 import pytest
@@ -249,4 +251,78 @@ def test_the_secret_watch_follows_the_options(keyfile: Path, tmp_path: Path, mon
         tctx.configure(tap, fp_webhook_url=None)
         rotate(path, "second")
         assert asyncio.run(tap.reload_files()) == []
+        tap.done()
+
+
+# -- pipelines made while a file is being rewritten ---------------------------------------
+
+
+def test_a_pipeline_made_while_the_files_are_refused_keeps_what_is_in_use(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Switching fp_worker (here: a new in-process pipeline) while both files are caught
+    half-written: the new pipeline takes the keys and the secret in use from this
+    process, without reading the files."""
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
+    path = tmp_path / "webhook.secret"
+    rotate(path, "secret-in-use")
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        with_webhook(tctx, tap, keyfile, path)
+        rotate(keyfile, NEW.to_base64()[:30])
+        rotate(path, "")
+        assert asyncio.run(tap.reload_files()) == []
+        old_pipeline = tap.pipeline
+        tctx.configure(tap, fp_worker=False)  # a new pipeline, as after a worker died
+        assert tap.pipeline is not None
+        assert tap.pipeline is not old_pipeline
+        assert verdict_for(tap, KEY) == "trusted", "the keys in use"
+        delivery = tap.delivery
+        assert delivery is not None
+        assert delivery.config.secret is not None
+        assert delivery.config.secret.text() == "secret-in-use"
+        assert asyncio.run(tap.reload_files()) == [], "refused once, not again"
+        rotate(keyfile, NEW.to_base64())
+        rotate(path, "next-secret")
+        assert sorted(asyncio.run(tap.reload_files())) == ["keys", "webhook_secret"]
+        assert verdict_for(tap, NEW) == "trusted"
+        assert delivery.config.secret.text() == "next-secret"
+        tap.done()
+
+
+@on_loop
+async def test_a_worker_that_refuses_its_first_options_leaves_the_work_in_process(
+    keyfile: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker starts with mitmproxy (no outputs); the key file changed since this
+    process read it. The worker would unseal with other keys, or none: it refuses, and
+    the work stays in this process, with the keys in use."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+        rotate(keyfile, NEW.to_base64()[:30])
+        tap.running()
+        assert tap.worker is None
+        assert tap.pipeline is not None
+        assert verdict_for(tap, KEY) == "trusted"
+        tap.done()
+    refusal = "line 1: decodes to 22 bytes, an AES-256 key is 32; unsealing in mitmproxy's"
+    assert refusal in caplog.text
+
+
+@on_loop
+async def test_a_dead_worker_hands_over_the_keys_in_use(keyfile: Path) -> None:
+    """After the worker died, the in-process pipeline takes this process's keys: the
+    file, half-written right now, is not read on the event loop."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+        tap.running()
+        worker = tap.worker
+        assert worker is not None
+        assert worker.proc is not None
+        rotate(keyfile, NEW.to_base64()[:30])
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        await until(lambda: tap.worker is None, "the switch to in-process work")
+        assert verdict_for(tap, KEY) == "trusted"
         tap.done()

@@ -171,24 +171,58 @@ def test_take_uses_what_the_check_read_and_reads_nothing(
         pipeline.close(0)
 
 
-def test_a_key_file_half_written_at_configure_is_taken_once_whole(
+def test_a_key_file_the_pipeline_cannot_use_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The addon checked the file a moment earlier: it changed in between. The pipeline
-    carries on with the keys it has (and says so), and its watch takes the file later."""
+    """Read by the pipeline (in the worker process): a file caught half-written, or one
+    whose keys are not those its parent read (``fp_key_ids``), is refused, and the keys
+    in use stay."""
     monkeypatch.delenv(ENV_VAR, raising=False)
     keys = tmp_path / "keys.txt"
     keys.write_text(KEY.to_base64() + "\n")
     pipeline = Pipeline()
-    pipeline.configure(opts(fp_keys_file=str(keys)), OPTIONS)
+    pipeline.configure(opts(fp_keys_file=str(keys), fp_key_ids=[KEY.key_id]), OPTIONS)
     other = tmp_path / "other.txt"
     other.write_text(KEY.to_base64()[:10] + "\n")
-    pipeline.configure(opts(fp_keys_file=str(other)), {"fp_keys_file"})
-    assert pipeline.keys == [KEY], "kept"
-    assert pipeline.stats.group("errors") == {"keys_reload": 1}
-    assert pipeline.check_files() == [], "reported already"
+    with pytest.raises(ConfigError, match="line 1"):
+        pipeline.configure(opts(fp_keys_file=str(other)), {"fp_keys_file"})
     new_key = DecryptionKey.generate()
     other.write_text(new_key.to_base64() + "\n")
-    assert pipeline.take(pipeline.check_files()) == ["keys"]
+    with pytest.raises(ConfigError) as caught:
+        pipeline.configure(opts(fp_keys_file=str(other), fp_key_ids=[KEY.key_id]), {"fp_keys_file"})
+    assert caught.value.message == (
+        f"key file {other} changed while being read (it holds 1 decryption key(s): "
+        f"{new_key.key_id}, not the 1 key(s) expected)"
+    )
+    assert pipeline.keys == [KEY], "kept"
+    pipeline.configure(opts(fp_keys_file=str(other), fp_key_ids=[new_key.key_id]), OPTIONS)
     assert pipeline.keys == [new_key]
     pipeline.close(0)
+
+
+def test_a_secret_in_use_is_not_read_again_for_another_delivery_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change of the file is the watch's to report (logged, counted), not taken in
+    passing when, say, the timeout changes."""
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
+    secret = tmp_path / "webhook.secret"
+    secret.write_text("first-secret\n")
+    webhook = {
+        "fp_webhook_url": "http://127.0.0.1:9/hook",
+        "fp_webhook_secret_file": str(secret),
+        "fp_state_dir": str(tmp_path / "state"),
+    }
+    pipeline = Pipeline()
+    pipeline.configure(opts(**webhook), OPTIONS, [KEY])
+    try:
+        secret.write_text("second-secret\n")
+        pipeline.configure(opts(**webhook, fp_webhook_timeout=3), {"fp_webhook_timeout"})
+        assert pipeline.delivery is not None
+        assert pipeline.delivery.config.secret is not None
+        assert pipeline.delivery.config.secret.text() == "first-secret"
+        assert pipeline.take(pipeline.check_files()) == ["webhook_secret"]
+        assert pipeline.delivery.config.secret.text() == "second-secret"
+        assert pipeline.delivery.config.timeout == 3
+    finally:
+        pipeline.close(0)

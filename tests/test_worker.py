@@ -195,22 +195,22 @@ def test_the_worker_watches_the_key_file_itself(
     assert lines[1] == f"fp-tap: key file {keyfile} changed: 1 decryption key(s): {new.key_id}"
 
 
-def test_a_worker_started_on_a_half_written_file_takes_it_once_whole(
-    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path, caplog
+def test_a_worker_refuses_keys_other_than_its_parents(
+    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path
 ) -> None:
-    """The addon read the file a moment before the worker started, and it changed in
-    between: the worker carries on without it, says so once, and takes it when whole."""
-    keyfile.write_text(KEY.to_base64()[:30] + "\n")
-    client, answers = start(fp_keys_file=str(keyfile), fp_secrets_reload=1)
-    assert verdict(client, answers, KEY, 1) == "no_keys"
-    keyfile.write_text(KEY.to_base64() + "\n")
-    pump(client, lambda: client.stats.get("reloaded") == {"keys": 1}, "the reload")
-    assert verdict(client, answers, KEY, 2) == "trusted"
-    refusals = [r.getMessage() for r in caplog.records if "keeping" in r.getMessage()]
-    assert refusals == [
-        f"fp-tap: key file {keyfile} line 1: decodes to 22 bytes, an AES-256 key is 32; "
-        "keeping the 0 key(s) in use"
-    ]
+    """The parent sends the ids of the keys it read: a file that changed in between (a
+    rotation caught half-written, or emptied) is refused, not unsealed with."""
+    client, answers = start(fp_keys_file=str(keyfile), fp_key_ids=[KEY.key_id])
+    assert verdict(client, answers, KEY, 1) == "trusted"
+    keyfile.write_text("")  # truncated for an in-place rewrite
+    with pytest.raises(ConfigError, match="changed while being read"):
+        client.configure(
+            values(fp_keys_file=str(keyfile), fp_key_ids=[KEY.key_id]),
+            {"fp_keys_file"},
+            wait=True,
+            timeout=60,
+        )
+    assert verdict(client, answers, KEY, 2) == "trusted", "the keys in use stay"
 
 
 def test_counters_follow_the_answers(
@@ -348,3 +348,20 @@ def test_frames_read_together_with_the_end_of_file_are_not_lost(tmp_path: Path) 
         assert reader.read_available() is None
     finally:
         os.close(fd)
+
+
+def test_a_shorter_check_interval_applies_at_once(
+    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path
+) -> None:
+    """From an hour to a second: the worker checks within a second, not after the hour."""
+    new = DecryptionKey.generate()
+    client, answers = start(fp_keys_file=str(keyfile), fp_secrets_reload=3600)
+    keyfile.write_text(new.to_base64() + "\n")
+    client.configure(
+        values(fp_keys_file=str(keyfile), fp_secrets_reload=1),
+        {"fp_secrets_reload"},
+        wait=True,
+        timeout=60,
+    )
+    pump(client, lambda: client.stats.get("reloaded") == {"keys": 1}, "the reload", timeout=10)
+    assert verdict(client, answers, new, 1) == "trusted"
