@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -187,19 +189,24 @@ async def test_the_watch_checks_every_interval_and_never_at_zero(
         assert tap._ticker.cancelled(), "done() stops the watch"
 
 
-def with_webhook(
-    tctx: taddons.context, tap: fp_addon.FingerprintTap, keyfile: Path, secret_file: Path
-) -> None:
-    """In-process, with a webhook nobody answers (events wait in the spool) signed with
-    the secret in ``secret_file``."""
-    tctx.configure(
-        tap,
-        fp_keys_file=str(keyfile),
-        fp_worker=False,
-        fp_webhook_url="http://127.0.0.1:9/hook",
-        fp_webhook_secret_file=str(secret_file),
-        fp_state_dir=str(secret_file.parent / "state"),
-    )
+@contextlib.contextmanager
+def webhook_addon(
+    keyfile: Path, secret_file: Path, secret: str
+) -> Iterator[tuple[fp_addon.FingerprintTap, taddons.context]]:
+    """The addon in-process, with a webhook nobody answers (events wait in the spool)
+    signed with ``secret``, written into ``secret_file``."""
+    rotate(secret_file, secret)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(
+            tap,
+            fp_keys_file=str(keyfile),
+            fp_worker=False,
+            fp_webhook_url="http://127.0.0.1:9/hook",
+            fp_webhook_secret_file=str(secret_file),
+            fp_state_dir=str(secret_file.parent / "state"),
+        )
+        yield tap, tctx
 
 
 def test_a_rotated_webhook_secret_signs_in_process(
@@ -209,10 +216,7 @@ def test_a_rotated_webhook_secret_signs_in_process(
     monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
     old, new = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     path = tmp_path / "webhook.secret"
-    rotate(path, old)
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        with_webhook(tctx, tap, keyfile, path)
+    with webhook_addon(keyfile, path, old) as (tap, _):
         delivery = tap.delivery
         assert delivery is not None
         assert delivery.config.secret is not None
@@ -244,10 +248,7 @@ def test_the_secret_watch_follows_the_options(keyfile: Path, tmp_path: Path, mon
     """Watched only while a webhook uses the file: no webhook, nothing to reload."""
     monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
     path = tmp_path / "webhook.secret"
-    rotate(path, "first")
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        with_webhook(tctx, tap, keyfile, path)
+    with webhook_addon(keyfile, path, "first") as (tap, tctx):
         tctx.configure(tap, fp_webhook_url=None)
         rotate(path, "second")
         assert asyncio.run(tap.reload_files()) == []
@@ -265,10 +266,7 @@ def test_a_pipeline_made_while_the_files_are_refused_keeps_what_is_in_use(
     process, without reading the files."""
     monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
     path = tmp_path / "webhook.secret"
-    rotate(path, "secret-in-use")
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        with_webhook(tctx, tap, keyfile, path)
+    with webhook_addon(keyfile, path, "secret-in-use") as (tap, tctx):
         rotate(keyfile, NEW.to_base64()[:30])
         rotate(path, "")
         assert asyncio.run(tap.reload_files()) == []
