@@ -324,3 +324,25 @@ async def test_a_dead_worker_hands_over_the_keys_in_use(keyfile: Path) -> None:
         await until(lambda: tap.worker is None, "the switch to in-process work")
         assert verdict_for(tap, KEY) == "trusted"
         tap.done()
+
+
+@on_loop
+async def test_switching_the_worker_on_while_the_key_file_is_refused_is_refused(
+    keyfile: Path,
+) -> None:
+    """The new worker would read other keys than this process has: the option change is
+    refused, and mitmproxy's rollback puts the work back in this process, with the keys
+    in use."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False)
+        tap.running()
+        rotate(keyfile, NEW.to_base64()[:30])
+        assert await tap.reload_files() == []
+        with pytest.raises(exceptions.OptionsError, match="line 1: decodes to 22 bytes"):
+            tctx.configure(tap, fp_worker=True)
+        assert tctx.options.fp_worker is False, "rolled back"
+        assert tap.worker is None
+        assert tap.pipeline is not None
+        assert verdict_for(tap, KEY) == "trusted"
+        tap.done()
