@@ -130,19 +130,14 @@ def test_a_refusal_nobody_waits_for_is_logged_and_not_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     client, _ = start(fp_keys_file=str(keyfile))
-    nowhere = tmp_path / "no" / "out.jsonl"
-    client.configure(
-        values(fp_keys_file=str(keyfile), fp_jsonl=str(nowhere)),
-        {"fp_jsonl"},
-        wait=False,
-        timeout=60,
-    )
+    gone = tmp_path / "moved.txt"
+    client.configure(values(fp_keys_file=str(gone)), {"fp_keys_file"}, wait=False, timeout=60)
     client.configure(values(fp_keys_file=str(keyfile)), {"fp_max_age"}, wait=False, timeout=60)
     pump(client, lambda: not client._unawaited, "both replies")
     (line,) = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert line == (
-        f"fp-tap: the worker process refused the options: fp_jsonl: cannot open {nowhere}: "
-        "No such file or directory"
+        f"fp-tap: the worker process refused the options: key file {gone}: cannot read "
+        "(No such file or directory)"
     )
     assert client._replies == {}, "an accepted one is not kept either"
 
