@@ -285,7 +285,10 @@ class Pipeline:
         if updated & DELIVERY_OPTIONS:
             # The secret in use stays while its file does (a change of it is for the
             # watch to report); else the caller's; else the file is read.
-            if secret_watch is not None and delivery is not None:
+            same_file = (
+                secret_watch is not None and secret_watch.path == opts.fp_webhook_secret_file
+            )
+            if same_file and delivery is not None:
                 reuse: InUse | None = InUse(
                     secret=delivery.config.secret, secret_watch=secret_watch
                 )

@@ -18,6 +18,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 import fp_addon
+from fp_core import pipeline as pipeline_module
 from fp_core.keys import DecryptionKey
 from fp_core.webhook import SECRET_ENV_VAR
 from tests.e2e.conftest import secret_forms
@@ -345,4 +346,27 @@ async def test_switching_the_worker_on_while_the_key_file_is_refused_is_refused(
         assert tap.worker is None
         assert tap.pipeline is not None
         assert verdict_for(tap, KEY) == "trusted"
+        tap.done()
+
+
+def test_an_in_process_pipeline_takes_a_new_secret_file_from_the_addon(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp_webhook_secret_file set to another file: the addon reads it (to mask it), and
+    its pipeline takes that secret rather than reading the file again on the loop."""
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
+    other = tmp_path / "other.secret"
+    rotate(other, "other-secret")
+    with webhook_addon(keyfile, tmp_path / "webhook.secret", "first") as (tap, tctx):
+
+        def no_reads(path: object) -> None:
+            raise AssertionError(f"the pipeline read {path}")
+
+        monkeypatch.setattr(pipeline_module, "secret_file_watch", no_reads)
+        tctx.configure(tap, fp_webhook_secret_file=str(other))
+        assert tap.delivery is not None
+        assert tap.delivery.config.secret is not None
+        assert tap.delivery.config.secret.text() == "other-secret"
+        tctx.configure(tap, fp_worker=False)  # a new pipeline: the same
+        assert tap.delivery.config.secret.text() == "other-secret"
         tap.done()
