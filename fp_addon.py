@@ -378,6 +378,19 @@ class FingerprintTap:
             # the script), which logs whatever escapes with a traceback. The message
             # says it all; logged at ERROR it still stops mitmdump at start.
             log.error(message if message.startswith("fp-tap: ") else f"fp-tap: {message}")
+            self._keep_working()
+
+    def _keep_working(self) -> None:
+        """After options refused with no rollback to follow: if that left nothing to inspect
+        responses with (a worker that refused its first options), work in this process
+        with what it has."""
+        if self.worker is not None or self.pipeline is not None or self._worker_wanted:
+            return
+        try:
+            self._run_in_process(_options())
+        except (ConfigError, exceptions.OptionsError):
+            return  # the options themselves are bad: the error above says why
+        log.warning("fp-tap: unsealing in mitmproxy's process")
 
     def _configure(self, opts: Any, updated: set[str]) -> None:
         if "fp_filter" in updated:
@@ -484,15 +497,22 @@ class FingerprintTap:
 
     def _scrub_webhook_secret(self, opts: Any) -> None:
         # Read here to mask it in log lines (and watched while there is a webhook, to mask
-        # the next one too); the pipeline reads, checks and uses it.
-        watch = None
+        # the next one too); the pipeline checks and uses it. As the pipeline does, the
+        # secret in use stays while its file does: a change of the file is for the
+        # watches to take, here and in the pipeline alike.
+        path = opts.fp_webhook_secret_file if opts.fp_webhook_url else None
+        watch = self._watches.get("webhook_secret")
         try:
             secret = env_secret(opts.fp_webhook_secret_file)
-            if secret is None and opts.fp_webhook_secret_file and opts.fp_webhook_url:
-                watch = secret_file_watch(opts.fp_webhook_secret_file)
+            if secret is None and path:
+                if watch is not None and watch.path == path:
+                    return
+                watch = secret_file_watch(path)
                 secret = watch.load()
-        except FpError:  # the pipeline refuses the options and says why
-            secret = watch = None
+            else:
+                watch = None
+        except FpError:  # the pipeline refuses the options and says why: nothing changes
+            return
         if secret is not None:
             self.scrubber.pin(secret.text())
         self.secret = secret

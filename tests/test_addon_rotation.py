@@ -21,6 +21,7 @@ import fp_addon
 from fp_core import pipeline as pipeline_module
 from fp_core.keys import DecryptionKey
 from fp_core.webhook import SECRET_ENV_VAR
+from fp_core.worker import WorkerClient
 from tests.e2e.conftest import secret_forms
 from tests.test_addon import KEY, fp_body, make_flow, run
 from tests.test_addon_worker import annotated, on_loop, until
@@ -370,3 +371,53 @@ def test_an_in_process_pipeline_takes_a_new_secret_file_from_the_addon(
         tctx.configure(tap, fp_worker=False)  # a new pipeline: the same
         assert tap.delivery.config.secret.text() == "other-secret"
         tap.done()
+
+
+def test_another_webhook_option_keeps_the_secret_watched(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """The secret file caught half-written while another webhook option changes: the
+    secret in use stays, here as in the pipeline, and the next one is masked too."""
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
+    new = secrets.token_urlsafe(24)
+    path = tmp_path / "webhook.secret"
+    with webhook_addon(keyfile, path, "secret-in-use") as (tap, tctx):
+        rotate(path, "")
+        tctx.configure(tap, fp_webhook_timeout=7)
+        assert tap.secret is not None
+        assert tap.secret.text() == "secret-in-use"
+        rotate(path, new)
+        tctx.configure(tap, fp_webhook_timeout=8)
+        assert tap.secret.text() == "secret-in-use", "not taken in passing: the watch's"
+        assert asyncio.run(tap.reload_files()) == ["webhook_secret"]
+        assert tap.secret.text() == new
+        logging.getLogger("fp_addon").warning("leak? %s", new)
+        tap.done()
+    assert new not in caplog.text
+
+
+def test_a_worker_refused_at_a_script_load_leaves_the_work_in_process(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """Every option at once (mitmproxy's script loader, at start or on a reload: no
+    rollback follows), and the key file rotated between this process's read and the
+    worker's: the worker refuses, and the work goes on here."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        out = tmp_path / "out.jsonl"
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False, fp_jsonl=str(out))
+        tctx.options.update_defer(fp_worker=True)  # the value, without telling the addon
+        start = fp_addon.WorkerClient.start
+
+        def rotated_first(client: WorkerClient) -> None:
+            rotate(keyfile, NEW.to_base64())  # a whole rotation, just now
+            start(client)
+
+        monkeypatch.setattr(fp_addon.WorkerClient, "start", rotated_first)
+        tap.configure(set(tctx.options.keys()))
+        assert tap.worker is None
+        assert tap.pipeline is not None
+        assert verdict_for(tap, KEY) == "trusted", "the keys this process read"
+        tap.done()
+    assert "changed while being read" in caplog.text
+    assert "fp-tap: unsealing in mitmproxy's process" in caplog.text
