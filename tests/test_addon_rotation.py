@@ -407,13 +407,13 @@ def test_a_worker_refused_at_a_script_load_leaves_the_work_in_process(
         out = tmp_path / "out.jsonl"
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False, fp_jsonl=str(out))
         tctx.options.update_defer(fp_worker=True)  # the value, without telling the addon
-        start = fp_addon.WorkerClient.start
+        start = WorkerClient.start
 
         def rotated_first(client: WorkerClient) -> None:
             rotate(keyfile, NEW.to_base64())  # a whole rotation, just now
             start(client)
 
-        monkeypatch.setattr(fp_addon.WorkerClient, "start", rotated_first)
+        monkeypatch.setattr(WorkerClient, "start", rotated_first)
         tap.configure(set(tctx.options.keys()))
         assert tap.worker is None
         assert tap.pipeline is not None
