@@ -31,14 +31,7 @@ from fp_core.content import ContentError, decode_content
 from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import ConfigError, FpError, UnsealError
 from fp_core.jsontext import dumps
-from fp_core.keys import (
-    ENV_VAR,
-    DecryptionKey,
-    describe_keys,
-    env_keys,
-    too_open_warning,
-    unique_keys,
-)
+from fp_core.keys import ENV_VAR, DecryptionKey, describe_keys, too_open_warning, with_env_keys
 from fp_core.loglines import DirectLines
 from fp_core.pipeline import (
     DELIVERY_OPTIONS,
@@ -47,20 +40,19 @@ from fp_core.pipeline import (
     Background,
     InUse,
     Pipeline,
-    load_keys_watched,
     non_negative,
     positive,
     tap_config,
 )
 from fp_core.pipeline import OPTIONS as PIPELINE_OPTIONS
 from fp_core.redact import PRESETS, REDACTED
-from fp_core.rotation import FileWatch, secret_file_watch
+from fp_core.rotation import FileWatch, Watches, load_keys_watched, load_secret_watched
 from fp_core.scrub import Scrubber
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats, merge_counts, without_gauges
 from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
 from fp_core.throttle import Throttle
-from fp_core.webhook import SECRET_ENV_VAR, WebhookSecret, env_secret
+from fp_core.webhook import SECRET_ENV_VAR, WebhookSecret
 from fp_core.worker import Records, WorkerClient
 from fp_core.writer import open_private
 
@@ -317,8 +309,8 @@ class FingerprintTap:
         self._carried: dict[str, Any] = {}
         self._warnings = Throttle()
         self._final: dict[str, Any] | None = None
-        #: The files whose content is in use, by what they hold: "keys", "webhook_secret".
-        self._watches: dict[str, FileWatch[Any]] = {}
+        #: The files whose content is in use (this process's own watches).
+        self._watches = Watches()
         #: The webhook secret in use (None: none, or the pipeline refuses the options).
         self.secret: WebhookSecret | None = None
         self._keys_read = False
@@ -414,7 +406,7 @@ class FingerprintTap:
         if read_keys:
             keys, watch = _load_keys(opts.fp_keys_file)
             self._adopt_keys(keys)
-            self._watch("keys", watch)
+            self._watches.set("keys", watch)
             self._keys_read = True
         if read_keys or updated & TAP_OPTIONS:
             self.tap = Tap(tap_config(opts, self.keys), self.stats)
@@ -445,12 +437,6 @@ class FingerprintTap:
         for key in keys:
             self.scrubber.add_key(key.raw())
 
-    def _watch(self, name: str, watch: FileWatch[Any] | None) -> None:
-        if watch is None:
-            self._watches.pop(name, None)
-        else:
-            self._watches[name] = watch
-
     async def _tick(self) -> None:
         """Every fp_stats_every seconds the stats line, every fp_secrets_reload seconds
         the file check, while the addon runs."""
@@ -479,16 +465,16 @@ class FingerprintTap:
         view, and takes a change silently: the pipeline, which unseals and signs with
         them, here or in the worker process (which checks on its own), logs and counts.
         """
-        for name, watch in list(self._watches.items()):
-            reload = await asyncio.to_thread(watch.check)
-            if reload is None or reload.value is None or self._watches.get(name) is not watch:
+        for change in await asyncio.to_thread(self._watches.check):
+            value = change.reload.value
+            if value is None or not self._watches.current(change):
                 continue
-            if name == "keys":
-                self._adopt_keys(unique_keys(env_keys() + reload.value))
+            if change.name == "keys":
+                self._adopt_keys(with_env_keys(value))
                 self.tap = Tap(replace(self.tap.config, keys=self.keys), self.stats)
             else:
-                self.secret = reload.value
-                self.scrubber.pin(reload.value.text())
+                self.secret = value
+                self.scrubber.pin(value.text())
         pipeline = self.pipeline
         if pipeline is None:
             return []
@@ -501,22 +487,15 @@ class FingerprintTap:
         # secret in use stays while its file does: a change of the file is for the
         # watches to take, here and in the pipeline alike.
         path = opts.fp_webhook_secret_file if opts.fp_webhook_url else None
-        watch = self._watches.get("webhook_secret")
+        kept = (self.secret, self._watches.get("webhook_secret"))
         try:
-            secret = env_secret(opts.fp_webhook_secret_file)
-            if secret is None and path:
-                if watch is not None and watch.path == path:
-                    return
-                watch = secret_file_watch(path)
-                secret = watch.load()
-            else:
-                watch = None
+            secret, watch = load_secret_watched(path, [kept])
         except FpError:  # the pipeline refuses the options and says why: nothing changes
             return
         if secret is not None:
             self.scrubber.pin(secret.text())
         self.secret = secret
-        self._watch("webhook_secret", watch)
+        self._watches.set("webhook_secret", watch)
 
     def _in_use(self) -> InUse:
         """The keys and secret this process has, for a pipeline in it to take as they are."""

@@ -162,10 +162,15 @@ def load_keys(
     environ: Mapping[str, str] | None = None,
 ) -> list[DecryptionKey]:
     """Keys from ``FP_DECRYPTION_KEYS`` first, then from ``keys_file``; duplicates dropped."""
-    keys = env_keys(environ)
-    if keys_file:
-        keys += read_key_file(keys_file)
-    return unique_keys(keys)
+    return with_env_keys(read_key_file(keys_file) if keys_file else [], environ)
+
+
+def with_env_keys(
+    file_keys: Iterable[DecryptionKey], environ: Mapping[str, str] | None = None
+) -> list[DecryptionKey]:
+    """The environment's keys, then ``file_keys``; duplicates dropped (the order in which
+    every reader of a key file tries them)."""
+    return unique_keys([*env_keys(environ), *file_keys])
 
 
 def env_keys(environ: Mapping[str, str] | None = None) -> list[DecryptionKey]:

@@ -16,16 +16,23 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fp_core.checks import CheckConfig, parse_origins
 from fp_core.errors import ConfigError, FpError
-from fp_core.keys import DecryptionKey, describe_keys, env_keys, too_open_warning, unique_keys
+from fp_core.keys import DecryptionKey, describe_keys, too_open_warning, with_env_keys
 from fp_core.redact import Redactor, parse_paths
-from fp_core.rotation import FileWatch, Reload, key_file_watch, secret_file_watch
+from fp_core.rotation import (
+    FileChange,
+    FileWatch,
+    SecretInUse,
+    Watches,
+    load_keys_watched,
+    load_secret_watched,
+)
 from fp_core.stats import Stats
 from fp_core.tap import ResponseInfo, Tap, TapConfig
 from fp_core.webhook import (
@@ -34,7 +41,6 @@ from fp_core.webhook import (
     WebhookSink,
     check_url,
     describe_url,
-    env_secret,
     is_plaintext_remote,
     tls_context,
 )
@@ -117,9 +123,8 @@ class Pipeline:
         self.keys: list[DecryptionKey] | None = None
         #: Seconds between two checks of the watched files (0: never).
         self.reload_every = 0
-        #: The files whose content is in use, by what they hold: "keys", "webhook_secret".
-        self._watches: dict[str, FileWatch[Any]] = {}
-        self._env_keys: list[DecryptionKey] | None = None
+        #: The files whose content is in use.
+        self._watches = Watches()
 
     def configure(
         self,
@@ -159,7 +164,7 @@ class Pipeline:
             if replay.ttl == config.replay_ttl:
                 self.tap.replay = replay  # keep what was seen across unrelated option changes
             self.keys = keys
-            self._watch("keys", watch)
+            self._watches.set("keys", watch)
         if opts.fp_sqlite and updated & {"fp_sqlite", "fp_replay_ttl"}:
             self._preload_replay(opts.fp_sqlite)
 
@@ -177,19 +182,9 @@ class Pipeline:
             )
         return keys, watch
 
-    def _environment_keys(self) -> list[DecryptionKey]:
-        # Read once: the environment was good at start, and does not change.
-        if self._env_keys is None:
-            self._env_keys = env_keys()
-        return self._env_keys
-
     def check_files(self) -> list[FileChange]:
         """What the watched files hold now, where it changed. Blocking: it reads them."""
-        changes = []
-        for name, watch in list(self._watches.items()):
-            if (reload := watch.check()) is not None:
-                changes.append(FileChange(name, watch, reload))
-        return changes
+        return self._watches.check()
 
     def take(self, changes: Sequence[FileChange]) -> list[str]:
         """Use what :meth:`check_files` found (no file is read here); the names taken.
@@ -200,7 +195,7 @@ class Pipeline:
         taken = []
         for change in changes:
             name, reload = change.name, change.reload
-            if self._watches.get(name) is not change.watch:
+            if not self._watches.current(change):
                 continue  # the options changed since: a newer watch has the say
             if reload.value is None:
                 self.stats.incr_group("errors", f"{name}_reload")
@@ -218,8 +213,7 @@ class Pipeline:
         return taken
 
     def _take_keys(self, file_keys: list[DecryptionKey], path: str) -> None:
-        # The environment's keys were good at start, and the environment does not change.
-        keys = unique_keys(self._environment_keys() + file_keys)
+        keys = with_env_keys(file_keys)
         replay = self.tap.replay
         self.tap = Tap(replace(self.tap.config, keys=keys), self.stats)
         self.tap.replay = replay
@@ -231,12 +225,6 @@ class Pipeline:
             # The same delivery and spool: the next attempt, a retry or not, signs with it.
             self.delivery.configure(replace(self.delivery.config, secret=secret))
         log.info("fp-tap: webhook secret file %s changed: its secret signs from now on", path)
-
-    def _watch(self, name: str, watch: FileWatch[Any] | None) -> None:
-        if watch is None:
-            self._watches.pop(name, None)
-        else:
-            self._watches[name] = watch
 
     def inspect(self, info: ResponseInfo) -> dict[str, Any] | None:
         """The record for ``info`` (queued for the sinks), or None: not an open response."""
@@ -283,18 +271,12 @@ class Pipeline:
         delivery, retired = self.delivery, None
         secret_watch = self._watches.get("webhook_secret")
         if updated & DELIVERY_OPTIONS:
-            # The secret in use stays while its file does (a change of it is for the
-            # watch to report); else the caller's; else the file is read.
-            same_file = (
-                secret_watch is not None and secret_watch.path == opts.fp_webhook_secret_file
-            )
-            if same_file and delivery is not None:
-                reuse: InUse | None = InUse(
-                    secret=delivery.config.secret, secret_watch=secret_watch
-                )
-            else:
-                reuse = in_use
-            config, secret_watch = delivery_config(opts, reuse)
+            # The secret in use stays while its file does; else the caller's; else the
+            # file is read.
+            kept = [(delivery.config.secret, secret_watch)] if delivery is not None else []
+            if in_use is not None:
+                kept.append((in_use.secret, in_use.secret_watch))
+            config, secret_watch = delivery_config(opts, kept)
             if config is None:
                 delivery, retired = None, self.delivery
             elif delivery is None or delivery.spool.state_dir != state_dir(opts):
@@ -310,7 +292,7 @@ class Pipeline:
                     delivery.close(drain=0)
                 raise
         self.writer, self.delivery = writer, delivery
-        self._watch("webhook_secret", secret_watch)
+        self._watches.set("webhook_secret", secret_watch)
         if old_writer is not None or retired is not None:
             self.background.run(_retire(old_writer, retired))
 
@@ -395,27 +377,19 @@ def state_dir(opts: Any) -> str:
 
 
 def delivery_config(
-    opts: Any, in_use: InUse | None = None
+    opts: Any, in_use: Iterable[SecretInUse] = ()
 ) -> tuple[DeliveryConfig | None, FileWatch[WebhookSecret] | None]:
     """The webhook settings, validated, and the watch of the secret file the secret was
     read from, if any; (None, None): no webhook. The secret file is not read again when
-    ``in_use`` has its secret."""
+    one of ``in_use`` has its secret (:func:`~fp_core.rotation.load_secret_watched`)."""
     if not opts.fp_webhook_url:
         return None, None
     require_sqlite("fp_webhook_url")  # for the spool
     from fp_core.delivery import DeliveryConfig
 
-    watch = None
     try:
         url = check_url(opts.fp_webhook_url)
-        secret = env_secret(opts.fp_webhook_secret_file)
-        path = opts.fp_webhook_secret_file
-        if secret is None and path:
-            if in_use is not None and in_use.secret_watch and in_use.secret_watch.path == path:
-                secret, watch = in_use.secret, in_use.secret_watch
-            else:
-                watch = secret_file_watch(path)
-                secret = watch.load()
+        secret, watch = load_secret_watched(opts.fp_webhook_secret_file, in_use)
         if opts.fp_webhook_ca:
             tls_context(opts.fp_webhook_ca)  # a bad file is an error now, not per request
     except FpError as exc:
@@ -444,21 +418,6 @@ def delivery_config(
     ), watch
 
 
-def load_keys_watched(
-    keys_file: str | None,
-) -> tuple[list[DecryptionKey], FileWatch[list[DecryptionKey]] | None]:
-    """The environment's keys, then the key file's (read through its watch, which is
-    returned); :class:`ConfigError` when either is unusable."""
-    try:
-        keys = env_keys()
-        if not keys_file:
-            return keys, None
-        watch = key_file_watch(keys_file)
-        return unique_keys(keys + watch.load()), watch
-    except FpError as exc:
-        raise ConfigError(exc.message) from None
-
-
 @dataclass(frozen=True)
 class InUse:
     """Keys and the webhook secret a caller has read already, with the watches of their
@@ -469,15 +428,6 @@ class InUse:
     key_watch: FileWatch[list[DecryptionKey]] | None = None
     secret: WebhookSecret | None = None
     secret_watch: FileWatch[WebhookSecret] | None = None
-
-
-@dataclass(frozen=True)
-class FileChange:
-    """A watched file that holds something else now (:meth:`Pipeline.check_files`)."""
-
-    name: str
-    watch: FileWatch[Any]
-    reload: Reload[Any]
 
 
 def require_sqlite(option: str) -> None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from fp_core.errors import FpError, KeyConfigError
-from fp_core.keys import DecryptionKey, parse_key_file, too_open_warning
-from fp_core.webhook import WebhookConfigError, WebhookSecret
+from fp_core.errors import ConfigError, FpError, KeyConfigError
+from fp_core.keys import DecryptionKey, parse_key_file, too_open_warning, with_env_keys
+from fp_core.webhook import WebhookConfigError, WebhookSecret, env_secret
 
 
 @dataclass(frozen=True)
@@ -166,3 +167,76 @@ def secret_file_watch(path: str | os.PathLike[str]) -> FileWatch[WebhookSecret]:
     return FileWatch(
         name, parse, what="webhook secret file", error=WebhookConfigError, empty="is empty"
     )
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """A watched file that holds something else now (:meth:`Watches.check`)."""
+
+    name: str
+    watch: FileWatch[Any]
+    reload: Reload[Any]
+
+
+class Watches:
+    """One user's watched files, by what they hold: "keys", "webhook_secret"."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, FileWatch[Any]] = {}
+
+    def get(self, name: str) -> FileWatch[Any] | None:
+        return self._by_name.get(name)
+
+    def set(self, name: str, watch: FileWatch[Any] | None) -> None:
+        """Watch ``watch`` for ``name`` from now on (None: nothing to watch)."""
+        if watch is None:
+            self._by_name.pop(name, None)
+        else:
+            self._by_name[name] = watch
+
+    def check(self) -> list[FileChange]:
+        """What the files hold now, where it changed. Blocking: it reads them."""
+        changes = []
+        for name, watch in list(self._by_name.items()):
+            if (reload := watch.check()) is not None:
+                changes.append(FileChange(name, watch, reload))
+        return changes
+
+    def current(self, change: FileChange) -> bool:
+        """Whether ``change`` comes from the watch in use (not one an option change
+        replaced while it was being checked)."""
+        return self._by_name.get(change.name) is change.watch
+
+
+def load_keys_watched(
+    keys_file: str | None,
+) -> tuple[list[DecryptionKey], FileWatch[list[DecryptionKey]] | None]:
+    """The environment's keys, then the key file's, read through its watch (returned);
+    :class:`ConfigError` when either is unusable."""
+    try:
+        if not keys_file:
+            return with_env_keys([]), None
+        watch = key_file_watch(keys_file)
+        return with_env_keys(watch.load()), watch
+    except FpError as exc:
+        raise ConfigError(exc.message) from None
+
+
+SecretInUse = tuple[WebhookSecret | None, FileWatch[WebhookSecret] | None]
+
+
+def load_secret_watched(secret_file: str | None, in_use: Iterable[SecretInUse] = ()) -> SecretInUse:
+    """The webhook secret (the environment's, or the file's) and the watch of its file.
+
+    The first of ``in_use`` whose watch is of this very file is kept as it is: a change
+    of the file is for that watch to report, not for whoever reads the options next.
+    Otherwise the file is read. Raises :class:`FpError` (never holding the secret).
+    """
+    secret = env_secret(secret_file)
+    if secret is not None or not secret_file:
+        return secret, None
+    for kept in in_use:
+        if kept[1] is not None and kept[1].path == secret_file:
+            return kept
+    watch = secret_file_watch(secret_file)
+    return watch.load(), watch

@@ -109,19 +109,6 @@ def env_secret(
     return WebhookSecret(from_env) if from_env else None
 
 
-def load_secret(
-    secret_file: str | None, environ: Mapping[str, str] | None = None
-) -> WebhookSecret | None:
-    """The secret from ``FP_WEBHOOK_SECRET`` or from ``secret_file`` (not both), surrounding
-    whitespace removed; None when neither is set. Errors never contain the secret."""
-    from_env = env_secret(secret_file, environ)
-    if from_env is not None or not secret_file:
-        return from_env
-    from fp_core.rotation import secret_file_watch  # it imports this module
-
-    return secret_file_watch(secret_file).load()
-
-
 def check_url(url: str) -> str:
     """The receiver URL if it is usable: http or https, a host, no credentials."""
     try:

@@ -18,9 +18,9 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 import fp_addon
-from fp_core import pipeline as pipeline_module
+from fp_core import rotation as rotation_module
 from fp_core.keys import DecryptionKey
-from fp_core.webhook import SECRET_ENV_VAR
+from fp_core.webhook import SECRET_ENV_VAR, WebhookSecret
 from fp_core.worker import WorkerClient
 from tests.e2e.conftest import secret_forms
 from tests.test_addon import KEY, fp_body, make_flow, run
@@ -359,11 +359,14 @@ def test_an_in_process_pipeline_takes_a_new_secret_file_from_the_addon(
     other = tmp_path / "other.secret"
     rotate(other, "other-secret")
     with webhook_addon(keyfile, tmp_path / "webhook.secret", "first") as (tap, tctx):
+        read: list[str] = []
+        watch_file = rotation_module.secret_file_watch
 
-        def no_reads(path: object) -> None:
-            raise AssertionError(f"the pipeline read {path}")
+        def counted(path: str) -> rotation_module.FileWatch[WebhookSecret]:
+            read.append(path)
+            return watch_file(path)
 
-        monkeypatch.setattr(pipeline_module, "secret_file_watch", no_reads)
+        monkeypatch.setattr(rotation_module, "secret_file_watch", counted)
         tctx.configure(tap, fp_webhook_secret_file=str(other))
         assert tap.delivery is not None
         assert tap.delivery.config.secret is not None
@@ -371,6 +374,7 @@ def test_an_in_process_pipeline_takes_a_new_secret_file_from_the_addon(
         tctx.configure(tap, fp_worker=False)  # a new pipeline: the same
         assert tap.delivery.config.secret.text() == "other-secret"
         tap.done()
+    assert read == [str(other)], "read once, by the addon"
 
 
 def test_another_webhook_option_keeps_the_secret_watched(

@@ -19,6 +19,7 @@ import pytest
 from fingerprint_server_sdk import WebhookValidation
 
 from fp_core.jsontext import JsonObject
+from fp_core.rotation import load_secret_watched, secret_file_watch
 from fp_core.spool import Spool
 from fp_core.stats import Stats
 from fp_core.webhook import (
@@ -33,9 +34,9 @@ from fp_core.webhook import (
     WebhookSink,
     check_url,
     describe_url,
+    env_secret,
     idempotency_key,
     is_plaintext_remote,
-    load_secret,
     outgoing,
     request_headers,
     sign,
@@ -94,19 +95,18 @@ def test_the_secret_never_shows() -> None:
 
 def test_secret_from_the_environment(tmp_path: Path) -> None:
     value = new_secret()
-    secret = load_secret(None, {SECRET_ENV_VAR: f" {value}\n"})
+    secret = env_secret(None, {SECRET_ENV_VAR: f" {value}\n"})
     assert secret is not None
     assert secret.sign(b"x") == sign(b"x", value.encode())
-    assert load_secret(None, {SECRET_ENV_VAR: ""}) is None
-    assert load_secret(None, {}) is None
+    assert env_secret(None, {SECRET_ENV_VAR: ""}) is None
+    assert env_secret(None, {}) is None
 
 
 def test_secret_from_a_file(tmp_path: Path) -> None:
     value = new_secret()
     path = tmp_path / "secret"
     path.write_text(value + "\n")
-    secret = load_secret(str(path), {})
-    assert secret is not None
+    secret = secret_file_watch(path).load()
     assert secret.sign(b"x") == sign(b"x", value.encode())
 
 
@@ -119,13 +119,20 @@ def test_secret_from_a_file(tmp_path: Path) -> None:
     ],
 )
 def test_secret_errors_never_contain_it(
-    tmp_path: Path, content: str | None, environ: dict[str, str], message: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    content: str | None,
+    environ: dict[str, str],
+    message: str,
 ) -> None:
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
     path = tmp_path / "secret"
     if content is not None:
         path.write_text(content)
     with pytest.raises(WebhookConfigError, match=message) as info:
-        load_secret(str(path), environ)
+        load_secret_watched(str(path))
     assert "file-secret" not in str(info.value)
     assert "env-secret" not in str(info.value)
 
