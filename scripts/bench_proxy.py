@@ -298,6 +298,12 @@ class Scenario:
     #: Options that this build of the addon must define, else the scenario is skipped.
     requires: tuple[str, ...] = ()
     receiver_delay_ms: int | None = None
+    #: Another script than fp_addon.py (with ``addon`` False): not fp-tap, no target.
+    script: Path | None = None
+
+    @property
+    def fp_tap(self) -> bool:
+        return self.addon
 
     def available(self) -> bool:
         source = ADDON.read_text(encoding="utf-8")
@@ -305,8 +311,12 @@ class Scenario:
 
 
 BASELINE = "no addon"
+#: What any script addon with fp-tap's per-flow hooks costs before doing any work.
+EMPTY_ADDON = Path(__file__).with_name("bench_empty_addon.py")
+CEILING = "empty script addon (not fp-tap: the ceiling)"
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(BASELINE, addon=False),
+    Scenario(CEILING, addon=False, script=EMPTY_ADDON),
     Scenario("addon, no sinks"),
     Scenario(
         "addon, no sinks, in-process (fp_worker=false)",
@@ -339,6 +349,8 @@ class ScenarioRuns:
     """Everything measured for one scenario, one entry per round."""
 
     name: str
+    #: False for a scenario that runs another addon (no records, no target).
+    fp_tap: bool = True
     throughput: list[LoadResult] = field(default_factory=list)
     latency: list[LoadResult] = field(default_factory=list)
     #: mitmdump's CPU time (all threads, user + system) per request at 8 connections.
@@ -374,6 +386,8 @@ class ProxyRow:
     #: each other, so they can be compared pair by pair, as each is with no addon.
     round_ratios: tuple[float | None, ...] = ()
     round_p50_delta_ms: tuple[float, ...] = ()
+    #: False for a scenario that runs another addon than fp-tap (no target).
+    fp_tap: bool = True
 
 
 @dataclass
@@ -427,6 +441,7 @@ class Bench:
             options=options,
             addon=scenario.addon,
             env=scenario.env,
+            extra_args=("-s", str(scenario.script)) if scenario.script else (),
         )
         return start_mitmdump(folder, config)
 
@@ -468,7 +483,7 @@ def proxy_overhead(
         os.sched_setaffinity(0, other_cpus)  # this process, and what it starts from now on
     active = [s for s in SCENARIOS if s.available()]
     skipped = [s.name for s in SCENARIOS if not s.available()]
-    runs = {s.name: ScenarioRuns(s.name) for s in active}
+    runs = {s.name: ScenarioRuns(s.name, fp_tap=s.fp_tap) for s in active}
     receivers = {s.name: SlowReceiver(s.receiver_delay_ms) for s in active if s.receiver_delay_ms}
     proxies: dict[str, Service] = {}
     direct: list[float] = []
@@ -582,6 +597,7 @@ def _row(runs: ScenarioRuns) -> ProxyRow:
         addon_errors=addon_errors,
         round_ratios=tuple(ratios),
         round_p50_delta_ms=tuple(deltas),
+        fp_tap=runs.fp_tap,
     )
 
 

@@ -75,6 +75,7 @@ def proxy_row(name: str, ratio: float, **kw: Any) -> bench_proxy.ProxyRow:
         written=kw.pop("written", {}),
         open_responses=kw.pop("open_responses", 100),
         addon_errors=kw.pop("addon_errors", {}),
+        fp_tap=kw.pop("fp_tap", name != bench_proxy.BASELINE),
     )
 
 
@@ -89,6 +90,8 @@ def test_proxy_throughput_counts_only_scenarios_that_did_all_their_work(
         proxy_row("wrk errors", 0.95, errors=2),
         proxy_row("no addon summary", 0.95, open_responses=0),
         proxy_row("slow", 0.85),
+        # Not fp-tap (the empty addon): measured, never a target, whatever its numbers.
+        proxy_row(bench_proxy.CEILING, 0.5, open_responses=0, fp_tap=False),
     ]
     results = bench_proxy.ProxyResults("wrk", rows, [], None)
     targets = {name: (met, said) for name, met, said in bench._report_proxy(results, bench.QUICK)}
@@ -110,3 +113,6 @@ def test_proxy_throughput_counts_only_scenarios_that_did_all_their_work(
     assert "sink_errors.jsonl=3" in throughput["sink failed"][1]
     printed = capsys.readouterr().out
     assert "sink_errors.jsonl=3" in printed  # the table's addon errors column
+    assert not any(bench_proxy.CEILING in name for name in targets)
+    ceiling = next(line for line in printed.splitlines() if bench_proxy.CEILING in line)
+    assert "0.500" in ceiling  # in the table all the same

@@ -134,7 +134,8 @@ def test_proxy_section_counts_records_and_keeps_them_when_asked(
 ) -> None:
     """One short round of the baseline and the JSONL scenario, through real mitmdumps."""
     jsonl = next(s for s in SCENARIOS if s.name == "addon + JSONL")
-    monkeypatch.setattr(bench_proxy, "SCENARIOS", (SCENARIOS[0], jsonl))
+    ceiling = next(s for s in SCENARIOS if s.name == bench_proxy.CEILING)
+    monkeypatch.setattr(bench_proxy, "SCENARIOS", (SCENARIOS[0], ceiling, jsonl))
     folder = tmp_path / "addon-jsonl"
     records = folder / "events.jsonl"
     # What an earlier run with --keep left: not to be appended to, nor counted.
@@ -149,7 +150,18 @@ def test_proxy_section_counts_records_and_keeps_them_when_asked(
     assert row.errors == 0
     assert row.addon_errors == {}
     assert not (folder / "state").exists()
+    empty = next(r for r in results.rows if r.name == ceiling.name)
+    assert not empty.fp_tap
+    assert row.fp_tap
+    assert empty.rate.median > 0
+    assert empty.errors == 0
+    assert empty.open_responses == 0
+    assert empty.written == {}
     if keep:
+        ceiling_out = tmp_path / "empty-script-addon-not-fp-tap-the-ceiling" / "mitmdump.out"
+        output = ceiling_out.read_text()
+        assert "bench_empty_addon.py" in output
+        assert "fp_addon" not in output
         assert len(records.read_text().splitlines()) == written
         lines = (folder / "mitmdump.out").read_text().splitlines()
         assert sum(" fp v" in line for line in lines) == written  # one record line each
