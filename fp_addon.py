@@ -12,12 +12,17 @@ every option, the record format and the commands.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import functools
 import json
 import logging
 import sys
-from collections.abc import Iterable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Optional
 
 from mitmproxy import command, contentviews, ctx, exceptions, flowfilter, hooks, http, types
@@ -76,6 +81,9 @@ MARK_ERROR = ":x:"
 METADATA_KEY = "fp"
 #: Seconds to wait for the worker process to take a configuration with outputs.
 WORKER_TIMEOUT = 60.0
+#: Seconds an option change or shutdown waits for a dead worker's replacement to be made
+#: (a new worker takes its options within WORKER_TIMEOUT).
+REPLACEMENT_TIMEOUT = WORKER_TIMEOUT + 10
 #: How often the periodic task wakes up to see whether fp_secrets_reload or
 #: fp_stats_every says it is time.
 TICK = 1.0
@@ -167,6 +175,15 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         "Unseal, check and write records in a worker process of their own, so that "
         "mitmproxy's event loop only hands response bodies over. False does it all in "
         "mitmproxy's process (as standalone mitmproxy binaries do: they cannot start one).",
+    ),
+    (
+        "fp_worker_restart",
+        int,
+        60,
+        "When the worker process dies after running at least this many seconds, start a "
+        "new one (off the event loop; responses wait for it meanwhile). One that dies "
+        "sooner, as in a crash loop, gives way to work in mitmproxy's process. 0 never "
+        "starts a new one.",
     ),
     (
         "fp_hold",
@@ -316,6 +333,15 @@ class FingerprintTap:
         self._keys_read = False
         #: What runs every TICK seconds: the file watch, the stats line.
         self._ticker: asyncio.Task[None] | None = None
+        self.queue_size = 10_000
+        #: When the worker in use started (a dead one is restarted if it ran long enough).
+        self._worker_since = 0.0
+        #: What replaces a dead worker, being made off the event loop (a new worker, or
+        #: a pipeline in this process), and the responses that wait for it meanwhile.
+        self._replacing: concurrent.futures.Future[WorkerClient | Pipeline] | None = None
+        self._waiting: list[tuple[http.HTTPFlow, ResponseInfo, asyncio.Future[None] | None]] = []
+        #: Replacements given up on (they hung): retired unused if they ever come.
+        self._abandoned: set[concurrent.futures.Future[WorkerClient | Pipeline]] = set()
 
     @property
     def writer(self) -> RecordWriter | None:
@@ -393,7 +419,7 @@ class FingerprintTap:
             self.max_body = positive(opts, "fp_max_body")
         if "fp_drain_timeout" in updated:
             self.drain_timeout = non_negative(opts, "fp_drain_timeout")
-        for name in ("fp_secrets_reload", "fp_stats_every"):
+        for name in ("fp_secrets_reload", "fp_stats_every", "fp_worker_restart"):
             if name in updated:
                 non_negative(opts, name)
         if updated & {"fp_hold", "save_stream_file"}:
@@ -413,7 +439,7 @@ class FingerprintTap:
             self.include_event = opts.fp_include_event
         if updated & DELIVERY_OPTIONS:
             self._scrub_webhook_secret(opts)
-        queue_size = positive(opts, "fp_queue_size")
+        queue_size = self.queue_size = positive(opts, "fp_queue_size")
         if "fp_worker" in updated or (self.pipeline is None and self.worker is None):
             self._start_pipeline(opts)
         elif names := updated & PIPELINE_OPTIONS:
@@ -525,21 +551,12 @@ class FingerprintTap:
         self._run_in_process(opts)
 
     def _run_in_process(self, opts: Any) -> None:
-        pipeline = Pipeline(self.stats)
-        # What this process has read already: a pipeline made after a worker died, or
-        # when fp_worker was switched off, must not depend on the files being usable
-        # right now (nor read them on the event loop).
-        pipeline.configure(opts, PIPELINE_OPTIONS, in_use=self._in_use())
-        self.pipeline = pipeline
+        self.pipeline = _in_process_pipeline(self.stats, opts, self._in_use())
 
     def _spawn_worker(self, opts: Any) -> None:
         """Start the worker process; if it cannot start, work in this process."""
         self._worker_wanted = False
-        worker = WorkerClient(
-            on_records=self._on_records,
-            on_exit=self._on_worker_exit,
-            max_in_flight=positive(opts, "fp_queue_size"),
-        )
+        worker = self._new_worker(positive(opts, "fp_queue_size"))
         try:
             worker.start()
         except ConfigError as exc:
@@ -556,6 +573,15 @@ class FingerprintTap:
             worker.close(drain=0)
             raise
         self.worker = worker
+        self._worker_since = time.monotonic()
+
+    def _new_worker(self, max_in_flight: int) -> WorkerClient:
+        worker = WorkerClient(
+            on_records=self._on_records, on_exit=lambda code: None, max_in_flight=max_in_flight
+        )
+        # Its exit is news only while it is the one in use (not one being started).
+        worker.on_exit = functools.partial(self._on_worker_exit, worker)
+        return worker
 
     def _spawn_wanted(self) -> None:
         """The worker put off until mitmproxy runs; if it refuses its options there is no
@@ -572,6 +598,7 @@ class FingerprintTap:
         return _values(opts) | {"fp_key_ids": [k.key_id for k in self.keys]}
 
     def _stop_pipeline(self, drain: float) -> None:
+        self._settle()
         worker, pipeline = self.worker, self.pipeline
         self.worker = self.pipeline = None
         if worker is not None:
@@ -610,6 +637,7 @@ class FingerprintTap:
     def done(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
+        self._settle()
         worker, pipeline = self.worker, self.pipeline
         if worker is not None:
             worker.close(self.drain_timeout)
@@ -693,6 +721,8 @@ class FingerprintTap:
         worker = self.worker
         if worker is None:
             if self.pipeline is None:
+                if self._replacing is not None:
+                    return self._wait_for_replacement(flow, info)
                 # Neither a worker nor a pipeline: the worker died and the fallback could
                 # not start (logged then). Counted, until an option change starts one.
                 self.stats.incr("dropped")
@@ -723,26 +753,151 @@ class FingerprintTap:
                 if held is not None and not held.done():
                     held.set_result(None)  # a held response goes on whatever happened
 
-    def _on_worker_exit(self, code: int | None) -> None:
-        worker = self.worker
-        if worker is None:
+    def _on_worker_exit(self, worker: WorkerClient, code: int | None) -> None:
+        if worker is not self.worker:
             return
         lost = worker.take_pending()
+        opts = _options()
+        after = opts.fp_worker_restart
+        restart = after > 0 and time.monotonic() - self._worker_since >= after
+        if restart:
+            then = "starting a new one"
+        else:
+            ran = f"it ran less than {after} s: " if after > 0 else ""
+            then = f"{ran}unsealing in mitmproxy's process from now on"
         log.error(
             "fp-tap: the worker process stopped (exit code %s) with %d response(s) not "
-            "inspected; unsealing in mitmproxy's process from now on",
+            "inspected; %s",
             code,
             len(lost),
+            then,
         )
         self.stats.incr_group("errors", "worker_exit")
         self.stats.incr("dropped", len(lost))
         self._release(lost)
         self._carry(worker.stats)
         self.worker = None
+        self._replace(opts, restart)
+
+    def _replace(self, opts: Any, restart: bool) -> None:
+        """Start what takes over from a dead worker (a new one if ``restart``, else a
+        pipeline in this process) off the event loop: both open the outputs, and a new
+        worker takes a moment to start. Responses wait for it (``_waiting``)."""
+        values, in_use, queue_size = _values(opts), self._in_use(), self.queue_size
+        worker_values = self._worker_values(opts)
+
+        def make() -> WorkerClient | Pipeline:
+            if restart:
+                worker = self._new_worker(queue_size)
+                try:
+                    # In this thread, without the event loop: attached once adopted.
+                    worker.start()
+                    worker.configure(
+                        worker_values, PIPELINE_OPTIONS, wait=True, timeout=WORKER_TIMEOUT
+                    )
+                    return worker
+                except ConfigError as exc:
+                    worker.close(drain=0)
+                    log.warning("fp-tap: %s; unsealing in mitmproxy's process", exc.message)
+            return _in_process_pipeline(self.stats, SimpleNamespace(**values), in_use)
+
+        future: concurrent.futures.Future[WorkerClient | Pipeline] = concurrent.futures.Future()
+        self._replacing = future
         try:
-            self._run_in_process(_options())
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a hook called by hand, not by mitmproxy on its loop
+            _complete(future, make)
+            self._replaced(future)
+            return
+
+        def adopt_on_loop(done: concurrent.futures.Future[Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: done() settles it
+                loop.call_soon_threadsafe(self._replaced, done)
+
+        future.add_done_callback(adopt_on_loop)
+        threading.Thread(
+            target=_complete, args=(future, make), name="fp-tap-replace", daemon=True
+        ).start()
+
+    def _replaced(self, future: concurrent.futures.Future[WorkerClient | Pipeline]) -> None:
+        """Put what ``_replace`` made in use, on the event loop, and hand it the responses
+        that waited for it."""
+        try:
+            made: WorkerClient | Pipeline | None = future.result(timeout=0)
         except ConfigError as exc:
             log.error("fp-tap: cannot carry on in mitmproxy's process: %s", exc.message)
+            made = None
+        except Exception as exc:
+            self.stats.incr_group("errors", "internal")
+            log.error("fp-tap: cannot replace the worker process: %s", type(exc).__name__)
+            made = None
+        if self._replacing is not future:  # put in use by _settle already, or given up on
+            if future in self._abandoned:
+                self._abandoned.discard(future)
+                if made is not None:
+                    self._background.run(_closer(made))
+            return
+        self._replacing = None
+        if isinstance(made, WorkerClient):
+            made.attach()
+            self.worker, self._worker_since = made, time.monotonic()
+            self.stats.incr_group("restarted", "worker")
+            log.info("fp-tap: a new worker process runs")
+        elif made is not None:
+            self.pipeline = made
+        self._hand_over_waiting()
+
+    def _settle(self) -> None:
+        """Wait (blocking) for a replacement being made, and put it in use: before options
+        replace the pipeline, and at shutdown."""
+        future = self._replacing
+        if future is None:
+            return
+        concurrent.futures.wait([future], timeout=REPLACEMENT_TIMEOUT)
+        if future.done():
+            self._replaced(future)
+            return
+        self._replacing = None  # it hangs: what it makes later is retired unused
+        self._abandoned.add(future)
+        log.error("fp-tap: gave up waiting for the worker process's replacement")
+        self._hand_over_waiting()
+
+    def _wait_for_replacement(
+        self, flow: http.HTTPFlow, info: ResponseInfo
+    ) -> asyncio.Future[None] | None:
+        if len(self._waiting) >= self.queue_size:
+            self._dropped(1)
+            return None
+        held = asyncio.get_running_loop().create_future() if self.hold else None
+        self._waiting.append((flow, info, held))
+        return held
+
+    def _hand_over_waiting(self) -> None:
+        """The responses that waited for the replacement: to whatever inspects them now."""
+        waiting, self._waiting = self._waiting, []
+        for flow, info, held in waiting:
+            self._hand_over(flow, info, held)
+
+    def _hand_over(
+        self, flow: http.HTTPFlow, info: ResponseInfo, held: asyncio.Future[None] | None
+    ) -> None:
+        worker, pipeline = self.worker, self.pipeline
+        try:
+            if worker is not None:
+                if worker.submit(info, (flow, held)):
+                    return  # released with its answer
+                self._dropped(1)
+            elif pipeline is not None:
+                record = pipeline.inspect(info)
+                if record is not None:
+                    self._show(flow, record, late=held is None)
+            else:
+                self.stats.incr("dropped")
+        except Exception as exc:
+            self.stats.incr_group("errors", "internal")
+            log.warning("fp-tap: internal error on flow %s: %s", flow.id, type(exc).__name__)
+        if held is not None and not held.done():
+            held.set_result(None)
 
     def _release(self, contexts: Iterable[Any]) -> None:
         for _, held in contexts:
@@ -891,6 +1046,29 @@ def _options() -> Any:
 def _values(opts: Any) -> dict[str, Any]:
     """What the worker process needs of the options: plain values, no secrets."""
     return {name: getattr(opts, name) for name in PIPELINE_OPTIONS}
+
+
+def _in_process_pipeline(stats: Stats, opts: Any, in_use: InUse) -> Pipeline:
+    pipeline = Pipeline(stats)
+    # What this process has read already: a pipeline made after a worker died, or
+    # when fp_worker was switched off, must not depend on the files being usable
+    # right now (nor read them on the event loop).
+    pipeline.configure(opts, PIPELINE_OPTIONS, in_use=in_use)
+    return pipeline
+
+
+def _complete[T](future: concurrent.futures.Future[T], make: Callable[[], T]) -> None:
+    try:
+        future.set_result(make())
+    except BaseException as exc:  # handed over to whoever reads the future
+        future.set_exception(exc)
+
+
+def _closer(made: WorkerClient | Pipeline) -> Callable[[], None]:
+    def close() -> None:
+        made.close(0)
+
+    return close
 
 
 def _has_outputs(opts: Any) -> bool:

@@ -208,7 +208,7 @@ class WorkerClient:
         self._to_child = to_child
         self._reader = FrameReader(answers)
         self.alive = True
-        self._attach()
+        self.attach()
 
     @property
     def in_flight(self) -> int:
@@ -219,7 +219,7 @@ class WorkerClient:
         if not self.alive or len(self._pending) >= self.max_in_flight:
             return False
         if self._loop is None:
-            self._attach()
+            self.attach()
         token = next(self._tokens)
         self._pending[token] = context
         # A tuple: pickling the dataclass itself costs the event loop twice as much.
@@ -291,7 +291,7 @@ class WorkerClient:
 
     # -- the pipes ---------------------------------------------------------------------
 
-    def _attach(self) -> None:
+    def attach(self) -> None:
         """Have the running event loop (if any) read answers and drain the backlog."""
         try:
             loop = asyncio.get_running_loop()

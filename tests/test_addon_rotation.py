@@ -323,9 +323,36 @@ async def test_a_dead_worker_hands_over_the_keys_in_use(keyfile: Path) -> None:
         assert worker.proc is not None
         rotate(keyfile, NEW.to_base64()[:30])
         os.kill(worker.proc.pid, signal.SIGKILL)
-        await until(lambda: tap.worker is None, "the switch to in-process work")
+        await until(lambda: tap.pipeline is not None, "the switch to in-process work")
         assert verdict_for(tap, KEY) == "trusted"
         tap.done()
+
+
+@on_loop
+async def test_a_restarted_worker_that_reads_other_keys_gives_way_to_the_keys_in_use(
+    keyfile: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dead worker's replacement reads the key file, rewritten since this process
+    read it (and not checked again: fp_secrets_reload=0): refused, and the work goes on
+    in this process with the keys in use."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=1, fp_secrets_reload=0)
+        tap.running()
+        worker = tap.worker
+        assert worker is not None
+        assert worker.proc is not None
+        await asyncio.sleep(1.1)
+        rotate(keyfile, NEW.to_base64())
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        await until(lambda: tap.pipeline is not None, "the switch to in-process work")
+        assert tap.worker is None
+        assert verdict_for(tap, KEY) == "trusted", "the keys this process read"
+        tap.done()
+    assert "starting a new one" in caplog.text
+    assert "changed while being read" in caplog.text
+    assert "unsealing in mitmproxy's process" in caplog.text
+    no_key_in(caplog.text)
 
 
 @on_loop

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -31,6 +32,7 @@ from fp_core.webhook import SECRET_ENV_VAR
 from fp_core.worker import WorkerClient
 from tests.e2e.conftest import secret_forms
 from tests.test_addon import KEY, fp_body, hostile_bodies, make_flow, state
+from tests.test_addon import run as run_through
 
 
 async def until(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
@@ -189,15 +191,182 @@ async def test_a_dead_worker_is_replaced_by_in_process_work(
         worker = worker_of(tap)
         await until(lambda: worker.stats.get("open_responses") == 1, "its counters")
         os.kill(worker.proc.pid, signal.SIGKILL)
-        await until(lambda: tap.worker is None, "the switch to in-process work")
-        assert "the worker process stopped" in caplog.text
+        # Made off the event loop: the pipeline comes a moment after the worker went.
+        await until(lambda: tap.pipeline is not None, "the switch to in-process work")
+        assert tap.worker is None, "it ran less than fp_worker_restart: no new one"
+        assert "it ran less than 60 s: unsealing in mitmproxy's process from now on" in (
+            caplog.text
+        )
         second = make_flow(fp_body()[0])
         assert tap.response(second) is None
         assert second.metadata["fp"]["verdict"] == "trusted", "inspected right away"
         stats: dict[str, Any] = json.loads(tap.stats_command())
         assert stats["errors"] == {"worker_exit": 1}
+        assert "restarted" not in stats
         assert (stats["open_responses"], stats["unsealed"]) == (2, 2), "nothing forgotten"
         tap.done()
+
+
+@on_loop
+async def test_a_worker_that_dies_after_running_long_enough_is_restarted(
+    keyfile: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fp_addon")
+    out = tmp_path / "out.jsonl"
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out), fp_worker_restart=1)
+        tap.running()
+        first = worker_of(tap)
+        tap.response(make_flow(fp_body()[0]))
+        await until(lambda: not first.in_flight, "the first answer")
+        await asyncio.sleep(1.1)  # it has run fp_worker_restart seconds
+        os.kill(first.proc.pid, signal.SIGKILL)
+        await until(lambda: tap.worker not in (None, first), "a new worker")
+        second = worker_of(tap)
+        assert second.proc.pid != first.proc.pid
+        assert tap.pipeline is None, "the work stays out of mitmproxy's process"
+        flow = make_flow(fp_body()[0])
+        tap.response(flow)
+        await until(lambda: "fp" in flow.metadata, "the new worker's answer")
+        assert flow.metadata["fp"]["verdict"] == "trusted"
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert stats["errors"] == {"worker_exit": 1}
+        assert stats["restarted"] == {"worker": 1}
+        tap.done()
+        stats = json.loads(tap.stats_command())
+        assert (stats["open_responses"], stats["written"]) == (2, {"jsonl": 2})
+    assert "starting a new one" in caplog.text
+    assert "fp-tap: a new worker process runs" in caplog.text
+    assert len(out.read_text().splitlines()) == 2, "the new worker appends to the same file"
+
+
+@on_loop
+async def test_a_new_worker_that_dies_at_once_gives_way_to_in_process_work(
+    keyfile: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash loop: the replacement dies before fp_worker_restart seconds, so the next
+    replacement is a pipeline in mitmproxy's process."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=1)
+        tap.running()
+        first = worker_of(tap)
+        await asyncio.sleep(1.1)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        await until(lambda: tap.worker not in (None, first), "a new worker")
+        os.kill(worker_of(tap).proc.pid, signal.SIGKILL)
+        await until(lambda: tap.pipeline is not None, "the switch to in-process work")
+        assert tap.worker is None
+        flow = run_through(tap, make_flow(fp_body()[0]))
+        assert flow.metadata["fp"]["verdict"] == "trusted"
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert stats["errors"] == {"worker_exit": 2}
+        assert stats["restarted"] == {"worker": 1}
+        tap.done()
+    assert "it ran less than 1 s: unsealing in mitmproxy's process" in caplog.text
+
+
+class Gate:
+    """Holds the making of a dead worker's replacement until the test opens it, and
+    says on which thread it was made."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.open = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.made: list[Any] = []
+        make = fp_addon._in_process_pipeline
+
+        def held(*args: Any) -> Any:
+            self.threads.append(threading.current_thread())
+            assert self.open.wait(30), "the test never opened the gate"
+            self.made.append(make(*args))
+            return self.made[-1]
+
+        monkeypatch.setattr(fp_addon, "_in_process_pipeline", held)
+
+
+@pytest.mark.parametrize("hold", [True, False], ids=["held", "not-held"])
+@on_loop
+async def test_responses_wait_for_the_replacement_off_the_event_loop(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hold: bool
+) -> None:
+    out = tmp_path / "out.jsonl"
+    gate = Gate(monkeypatch)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out), fp_hold=hold)
+        tap.running()
+        os.kill(worker_of(tap).proc.pid, signal.SIGKILL)
+        await until(lambda: gate.threads, "the replacement being made")
+        assert gate.threads[0] is not threading.main_thread(), "not on the event loop"
+        flows = [make_flow(fp_body()[0]) for _ in range(3)]
+        awaitables = [tap.response(flow) for flow in flows]
+        assert all((a is not None) == hold for a in awaitables)
+        await asyncio.sleep(0.05)  # the event loop turns meanwhile
+        assert not any("fp" in flow.metadata for flow in flows), "they wait"
+        gate.open.set()
+        if hold:
+            await asyncio.wait_for(asyncio.gather(*[a for a in awaitables if a]), 30)
+        else:
+            await until(lambda: all("fp" in f.metadata for f in flows), "their records")
+        assert all(f.metadata["fp"]["verdict"] == "trusted" for f in flows)
+        assert tap.pipeline is not None
+        tap.done()
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert (stats["open_responses"], stats["written"]) == (3, {"jsonl": 3})
+        assert stats.get("dropped", 0) == 0
+    assert len(out.read_text().splitlines()) == 3
+
+
+@on_loop
+async def test_shutdown_waits_for_the_replacement_and_its_waiting_responses(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out.jsonl"
+    gate = Gate(monkeypatch)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
+        tap.running()
+        os.kill(worker_of(tap).proc.pid, signal.SIGKILL)
+        await until(lambda: gate.threads, "the replacement being made")
+        flow = make_flow(fp_body()[0])
+        assert tap.response(flow) is None
+        threading.Timer(0.2, gate.open.set).start()
+        tap.done()  # blocks until the replacement is made, then writes its record
+        assert flow.metadata["fp"]["verdict"] == "trusted"
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert (stats["open_responses"], stats["written"]) == (1, {"jsonl": 1})
+    assert len(out.read_text().splitlines()) == 1
+
+
+@on_loop
+async def test_an_option_change_during_the_replacement_takes_its_waiting_responses(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out.jsonl"
+    gate = Gate(monkeypatch)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
+        tap.running()
+        os.kill(worker_of(tap).proc.pid, signal.SIGKILL)
+        await until(lambda: gate.threads, "the replacement being made")
+        flow = make_flow(fp_body()[0])
+        tap.response(flow)
+        threading.Timer(0.2, gate.open.set).start()
+        # Any change now replaces the pipeline: it waits for the replacement first.
+        tctx.configure(tap, fp_queue_size=500)
+        assert running_worker(tap)
+        assert flow.metadata["fp"]["verdict"] == "trusted", "the waiting response"
+        later = make_flow(fp_body()[0])
+        tap.response(later)
+        await until(lambda: "fp" in later.metadata, "the new worker's answer")
+        tap.done()
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert (stats["open_responses"], stats["written"]) == (2, {"jsonl": 2})
+    assert len(out.read_text().splitlines()) == 2
 
 
 @on_loop
@@ -352,3 +521,27 @@ async def test_what_the_pipe_cannot_take_goes_when_the_event_loop_says_it_can(
         assert not worker._backlog
         assert [f.metadata["fp"]["verdict"] for f in flows] == ["trusted"] * 6
         tap.done()
+
+
+@on_loop
+async def test_a_replacement_that_hangs_is_given_up_at_shutdown_and_retired_later(
+    keyfile: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = Gate(monkeypatch)
+    monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.2)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+        tap.running()
+        os.kill(worker_of(tap).proc.pid, signal.SIGKILL)
+        await until(lambda: gate.threads, "the replacement being made")
+        held = tap.response(make_flow(fp_body()[0]))
+        assert held is not None
+        tap.done()
+        assert held.done(), "released, not left hanging"
+        assert "gave up waiting for the worker process's replacement" in caplog.text
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert stats["dropped"] == 1
+        gate.open.set()
+        await until(lambda: gate.made and gate.made[0]._closed, "made at last, retired unused")
+        assert tap.pipeline is None

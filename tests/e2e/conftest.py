@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,6 +67,26 @@ def fetch(
             return Reply(response.status, list(response.headers.items()), response.read())
     except urllib.error.HTTPError as exc:
         return Reply(exc.code, list(exc.headers.items()), exc.read())
+
+
+def same_as_direct(proxy: Service, endpoint: Service, seed: int) -> None:
+    """An ok v4 open response (``seed`` picks the event, stamped now) through the tap and
+    straight from the endpoint: the client gets the same status, body and headers."""
+    query = f"/?case=ok&api=v4&seed={seed}&ts={int(time.time() * 1000)}"
+    through = fetch(f"http://127.0.0.1:{proxy.port}{query}")
+    straight = fetch(f"http://127.0.0.1:{endpoint.port}{query}")
+    assert through.status == straight.status == 200
+    assert through.body == straight.body, "the body changed in transit"
+    assert comparable_headers(through.headers) == comparable_headers(straight.headers)
+
+
+def one_more_record(path: Path, count: int, timeout: float = 30) -> dict[str, Any]:
+    """Wait for record number ``count + 1`` in the JSONL file; return it."""
+    deadline = time.monotonic() + timeout
+    while len(records := read_jsonl(path)) <= count:
+        assert time.monotonic() < deadline, f"no record #{count + 1} in {timeout} s"
+        time.sleep(0.05)
+    return records[count]
 
 
 def comparable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import ssl
@@ -29,8 +30,10 @@ from tests.e2e.conftest import (
     Keys,
     comparable_headers,
     fetch,
+    one_more_record,
     read_jsonl,
     reverse_tap,
+    same_as_direct,
     secret_forms,
 )
 
@@ -329,3 +332,41 @@ def test_a_headless_tap_logs_its_counters_every_interval(
     assert (counters["responses"], counters["unsealed"]) == (3, 3)
     assert counters["verdicts"] == {"trusted": 3}
     assert summary_of(proxy.output())["open_responses"] == 3
+
+
+def test_a_killed_worker_is_replaced_and_no_response_is_lost(
+    tmp_path: Path, keys: Keys, endpoint: Service
+) -> None:
+    """The worker is killed between two responses: a new one takes over, made while the
+    proxy goes on serving, and every response after it has its record."""
+    jsonl = tmp_path / "events.jsonl"
+    proxy = reverse_tap(
+        tmp_path, endpoint, fp_keys_file=str(keys.file), fp_jsonl=str(jsonl), fp_worker_restart=1
+    )
+    try:
+        for seed in range(3):
+            same_as_direct(proxy, endpoint, seed)
+        one_more_record(jsonl, 2)  # the worker holds nothing: none lost with it
+        (first,) = children(proxy.proc.pid)
+        time.sleep(1)  # it has run fp_worker_restart seconds
+        os.kill(first, signal.SIGKILL)
+        for seed in range(3, 10):  # the first ones while the new worker is being made
+            same_as_direct(proxy, endpoint, seed)
+        one_more_record(jsonl, 9)
+        (second,) = children(proxy.proc.pid)
+        assert second != first
+    finally:
+        assert proxy.stop(signal.SIGTERM) == 0
+    records = read_jsonl(jsonl)
+    assert len({r["request_id"] for r in records}) == len(records) == 10
+    assert all(r["verdict"] == "trusted" for r in records)
+    log = proxy.output()
+    assert (
+        "the worker process stopped (exit code -9) with 0 response(s) not inspected; "
+        "starting a new one" in log
+    )
+    summary = summary_of(log)
+    assert summary["errors"] == {"worker_exit": 1}
+    assert summary["restarted"] == {"worker": 1}
+    assert (summary["open_responses"], summary["written"]) == (10, {"jsonl": 10})
+    assert summary.get("dropped", 0) == 0

@@ -23,23 +23,15 @@ from scripts.harness import (
 )
 from tests.e2e.conftest import (
     Keys,
-    comparable_headers,
     fetch,
+    one_more_record,
     read_jsonl,
     reverse_tap,
+    same_as_direct,
     secret_forms,
 )
 
 pytestmark = pytest.mark.e2e
-
-
-def one_more_record(path: Path, count: int, timeout: float = 30) -> dict[str, Any]:
-    """Wait for record number ``count + 1`` in the JSONL file; return it."""
-    deadline = time.monotonic() + timeout
-    while len(records := read_jsonl(path)) <= count:
-        assert time.monotonic() < deadline, f"no record #{count + 1} in {timeout} s"
-        time.sleep(0.05)
-    return records[count]
 
 
 def outcome(record: dict[str, Any]) -> str:
@@ -72,28 +64,19 @@ def test_a_rotated_key_is_taken_without_a_restart(
         fp_jsonl=str(jsonl),
         fp_worker=worker,
     )
-    proxied, direct = f"http://127.0.0.1:{proxy.port}", f"http://127.0.0.1:{endpoint.port}"
-
-    def request(seed: int) -> None:
-        query = f"/?case=ok&api=v4&seed={seed}&ts={int(time.time() * 1000)}"
-        through, straight = fetch(proxied + query), fetch(direct + query)
-        assert through.status == straight.status == 200
-        assert through.body == straight.body, "the body changed in transit"
-        assert comparable_headers(through.headers) == comparable_headers(straight.headers)
-
     try:
-        request(1)
+        same_as_direct(proxy, endpoint, 1)
         assert outcome(one_more_record(jsonl, 0)) == "decrypt_failed"
 
         # Caught half-written: the old key stays, and the tap says so once.
         write_private(tap_keys, keys.key.to_base64()[:25] + "\n")
         proxy.wait_for(re.compile(r"keeping the 1 key\(s\) in use"))
-        request(2)
+        same_as_direct(proxy, endpoint, 2)
         assert outcome(one_more_record(jsonl, 1)) == "decrypt_failed"
 
         write_private(tap_keys, f"{keys.key.to_base64()}\n{old.to_base64()}\n")
         proxy.wait_for(re.compile(r"changed: 2 decryption key\(s\): " + keys.key.key_id))
-        request(3)
+        same_as_direct(proxy, endpoint, 3)
         record = one_more_record(jsonl, 2)
         assert (outcome(record), record["key_id"]) == ("trusted", keys.key.key_id)
         assert proxy.proc.poll() is None, "the same mitmdump, never restarted"
