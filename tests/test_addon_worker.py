@@ -285,6 +285,11 @@ class Gate:
 
         monkeypatch.setattr(fp_addon, "_in_process_pipeline", held)
 
+    async def kill_worker(self, tap: fp_addon.FingerprintTap) -> None:
+        """Kill the tap's worker; return once its replacement is being made (and held)."""
+        os.kill(worker_of(tap).proc.pid, signal.SIGKILL)
+        await until(lambda: self.threads, "the replacement being made")
+
 
 @pytest.mark.parametrize("hold", [True, False], ids=["held", "not-held"])
 @on_loop
@@ -297,8 +302,7 @@ async def test_responses_wait_for_the_replacement_off_the_event_loop(
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out), fp_hold=hold)
         tap.running()
-        os.kill(worker_of(tap).proc.pid, signal.SIGKILL)
-        await until(lambda: gate.threads, "the replacement being made")
+        await gate.kill_worker(tap)
         assert gate.threads[0] is not threading.main_thread(), "not on the event loop"
         flows = [make_flow(fp_body()[0]) for _ in range(3)]
         awaitables = [tap.response(flow) for flow in flows]
@@ -319,9 +323,10 @@ async def test_responses_wait_for_the_replacement_off_the_event_loop(
     assert len(out.read_text().splitlines()) == 3
 
 
+@pytest.mark.parametrize("settled_by", ["shutdown", "an option change"])
 @on_loop
-async def test_shutdown_waits_for_the_replacement_and_its_waiting_responses(
-    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_replacement_being_made_is_waited_for_with_its_waiting_response(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settled_by: str
 ) -> None:
     out = tmp_path / "out.jsonl"
     gate = Gate(monkeypatch)
@@ -329,44 +334,26 @@ async def test_shutdown_waits_for_the_replacement_and_its_waiting_responses(
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
         tap.running()
-        os.kill(worker_of(tap).proc.pid, signal.SIGKILL)
-        await until(lambda: gate.threads, "the replacement being made")
+        await gate.kill_worker(tap)
         flow = make_flow(fp_body()[0])
         assert tap.response(flow) is None
         threading.Timer(0.2, gate.open.set).start()
-        tap.done()  # blocks until the replacement is made, then writes its record
-        assert flow.metadata["fp"]["verdict"] == "trusted"
-        stats: dict[str, Any] = json.loads(tap.stats_command())
-        assert (stats["open_responses"], stats["written"]) == (1, {"jsonl": 1})
-    assert len(out.read_text().splitlines()) == 1
-
-
-@on_loop
-async def test_an_option_change_during_the_replacement_takes_its_waiting_responses(
-    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    out = tmp_path / "out.jsonl"
-    gate = Gate(monkeypatch)
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
-        tap.running()
-        os.kill(worker_of(tap).proc.pid, signal.SIGKILL)
-        await until(lambda: gate.threads, "the replacement being made")
-        flow = make_flow(fp_body()[0])
-        tap.response(flow)
-        threading.Timer(0.2, gate.open.set).start()
-        # Any change now replaces the pipeline: it waits for the replacement first.
-        tctx.configure(tap, fp_queue_size=500)
-        assert running_worker(tap)
+        if settled_by == "shutdown":
+            tap.done()  # blocks until the replacement is made, then writes the record
+            expected = 1
+        else:
+            # Any change now replaces the pipeline: it waits for the replacement first.
+            tctx.configure(tap, fp_queue_size=500)
+            assert running_worker(tap)
+            later = make_flow(fp_body()[0])
+            tap.response(later)
+            await until(lambda: "fp" in later.metadata, "the new worker's answer")
+            tap.done()
+            expected = 2
         assert flow.metadata["fp"]["verdict"] == "trusted", "the waiting response"
-        later = make_flow(fp_body()[0])
-        tap.response(later)
-        await until(lambda: "fp" in later.metadata, "the new worker's answer")
-        tap.done()
         stats: dict[str, Any] = json.loads(tap.stats_command())
-        assert (stats["open_responses"], stats["written"]) == (2, {"jsonl": 2})
-    assert len(out.read_text().splitlines()) == 2
+        assert (stats["open_responses"], stats["written"]) == (expected, {"jsonl": expected})
+    assert len(out.read_text().splitlines()) == expected
 
 
 @on_loop
@@ -533,8 +520,7 @@ async def test_a_replacement_that_hangs_is_given_up_at_shutdown_and_retired_late
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
         tap.running()
-        os.kill(worker_of(tap).proc.pid, signal.SIGKILL)
-        await until(lambda: gate.threads, "the replacement being made")
+        await gate.kill_worker(tap)
         held = tap.response(make_flow(fp_body()[0]))
         assert held is not None
         tap.done()
