@@ -402,7 +402,7 @@ class FingerprintTap:
         """After options refused with no rollback to follow: if that left nothing to inspect
         responses with (a worker that refused its first options), work in this process
         with what it has."""
-        if self.worker is not None or self.pipeline is not None or self._worker_wanted:
+        if self.worker or self.pipeline or self._worker_wanted or self._replacing:
             return
         try:
             self._run_in_process(_options())
@@ -440,9 +440,13 @@ class FingerprintTap:
         if updated & DELIVERY_OPTIONS:
             self._scrub_webhook_secret(opts)
         queue_size = self.queue_size = positive(opts, "fp_queue_size")
-        if "fp_worker" in updated or (self.pipeline is None and self.worker is None):
+        nothing = self.pipeline is None and self.worker is None and self._replacing is None
+        if "fp_worker" in updated or nothing:
             self._start_pipeline(opts)
         elif names := updated & PIPELINE_OPTIONS:
+            # A dead worker's replacement is waited for, then takes the change: other
+            # options (mitmproxy's own) leave it to be made off the event loop.
+            self._settle()
             if self.worker is not None:
                 self.worker.max_in_flight = queue_size
                 # Waits (blocking the event loop) for the worker to open the outputs, so
@@ -491,9 +495,12 @@ class FingerprintTap:
         view, and takes a change silently: the pipeline, which unseals and signs with
         them, here or in the worker process (which checks on its own), logs and counts.
         """
-        for change in await asyncio.to_thread(self._watches.check):
+        # Copies are checked, and put in use here with their values: the watches in use
+        # always go with the keys and secret in use (_in_use hands both to a pipeline).
+        checked = self._watches.copy()
+        for change in await asyncio.to_thread(checked.check):
             value = change.reload.value
-            if value is None or not self._watches.current(change):
+            if not self._watches.adopt(change, checked) or value is None:
                 continue
             if change.name == "keys":
                 self._adopt_keys(with_env_keys(value))
@@ -675,6 +682,10 @@ class FingerprintTap:
         """Send the parked webhook events again (in the background; see fp.stats)."""
         if not _options().fp_webhook_url:
             raise exceptions.CommandError("fp.resend: no webhook configured (fp_webhook_url)")
+        if self._replacing is not None:
+            raise exceptions.CommandError(
+                "fp.resend: the worker process is being replaced; try again in a moment"
+            )
         if self.worker is not None:
             self.worker.resend()
             return
@@ -796,9 +807,11 @@ class FingerprintTap:
                         worker_values, PIPELINE_OPTIONS, wait=True, timeout=WORKER_TIMEOUT
                     )
                     return worker
-                except ConfigError as exc:
-                    worker.close(drain=0)
-                    log.warning("fp-tap: %s; unsealing in mitmproxy's process", exc.message)
+                except Exception as exc:  # whatever stops it, the work goes on here
+                    why = exc.message if isinstance(exc, FpError) else type(exc).__name__
+                    with contextlib.suppress(Exception):
+                        worker.close(drain=0)
+                    log.warning("fp-tap: %s; unsealing in mitmproxy's process", why)
             return _in_process_pipeline(self.stats, SimpleNamespace(**values), in_use)
 
         future: concurrent.futures.Future[WorkerClient | Pipeline] = concurrent.futures.Future()
@@ -810,9 +823,12 @@ class FingerprintTap:
             self._replaced(future)
             return
 
-        def adopt_on_loop(done: concurrent.futures.Future[Any]) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: done() settles it
+        def adopt_on_loop(done: concurrent.futures.Future[WorkerClient | Pipeline]) -> None:
+            try:
                 loop.call_soon_threadsafe(self._replaced, done)
+            except RuntimeError:  # the loop closed (mitmproxy ended): nobody takes it
+                if done.exception() is None:
+                    _closer(done.result())()
 
         future.add_done_callback(adopt_on_loop)
         threading.Thread(
@@ -822,6 +838,13 @@ class FingerprintTap:
     def _replaced(self, future: concurrent.futures.Future[WorkerClient | Pipeline]) -> None:
         """Put what ``_replace`` made in use, on the event loop, and hand it the responses
         that waited for it."""
+        if self._replacing is not future:  # put in use by _settle already, or given up on
+            if future in self._abandoned:
+                self._abandoned.discard(future)
+                if future.exception() is None:
+                    self._background.run(_closer(future.result()))
+            return
+        self._replacing = None
         try:
             made: WorkerClient | Pipeline | None = future.result(timeout=0)
         except ConfigError as exc:
@@ -831,13 +854,6 @@ class FingerprintTap:
             self.stats.incr_group("errors", "internal")
             log.error("fp-tap: cannot replace the worker process: %s", type(exc).__name__)
             made = None
-        if self._replacing is not future:  # put in use by _settle already, or given up on
-            if future in self._abandoned:
-                self._abandoned.discard(future)
-                if made is not None:
-                    self._background.run(_closer(made))
-            return
-        self._replacing = None
         if isinstance(made, WorkerClient):
             made.attach()
             self.worker, self._worker_since = made, time.monotonic()
@@ -911,7 +927,7 @@ class FingerprintTap:
             log.warning(
                 "fp-tap: the worker process takes no more responses (%d waiting for it); "
                 "these are not inspected (%d so far)",
-                self.worker.in_flight if self.worker else 0,
+                self.worker.in_flight if self.worker else len(self._waiting),
                 self.stats.get("dropped"),
             )
 

@@ -183,6 +183,8 @@ class Watches:
 
     def __init__(self) -> None:
         self._by_name: dict[str, FileWatch[Any]] = {}
+        #: For a :meth:`copy`: the watch each of its watches was copied from.
+        self._origins: dict[str, FileWatch[Any]] = {}
 
     def get(self, name: str) -> FileWatch[Any] | None:
         return self._by_name.get(name)
@@ -201,6 +203,26 @@ class Watches:
             if (reload := watch.check()) is not None:
                 changes.append(FileChange(name, watch, reload))
         return changes
+
+    def copy(self) -> Watches:
+        """Copies of the watches, where each stands, to :meth:`check` in another thread
+        while these stay as they are: a watch moves on as it checks, and one that has
+        moved on before its new value is in use (which happens on another thread) would
+        make a copy of it, taken meanwhile, never report that value. :meth:`adopt` puts
+        a checked copy in use, together with its value."""
+        twin = Watches()
+        for name, watch in self._by_name.items():
+            twin._by_name[name], twin._origins[name] = watch.copy(), watch
+        return twin
+
+    def adopt(self, change: FileChange, checked: Watches) -> bool:
+        """Put the watch of ``change``, found by ``checked`` (a :meth:`copy` of these),
+        in use in place of the one it was copied from, if that one is still in use (an
+        option change may have replaced it meanwhile); whether it did."""
+        if self._by_name.get(change.name) is not checked._origins.get(change.name):
+            return False
+        self._by_name[change.name] = change.watch
+        return True
 
     def current(self, change: FileChange) -> bool:
         """Whether ``change`` comes from the watch in use (not one an option change

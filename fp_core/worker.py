@@ -111,6 +111,20 @@ class FrameReader:
         return frames
 
 
+def _pipes() -> tuple[int, int, int, int]:
+    """Two pipes (read end, write end, read end, write end), or :class:`ConfigError` (out
+    of file descriptors, on a busy proxy)."""
+    fds: list[int] = []
+    try:
+        for _ in range(2):
+            fds.extend(os.pipe())
+    except OSError as exc:
+        for fd in fds:
+            os.close(fd)
+        raise ConfigError(f"cannot start the worker process: {exc.strerror}") from None
+    return fds[0], fds[1], fds[2], fds[3]
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -182,8 +196,7 @@ class WorkerClient:
 
     def start(self) -> None:
         """Start the child; raises :class:`ConfigError` when it cannot be started."""
-        answers, to_parent = os.pipe()
-        requests, to_child = os.pipe()
+        answers, to_parent, requests, to_child = _pipes()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (ROOT, env.get("PYTHONPATH"))))
         try:

@@ -10,8 +10,10 @@ import logging
 import os
 import secrets
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mitmproxy import exceptions
@@ -452,3 +454,44 @@ def test_a_worker_refused_at_a_script_load_leaves_the_work_in_process(
         tap.done()
     assert "changed while being read" in caplog.text
     assert "fp-tap: unsealing in mitmproxy's process" in caplog.text
+
+
+@pytest.mark.parametrize("restart", [0, 1], ids=["in-process", "restart"])
+@on_loop
+async def test_a_worker_dying_while_the_addon_reads_a_rotated_key_file_keeps_the_new_key(
+    keyfile: Path, monkeypatch: pytest.MonkeyPatch, restart: int
+) -> None:
+    """The addon's watch must not move on before its keys do: a replacement made in
+    between takes both (copies), and would otherwise never see the rotation."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(
+            tap, fp_keys_file=str(keyfile), fp_secrets_reload=0, fp_worker_restart=restart
+        )
+        tap.running()
+        worker = tap.worker
+        assert worker is not None
+        assert worker.proc is not None
+        await asyncio.sleep(1.1 * restart)  # restart: it ran fp_worker_restart seconds
+        rotate(keyfile, NEW.to_base64())
+        checked, go_on = threading.Event(), threading.Event()
+        check = rotation_module.Watches.check
+
+        def slow_check(watches: rotation_module.Watches) -> Any:  # a slow secret file next
+            changes = check(watches)
+            checked.set()
+            assert go_on.wait(30)
+            return changes
+
+        monkeypatch.setattr(rotation_module.Watches, "check", slow_check)
+        reload = asyncio.ensure_future(tap.reload_files())
+        await until(checked.is_set, "the key file read in the thread")
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        await until(lambda: tap.pipeline is not None, "the switch to in-process work")
+        monkeypatch.setattr(rotation_module.Watches, "check", check)
+        go_on.set()
+        await reload
+        assert [k.key_id for k in tap.keys] == [NEW.key_id], "the addon took the new key"
+        await tap.reload_files()  # the next periodic check: the pipeline's own watch
+        assert verdict_for(tap, NEW) == "trusted"
+        tap.done()

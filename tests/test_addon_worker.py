@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mitmproxy import http
+from mitmproxy import exceptions, http
 from mitmproxy.addons import save
 from mitmproxy.log import LogEntry
 from mitmproxy.test import taddons
@@ -342,12 +342,14 @@ async def test_a_replacement_being_made_is_waited_for_with_its_waiting_response(
             tap.done()  # blocks until the replacement is made, then writes the record
             expected = 1
         else:
-            # Any change now replaces the pipeline: it waits for the replacement first.
+            # A change of fp-tap's options waits for the replacement, then applies to it:
+            # in this process (the worker ran less than fp_worker_restart seconds).
             tctx.configure(tap, fp_queue_size=500)
-            assert running_worker(tap)
-            later = make_flow(fp_body()[0])
-            tap.response(later)
-            await until(lambda: "fp" in later.metadata, "the new worker's answer")
+            assert tap.worker is None
+            assert tap.pipeline is gate.made[0]
+            assert tap.queue_size == 500
+            later = run_through(tap, make_flow(fp_body()[0]))
+            assert later.metadata["fp"]["verdict"] == "trusted"
             tap.done()
             expected = 2
         assert flow.metadata["fp"]["verdict"] == "trusted", "the waiting response"
@@ -531,3 +533,105 @@ async def test_a_replacement_that_hangs_is_given_up_at_shutdown_and_retired_late
         gate.open.set()
         await until(lambda: gate.made and gate.made[0]._closed, "made at last, retired unused")
         assert tap.pipeline is None
+
+
+@on_loop
+async def test_other_options_changed_during_a_replacement_leave_it_off_the_loop(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mitmproxy calls every addon's configure for its own options too: such a change
+    neither waits for the replacement nor throws it away for a worker started there."""
+    gate = Gate(monkeypatch)
+    monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.3)  # a wait would give up
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(tmp_path / "o.jsonl"))
+        tap.running()
+        await gate.kill_worker(tap)
+        tctx.configure(tap, websocket=False)  # mitmproxy's own option
+        assert tap._replacing is not None, "still being made: not waited for"
+        assert (tap.worker, tap.pipeline) == (None, None)
+        gate.open.set()
+        await until(lambda: tap.pipeline is not None, "the replacement in use")
+        assert tap.pipeline is gate.made[0]
+        assert tap.worker is None, "no worker against the crash-loop rule"
+        tap.done()
+
+
+@on_loop
+async def test_a_new_worker_that_cannot_get_its_pipes_gives_way_to_in_process_work(
+    keyfile: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_pipe = os.pipe
+
+    def pipe() -> tuple[int, int]:
+        if threading.current_thread().name == "fp-tap-replace":
+            raise OSError(24, "Too many open files")
+        return real_pipe()
+
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=1)
+        tap.running()
+        first = worker_of(tap)
+        await asyncio.sleep(1.1)
+        monkeypatch.setattr(os, "pipe", pipe)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        await until(lambda: tap.pipeline is not None, "the switch to in-process work")
+        monkeypatch.setattr(os, "pipe", real_pipe)
+        assert tap.worker is None
+        flow = run_through(tap, make_flow(fp_body()[0]))
+        assert flow.metadata["fp"]["verdict"] == "trusted"
+        tap.done()
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert stats.get("dropped", 0) == 0
+        assert stats["errors"] == {"worker_exit": 1}
+    assert "cannot start the worker process: Too many open files; unsealing in" in caplog.text
+
+
+def test_a_replacement_given_up_at_shutdown_is_closed_once_made_after_the_loop_closed(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mitmproxy closes its event loop right after done(): a replacement done() gave up
+    on is closed by the thread that made it."""
+    gate = Gate(monkeypatch)
+    monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.2)
+
+    async def mitmproxy_run() -> None:
+        tap = fp_addon.FingerprintTap()
+        with taddons.context(tap) as tctx:
+            tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(tmp_path / "o.jsonl"))
+            tap.running()
+            await gate.kill_worker(tap)
+            tap.done()  # gives up after REPLACEMENT_TIMEOUT
+
+    asyncio.run(mitmproxy_run())
+    gate.open.set()
+    deadline = time.monotonic() + 30
+    while not (gate.made and gate.made[0]._closed):
+        assert time.monotonic() < deadline, "the late replacement was never closed"
+        time.sleep(0.02)
+
+
+@on_loop
+async def test_fp_resend_during_a_replacement_says_to_try_again(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(monkeypatch)
+    tap = fp_addon.FingerprintTap()
+    monkeypatch.setenv(SECRET_ENV_VAR, "resend-secret")
+    with taddons.context(tap) as tctx:
+        tctx.configure(
+            tap,
+            fp_keys_file=str(keyfile),
+            fp_webhook_url="http://127.0.0.1:9/",
+            fp_state_dir=str(tmp_path / "state"),
+        )
+        tap.running()
+        await gate.kill_worker(tap)
+        with pytest.raises(exceptions.CommandError, match="being replaced; try again"):
+            tap.resend_command()
+        gate.open.set()
+        await until(lambda: tap.pipeline is not None, "the replacement in use")
+        tap.resend_command()  # now it goes through
+        tap.done()

@@ -10,7 +10,7 @@ import pytest
 
 from fp_core.errors import KeyConfigError
 from fp_core.keys import DecryptionKey
-from fp_core.rotation import FileWatch, key_file_watch, secret_file_watch
+from fp_core.rotation import FileWatch, Watches, key_file_watch, secret_file_watch
 from fp_core.webhook import WebhookConfigError
 from tests.e2e.conftest import secret_forms
 
@@ -199,3 +199,33 @@ def test_an_emptied_secret_file_keeps_the_secret_in_use(tmp_path: Path) -> None:
     assert "old-secret" not in reload.problem
     with pytest.raises(WebhookConfigError, match="cannot read"):
         watch.load()
+
+
+def test_checked_copies_leave_the_watches_in_use_until_adopted(keyfile: Path) -> None:
+    watches = Watches()
+    watches.set("keys", loaded(keyfile))
+    write(keyfile, NEW.to_base64())
+    checked = watches.copy()
+    (change,) = checked.check()
+    assert change.reload.value == [NEW]
+    # Not adopted yet: a copy made now (for a pipeline) still reports the rotation.
+    twin = watches.get("keys")
+    assert twin is not None
+    reload = twin.copy().check()
+    assert reload is not None
+    assert reload.value == [NEW]
+    assert watches.adopt(change, checked)
+    assert watches.get("keys") is change.watch
+    assert watches.copy().check() == [], "adopted: in use with its value"
+
+
+def test_a_checked_copy_is_not_adopted_over_a_newer_watch(keyfile: Path) -> None:
+    watches = Watches()
+    watches.set("keys", loaded(keyfile))
+    write(keyfile, NEW.to_base64())
+    checked = watches.copy()
+    (change,) = checked.check()
+    newer = key_file_watch(keyfile)
+    watches.set("keys", newer)  # an option change meanwhile
+    assert not watches.adopt(change, checked)
+    assert watches.get("keys") is newer

@@ -360,3 +360,23 @@ def test_a_shorter_check_interval_applies_at_once(
     )
     pump(client, lambda: client.stats.get("reloaded") == {"keys": 1}, "the reload", timeout=10)
     assert verdict(client, answers, new, 1) == "trusted"
+
+
+def test_a_worker_that_cannot_get_its_pipes_is_a_config_error_and_leaks_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_pipe, calls = os.pipe, []
+
+    def pipe() -> tuple[int, int]:
+        calls.append(1)
+        if len(calls) == 2:  # the second pipe: the first must be closed again
+            raise OSError(24, "Too many open files")
+        return real_pipe()
+
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "pipe", pipe)
+    client = WorkerClient(on_records=lambda _: None, on_exit=lambda _: None, max_in_flight=1)
+    with pytest.raises(ConfigError, match="cannot start the worker process: Too many open"):
+        client.start()
+    assert client.proc is None
+    assert set(os.listdir("/proc/self/fd")) == before
