@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -51,7 +51,13 @@ from fp_core.pipeline import (
 )
 from fp_core.pipeline import OPTIONS as PIPELINE_OPTIONS
 from fp_core.redact import PRESETS, REDACTED
-from fp_core.rotation import FileWatch, Watches, load_keys_watched, load_secret_watched
+from fp_core.rotation import (
+    FileChange,
+    FileWatch,
+    Watches,
+    load_keys_watched,
+    load_secret_watched,
+)
 from fp_core.scrub import Scrubber
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats, merge_counts, without_gauges
@@ -338,10 +344,10 @@ class FingerprintTap:
         self._worker_since = 0.0
         #: What replaces a dead worker, being made off the event loop (a new worker, or
         #: a pipeline in this process), and the responses that wait for it meanwhile.
-        self._replacing: concurrent.futures.Future[WorkerClient | Pipeline] | None = None
+        self._replacing: concurrent.futures.Future[_Replacement] | None = None
         self._waiting: list[tuple[http.HTTPFlow, ResponseInfo, asyncio.Future[None] | None]] = []
         #: Replacements given up on (they hung): retired unused if they ever come.
-        self._abandoned: set[concurrent.futures.Future[WorkerClient | Pipeline]] = set()
+        self._abandoned: set[concurrent.futures.Future[_Replacement]] = set()
 
     @property
     def writer(self) -> RecordWriter | None:
@@ -447,7 +453,11 @@ class FingerprintTap:
             # A dead worker's replacement is waited for, then takes the change: other
             # options (mitmproxy's own) leave it to be made off the event loop.
             self._settle()
-            if self.worker is not None:
+            if self.worker is None and self.pipeline is None:
+                # It failed, or was given up on: these options start one afresh (also
+                # after mitmproxy rolled back values it was being made with).
+                self._start_pipeline(opts)
+            elif self.worker is not None:
                 self.worker.max_in_flight = queue_size
                 # Waits (blocking the event loop) for the worker to open the outputs, so
                 # that a bad path is refused as an option error; the worker answers in
@@ -498,7 +508,17 @@ class FingerprintTap:
         # Copies are checked, and put in use here with their values: the watches in use
         # always go with the keys and secret in use (_in_use hands both to a pipeline).
         checked = self._watches.copy()
-        for change in await asyncio.to_thread(checked.check):
+        self._take_checked(checked, await asyncio.to_thread(checked.check))
+        pipeline = self.pipeline
+        if pipeline is None:
+            return []
+        changes = await asyncio.to_thread(pipeline.check_files)
+        return pipeline.take(changes) if pipeline is self.pipeline else []
+
+    def _take_checked(self, checked: Watches, changes: Sequence[FileChange]) -> None:
+        """Put in use what ``checked`` (a copy of this process's watches, checked in a
+        thread) found, each watch with its value."""
+        for change in changes:
             value = change.reload.value
             if not self._watches.adopt(change, checked) or value is None:
                 continue
@@ -508,11 +528,6 @@ class FingerprintTap:
             else:
                 self.secret = value
                 self.scrubber.pin(value.text())
-        pipeline = self.pipeline
-        if pipeline is None:
-            return []
-        changes = await asyncio.to_thread(pipeline.check_files)
-        return pipeline.take(changes) if pipeline is self.pipeline else []
 
     def _scrub_webhook_secret(self, opts: Any) -> None:
         # Read here to mask it in log lines (and watched while there is a webhook, to mask
@@ -532,13 +547,7 @@ class FingerprintTap:
 
     def _in_use(self) -> InUse:
         """The keys and secret this process has, for a pipeline in it to take as they are."""
-        keys, secret = self._watches.get("keys"), self._watches.get("webhook_secret")
-        return InUse(
-            keys=list(self.keys),
-            key_watch=keys.copy() if keys else None,
-            secret=self.secret,
-            secret_watch=secret.copy() if secret else None,
-        )
+        return _in_use_of(self.keys, self.secret, self._watches)
 
     def _start_pipeline(self, opts: Any) -> None:
         """Run the pipeline where ``fp_worker`` says, retiring the one running before
@@ -794,10 +803,24 @@ class FingerprintTap:
         """Start what takes over from a dead worker (a new one if ``restart``, else a
         pipeline in this process) off the event loop: both open the outputs, and a new
         worker takes a moment to start. Responses wait for it (``_waiting``)."""
-        values, in_use, queue_size = _values(opts), self._in_use(), self.queue_size
-        worker_values = self._worker_values(opts)
+        values, queue_size = _values(opts), self.queue_size
+        checked, keys, secret = self._watches.copy(), list(self.keys), self.secret
 
-        def make() -> WorkerClient | Pipeline:
+        def make() -> _Replacement:
+            # The files as they are now: the dead worker may have taken a rotation that
+            # this process has not checked yet, and its successor must start from it (put
+            # in use here too, on the loop, with the replacement).
+            changes = checked.check()
+            now_keys, now_secret = keys, secret
+            for change in changes:
+                if (value := change.reload.value) is None:
+                    continue
+                if change.name == "keys":
+                    now_keys = with_env_keys(value)
+                else:
+                    now_secret = value
+            in_use = _in_use_of(now_keys, now_secret, checked)
+            worker_values = values | {"fp_key_ids": [k.key_id for k in now_keys]}
             if restart:
                 worker = self._new_worker(queue_size)
                 try:
@@ -806,15 +829,16 @@ class FingerprintTap:
                     worker.configure(
                         worker_values, PIPELINE_OPTIONS, wait=True, timeout=WORKER_TIMEOUT
                     )
-                    return worker
+                    return _Replacement(worker, checked, changes)
                 except Exception as exc:  # whatever stops it, the work goes on here
                     why = exc.message if isinstance(exc, FpError) else type(exc).__name__
                     with contextlib.suppress(Exception):
                         worker.close(drain=0)
                     log.warning("fp-tap: %s; unsealing in mitmproxy's process", why)
-            return _in_process_pipeline(self.stats, SimpleNamespace(**values), in_use)
+            pipeline = _in_process_pipeline(self.stats, SimpleNamespace(**values), in_use)
+            return _Replacement(pipeline, checked, changes)
 
-        future: concurrent.futures.Future[WorkerClient | Pipeline] = concurrent.futures.Future()
+        future: concurrent.futures.Future[_Replacement] = concurrent.futures.Future()
         self._replacing = future
         try:
             loop = asyncio.get_running_loop()
@@ -823,37 +847,39 @@ class FingerprintTap:
             self._replaced(future)
             return
 
-        def adopt_on_loop(done: concurrent.futures.Future[WorkerClient | Pipeline]) -> None:
+        def adopt_on_loop(done: concurrent.futures.Future[_Replacement]) -> None:
             try:
                 loop.call_soon_threadsafe(self._replaced, done)
             except RuntimeError:  # the loop closed (mitmproxy ended): nobody takes it
                 if done.exception() is None:
-                    _closer(done.result())()
+                    done.result().close()
 
         future.add_done_callback(adopt_on_loop)
         threading.Thread(
             target=_complete, args=(future, make), name="fp-tap-replace", daemon=True
         ).start()
 
-    def _replaced(self, future: concurrent.futures.Future[WorkerClient | Pipeline]) -> None:
+    def _replaced(self, future: concurrent.futures.Future[_Replacement]) -> None:
         """Put what ``_replace`` made in use, on the event loop, and hand it the responses
         that waited for it."""
         if self._replacing is not future:  # put in use by _settle already, or given up on
             if future in self._abandoned:
                 self._abandoned.discard(future)
                 if future.exception() is None:
-                    self._background.run(_closer(future.result()))
+                    self._background.run(future.result().close)
             return
         self._replacing = None
+        made: WorkerClient | Pipeline | None = None
         try:
-            made: WorkerClient | Pipeline | None = future.result(timeout=0)
+            replacement = future.result(timeout=0)
         except ConfigError as exc:
             log.error("fp-tap: cannot carry on in mitmproxy's process: %s", exc.message)
-            made = None
         except Exception as exc:
             self.stats.incr_group("errors", "internal")
             log.error("fp-tap: cannot replace the worker process: %s", type(exc).__name__)
-            made = None
+        else:
+            self._take_checked(replacement.checked, replacement.changes)
+            made = replacement.made
         if isinstance(made, WorkerClient):
             made.attach()
             self.worker, self._worker_since = made, time.monotonic()
@@ -1080,11 +1106,29 @@ def _complete[T](future: concurrent.futures.Future[T], make: Callable[[], T]) ->
         future.set_exception(exc)
 
 
-def _closer(made: WorkerClient | Pipeline) -> Callable[[], None]:
-    def close() -> None:
-        made.close(0)
+@dataclass
+class _Replacement:
+    """What takes over from a dead worker, made off the event loop, and the check of this
+    process's files made for it (put in use with it, on the loop)."""
 
-    return close
+    made: WorkerClient | Pipeline
+    checked: Watches
+    changes: list[FileChange]
+
+    def close(self) -> None:
+        self.made.close(0)
+
+
+def _in_use_of(
+    keys: Sequence[DecryptionKey], secret: WebhookSecret | None, watches: Watches
+) -> InUse:
+    key_watch, secret_watch = watches.get("keys"), watches.get("webhook_secret")
+    return InUse(
+        keys=list(keys),
+        key_watch=key_watch.copy() if key_watch else None,
+        secret=secret,
+        secret_watch=secret_watch.copy() if secret_watch else None,
+    )
 
 
 def _has_outputs(opts: Any) -> bool:

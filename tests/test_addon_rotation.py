@@ -331,12 +331,12 @@ async def test_a_dead_worker_hands_over_the_keys_in_use(keyfile: Path) -> None:
 
 
 @on_loop
-async def test_a_restarted_worker_that_reads_other_keys_gives_way_to_the_keys_in_use(
+async def test_a_restarted_worker_that_cannot_read_the_key_file_gives_way_to_the_keys_in_use(
     keyfile: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The dead worker's replacement reads the key file, rewritten since this process
-    read it (and not checked again: fp_secrets_reload=0): refused, and the work goes on
-    in this process with the keys in use."""
+    """The dead worker's successor finds the key file caught half-written (and this
+    process has not checked it: fp_secrets_reload=0): it cannot start with it, and the
+    work goes on in this process with the keys in use."""
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=1, fp_secrets_reload=0)
@@ -345,15 +345,14 @@ async def test_a_restarted_worker_that_reads_other_keys_gives_way_to_the_keys_in
         assert worker is not None
         assert worker.proc is not None
         await asyncio.sleep(1.1)
-        rotate(keyfile, NEW.to_base64())
+        rotate(keyfile, NEW.to_base64()[:30])
         os.kill(worker.proc.pid, signal.SIGKILL)
         await until(lambda: tap.pipeline is not None, "the switch to in-process work")
         assert tap.worker is None
         assert verdict_for(tap, KEY) == "trusted", "the keys this process read"
         tap.done()
     assert "starting a new one" in caplog.text
-    assert "changed while being read" in caplog.text
-    assert "unsealing in mitmproxy's process" in caplog.text
+    assert "line 1: decodes to 22 bytes, an AES-256 key is 32; unsealing in" in caplog.text
     no_key_in(caplog.text)
 
 
@@ -466,7 +465,11 @@ async def test_a_worker_dying_while_the_addon_reads_a_rotated_key_file_keeps_the
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(
-            tap, fp_keys_file=str(keyfile), fp_secrets_reload=0, fp_worker_restart=restart
+            tap,
+            fp_keys_file=str(keyfile),
+            fp_secrets_reload=0,
+            fp_worker_restart=restart,
+            fp_hold=True,
         )
         tap.running()
         worker = tap.worker
@@ -479,19 +482,73 @@ async def test_a_worker_dying_while_the_addon_reads_a_rotated_key_file_keeps_the
 
         def slow_check(watches: rotation_module.Watches) -> Any:  # a slow secret file next
             changes = check(watches)
-            checked.set()
-            assert go_on.wait(30)
+            if not checked.is_set():  # the addon's own check, not the replacement's
+                checked.set()
+                assert go_on.wait(30)
             return changes
 
         monkeypatch.setattr(rotation_module.Watches, "check", slow_check)
         reload = asyncio.ensure_future(tap.reload_files())
         await until(checked.is_set, "the key file read in the thread")
         os.kill(worker.proc.pid, signal.SIGKILL)
-        await until(lambda: tap.pipeline is not None, "the switch to in-process work")
-        monkeypatch.setattr(rotation_module.Watches, "check", check)
+        await until(lambda: tap.worker not in (None, worker) or tap.pipeline, "replaced")
+        assert (tap.worker is not None) == bool(restart)
         go_on.set()
         await reload
         assert [k.key_id for k in tap.keys] == [NEW.key_id], "the addon took the new key"
         await tap.reload_files()  # the next periodic check: the pipeline's own watch
-        assert verdict_for(tap, NEW) == "trusted"
+        held = tap.response(flow := make_flow(fp_body(key=NEW)[0]))
+        if held is not None:
+            await asyncio.wait_for(held, 30)
+        assert flow.metadata["fp"]["verdict"] == "trusted"
         tap.done()
+
+
+@on_loop
+async def test_a_worker_dying_after_a_rotation_the_addon_has_not_checked_yet_is_restarted(
+    keyfile: Path,
+) -> None:
+    """The worker checks the file on its own: it may have taken a rotation this process
+    has not seen yet. Its successor starts from the file as it is, not refused for it."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=1, fp_secrets_reload=60)
+        tap.running()
+        first = tap.worker
+        assert first is not None
+        assert first.proc is not None
+        await asyncio.sleep(1.1)
+        rotate(keyfile, NEW.to_base64(), KEY.to_base64())
+        os.kill(first.proc.pid, signal.SIGKILL)
+        await until(lambda: tap.worker not in (None, first) or tap.pipeline, "replaced")
+        assert tap.worker is not None, "it ran fp_worker_restart seconds: a new worker"
+        assert [k.key_id for k in tap.keys] == [NEW.key_id, KEY.key_id], "taken here too"
+        held = tap.response(make_flow(fp_body(key=NEW)[0]))
+        assert held is None
+        tap.done()
+        stats = json.loads(tap.stats_command())
+        assert stats["verdicts"] == {"trusted": 1}
+
+
+@on_loop
+async def test_one_rotation_is_counted_once_across_a_replacement(keyfile: Path) -> None:
+    """The worker took a rotation and died before this process checked the file: the
+    in-process replacement starts from the file as it is, and does not take it again."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_secrets_reload=1)
+        tap.running()
+        assert tap._ticker is not None
+        tap._ticker.cancel()  # this process's own check has not come round yet
+        first = tap.worker
+        assert first is not None
+        assert first.proc is not None
+        rotate(keyfile, NEW.to_base64(), KEY.to_base64())
+        await until(lambda: first.stats.get("reloaded") == {"keys": 1}, "the worker took it")
+        os.kill(first.proc.pid, signal.SIGKILL)
+        await until(lambda: tap.pipeline is not None, "the in-process replacement")
+        await tap.reload_files()
+        assert verdict_for(tap, NEW) == "trusted"
+        stats = json.loads(tap.stats_command())
+        tap.done()
+    assert stats["reloaded"] == {"keys": 1}, "one rotation"

@@ -635,3 +635,61 @@ async def test_fp_resend_during_a_replacement_says_to_try_again(
         await until(lambda: tap.pipeline is not None, "the replacement in use")
         tap.resend_command()  # now it goes through
         tap.done()
+
+
+@on_loop
+async def test_an_option_change_that_gives_up_on_a_replacement_starts_one_afresh(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(monkeypatch)
+    monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.2)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(tmp_path / "o.jsonl"))
+        tap.running()
+        await gate.kill_worker(tap)
+        tctx.configure(tap, fp_max_age=20)  # accepted, after giving up on the replacement
+        assert (tap.worker, tap.pipeline) != (None, None), "something inspects"
+        gate.open.set()
+        await until(lambda: gate.made and gate.made[0]._closed, "the late one retired")
+        assert tap.worker is not None or tap.pipeline is not gate.made[0]
+        flow = make_flow(fp_body()[0])
+        tap.response(flow)
+        await until(lambda: "fp" in flow.metadata, "the annotation")
+        tap.done()
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert stats.get("dropped", 0) == 0
+
+
+def zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited (and is not reaped yet)."""
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state in ("Z", "X")
+
+
+@on_loop
+async def test_a_worker_death_during_a_refused_option_change_leaves_the_old_options_running(
+    keyfile: Path, tmp_path: Path
+) -> None:
+    good = tmp_path / "o.jsonl"
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(good))
+        tap.running()
+        worker = worker_of(tap)
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not zombie(worker.proc.pid):  # dead, not yet noticed by the event loop
+            assert time.monotonic() < deadline, "the worker did not die"
+            time.sleep(0.01)
+        with pytest.raises(exceptions.OptionsError):
+            # As mitmproxy's set command does: one update, rolled back once when refused.
+            tctx.options.update(fp_jsonl=str(tmp_path / "no" / "such" / "dir.jsonl"))
+        assert tctx.options.fp_jsonl == str(good), "rolled back"
+        await until(lambda: tap._replacing is None, "the replacement settled")
+        assert (tap.worker, tap.pipeline) != (None, None), "the rolled-back options run"
+        flow = make_flow(fp_body()[0])
+        tap.response(flow)
+        await until(lambda: "fp" in flow.metadata, "the annotation")
+        tap.done()
+    assert len(good.read_text().splitlines()) == 1
