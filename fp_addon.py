@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -1106,14 +1106,18 @@ def _complete[T](future: concurrent.futures.Future[T], make: Callable[[], T]) ->
         future.set_exception(exc)
 
 
-@dataclass
 class _Replacement:
     """What takes over from a dead worker, made off the event loop, and the check of this
     process's files made for it (put in use with it, on the loop)."""
 
-    made: WorkerClient | Pipeline
-    checked: Watches
-    changes: list[FileChange]
+    # Not a dataclass: mitmproxy loads this file without a sys.modules entry, which
+    # dataclasses need to resolve postponed annotations.
+    __slots__ = ("changes", "checked", "made")
+
+    def __init__(
+        self, made: WorkerClient | Pipeline, checked: Watches, changes: list[FileChange]
+    ) -> None:
+        self.made, self.checked, self.changes = made, checked, changes
 
     def close(self) -> None:
         self.made.close(0)
