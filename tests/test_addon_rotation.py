@@ -42,6 +42,20 @@ def verdict_for(tap: fp_addon.FingerprintTap, key: DecryptionKey) -> str:
     return str(record["verdict"] if record["ok"] else record["error"]["kind"])
 
 
+async def rotate_and_kill(
+    tap: fp_addon.FingerprintTap, keyfile: Path, *lines: str, ran: float = 0
+) -> WorkerClient:
+    """Let the tap's worker run ``ran`` seconds, rewrite the key file with ``lines``, and
+    kill the worker (which this process has not seen take the file); the worker."""
+    worker = tap.worker
+    assert worker is not None
+    assert worker.proc is not None
+    await asyncio.sleep(ran)
+    rotate(keyfile, *lines)
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    return worker
+
+
 def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
@@ -320,11 +334,7 @@ async def test_a_dead_worker_hands_over_the_keys_in_use(keyfile: Path) -> None:
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
         tap.running()
-        worker = tap.worker
-        assert worker is not None
-        assert worker.proc is not None
-        rotate(keyfile, NEW.to_base64()[:30])
-        os.kill(worker.proc.pid, signal.SIGKILL)
+        await rotate_and_kill(tap, keyfile, NEW.to_base64()[:30])
         await until(lambda: tap.pipeline is not None, "the switch to in-process work")
         assert verdict_for(tap, KEY) == "trusted"
         tap.done()
@@ -341,12 +351,7 @@ async def test_a_restarted_worker_that_cannot_read_the_key_file_gives_way_to_the
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=1, fp_secrets_reload=0)
         tap.running()
-        worker = tap.worker
-        assert worker is not None
-        assert worker.proc is not None
-        await asyncio.sleep(1.1)
-        rotate(keyfile, NEW.to_base64()[:30])
-        os.kill(worker.proc.pid, signal.SIGKILL)
+        await rotate_and_kill(tap, keyfile, NEW.to_base64()[:30], ran=1.1)
         await until(lambda: tap.pipeline is not None, "the switch to in-process work")
         assert tap.worker is None
         assert verdict_for(tap, KEY) == "trusted", "the keys this process read"
@@ -514,12 +519,7 @@ async def test_a_worker_dying_after_a_rotation_the_addon_has_not_checked_yet_is_
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=1, fp_secrets_reload=60)
         tap.running()
-        first = tap.worker
-        assert first is not None
-        assert first.proc is not None
-        await asyncio.sleep(1.1)
-        rotate(keyfile, NEW.to_base64(), KEY.to_base64())
-        os.kill(first.proc.pid, signal.SIGKILL)
+        first = await rotate_and_kill(tap, keyfile, NEW.to_base64(), KEY.to_base64(), ran=1.1)
         await until(lambda: tap.worker not in (None, first) or tap.pipeline, "replaced")
         assert tap.worker is not None, "it ran fp_worker_restart seconds: a new worker"
         assert [k.key_id for k in tap.keys] == [NEW.key_id, KEY.key_id], "taken here too"

@@ -8,6 +8,7 @@ or before the hook's awaitable completes when the response is held.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -15,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,19 @@ class Gate:
 
         monkeypatch.setattr(fp_addon, "_in_process_pipeline", held)
 
+    @contextlib.asynccontextmanager
+    async def replacing(
+        self, keyfile: Path, **options: Any
+    ) -> AsyncIterator[tuple[fp_addon.FingerprintTap, Any]]:
+        """A tap running with ``options`` whose worker was just killed: its replacement
+        is being made, and held here until :attr:`open` is set."""
+        tap = fp_addon.FingerprintTap()
+        with taddons.context(tap) as tctx:
+            tctx.configure(tap, fp_keys_file=str(keyfile), **options)
+            tap.running()
+            await self.kill_worker(tap)
+            yield tap, tctx
+
     async def kill_worker(self, tap: fp_addon.FingerprintTap) -> None:
         """Kill the tap's worker; return once its replacement is being made (and held)."""
         os.kill(worker_of(tap).proc.pid, signal.SIGKILL)
@@ -298,11 +312,7 @@ async def test_responses_wait_for_the_replacement_off_the_event_loop(
 ) -> None:
     out = tmp_path / "out.jsonl"
     gate = Gate(monkeypatch)
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out), fp_hold=hold)
-        tap.running()
-        await gate.kill_worker(tap)
+    async with gate.replacing(keyfile, fp_jsonl=str(out), fp_hold=hold) as (tap, _tctx):
         assert gate.threads[0] is not threading.main_thread(), "not on the event loop"
         flows = [make_flow(fp_body()[0]) for _ in range(3)]
         awaitables = [tap.response(flow) for flow in flows]
@@ -330,11 +340,7 @@ async def test_a_replacement_being_made_is_waited_for_with_its_waiting_response(
 ) -> None:
     out = tmp_path / "out.jsonl"
     gate = Gate(monkeypatch)
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
-        tap.running()
-        await gate.kill_worker(tap)
+    async with gate.replacing(keyfile, fp_jsonl=str(out)) as (tap, tctx):
         flow = make_flow(fp_body()[0])
         assert tap.response(flow) is None
         threading.Timer(0.2, gate.open.set).start()
@@ -518,11 +524,7 @@ async def test_a_replacement_that_hangs_is_given_up_at_shutdown_and_retired_late
 ) -> None:
     gate = Gate(monkeypatch)
     monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.2)
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
-        tap.running()
-        await gate.kill_worker(tap)
+    async with gate.replacing(keyfile, fp_hold=True) as (tap, _tctx):
         held = tap.response(make_flow(fp_body()[0]))
         assert held is not None
         tap.done()
@@ -543,11 +545,7 @@ async def test_other_options_changed_during_a_replacement_leave_it_off_the_loop(
     neither waits for the replacement nor throws it away for a worker started there."""
     gate = Gate(monkeypatch)
     monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.3)  # a wait would give up
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(tmp_path / "o.jsonl"))
-        tap.running()
-        await gate.kill_worker(tap)
+    async with gate.replacing(keyfile, fp_jsonl=str(tmp_path / "o.jsonl")) as (tap, tctx):
         tctx.configure(tap, websocket=False)  # mitmproxy's own option
         assert tap._replacing is not None, "still being made: not waited for"
         assert (tap.worker, tap.pipeline) == (None, None)
@@ -598,11 +596,7 @@ def test_a_replacement_given_up_at_shutdown_is_closed_once_made_after_the_loop_c
     monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.2)
 
     async def mitmproxy_run() -> None:
-        tap = fp_addon.FingerprintTap()
-        with taddons.context(tap) as tctx:
-            tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(tmp_path / "o.jsonl"))
-            tap.running()
-            await gate.kill_worker(tap)
+        async with gate.replacing(keyfile, fp_jsonl=str(tmp_path / "o.jsonl")) as (tap, _tctx):
             tap.done()  # gives up after REPLACEMENT_TIMEOUT
 
     asyncio.run(mitmproxy_run())
@@ -643,11 +637,7 @@ async def test_an_option_change_that_gives_up_on_a_replacement_starts_one_afresh
 ) -> None:
     gate = Gate(monkeypatch)
     monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.2)
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(tmp_path / "o.jsonl"))
-        tap.running()
-        await gate.kill_worker(tap)
+    async with gate.replacing(keyfile, fp_jsonl=str(tmp_path / "o.jsonl")) as (tap, tctx):
         tctx.configure(tap, fp_max_age=20)  # accepted, after giving up on the replacement
         assert (tap.worker, tap.pipeline) != (None, None), "something inspects"
         gate.open.set()
