@@ -344,10 +344,10 @@ class FingerprintTap:
         self._worker_since = 0.0
         #: What replaces a dead worker, being made off the event loop (a new worker, or
         #: a pipeline in this process), and the responses that wait for it meanwhile.
-        self._replacing: concurrent.futures.Future[_Replacement] | None = None
+        self._replacing: concurrent.futures.Future[WorkerClient | Pipeline] | None = None
         self._waiting: list[tuple[http.HTTPFlow, ResponseInfo, asyncio.Future[None] | None]] = []
         #: Replacements given up on (they hung): retired unused if they ever come.
-        self._abandoned: set[concurrent.futures.Future[_Replacement]] = set()
+        self._abandoned: set[concurrent.futures.Future[WorkerClient | Pipeline]] = set()
 
     @property
     def writer(self) -> RecordWriter | None:
@@ -803,42 +803,32 @@ class FingerprintTap:
         """Start what takes over from a dead worker (a new one if ``restart``, else a
         pipeline in this process) off the event loop: both open the outputs, and a new
         worker takes a moment to start. Responses wait for it (``_waiting``)."""
-        values, queue_size = _values(opts), self.queue_size
-        checked, keys, secret = self._watches.copy(), list(self.keys), self.secret
+        values, queue_size, in_use = _values(opts), self.queue_size, self._in_use()
+        probe, keys = self._watches.copy(), list(self.keys)
 
-        def make() -> _Replacement:
-            # The files as they are now: the dead worker may have taken a rotation that
-            # this process has not checked yet, and its successor must start from it (put
-            # in use here too, on the loop, with the replacement).
-            changes = checked.check()
-            now_keys, now_secret = keys, secret
-            for change in changes:
-                if (value := change.reload.value) is None:
-                    continue
-                if change.name == "keys":
-                    now_keys = with_env_keys(value)
-                else:
-                    now_secret = value
-            in_use = _in_use_of(now_keys, now_secret, checked)
-            worker_values = values | {"fp_key_ids": [k.key_id for k in now_keys]}
+        def make() -> WorkerClient | Pipeline:
             if restart:
                 worker = self._new_worker(queue_size)
                 try:
                     # In this thread, without the event loop: attached once adopted.
                     worker.start()
                     worker.configure(
-                        worker_values, PIPELINE_OPTIONS, wait=True, timeout=WORKER_TIMEOUT
+                        self._successor_values(values, probe, keys),
+                        PIPELINE_OPTIONS,
+                        wait=True,
+                        timeout=WORKER_TIMEOUT,
                     )
-                    return _Replacement(worker, checked, changes)
+                    return worker
                 except Exception as exc:  # whatever stops it, the work goes on here
                     why = exc.message if isinstance(exc, FpError) else type(exc).__name__
                     with contextlib.suppress(Exception):
                         worker.close(drain=0)
                     log.warning("fp-tap: %s; unsealing in mitmproxy's process", why)
-            pipeline = _in_process_pipeline(self.stats, SimpleNamespace(**values), in_use)
-            return _Replacement(pipeline, checked, changes)
+            # With what this process has, and its watches as they stand: the pipeline
+            # then reports (and takes) whatever changed in the files since, as it would.
+            return _in_process_pipeline(self.stats, SimpleNamespace(**values), in_use)
 
-        future: concurrent.futures.Future[_Replacement] = concurrent.futures.Future()
+        future: concurrent.futures.Future[WorkerClient | Pipeline] = concurrent.futures.Future()
         self._replacing = future
         try:
             loop = asyncio.get_running_loop()
@@ -847,39 +837,36 @@ class FingerprintTap:
             self._replaced(future)
             return
 
-        def adopt_on_loop(done: concurrent.futures.Future[_Replacement]) -> None:
+        def adopt_on_loop(done: concurrent.futures.Future[WorkerClient | Pipeline]) -> None:
             try:
                 loop.call_soon_threadsafe(self._replaced, done)
             except RuntimeError:  # the loop closed (mitmproxy ended): nobody takes it
                 if done.exception() is None:
-                    done.result().close()
+                    _close(done.result())
 
         future.add_done_callback(adopt_on_loop)
         threading.Thread(
             target=_complete, args=(future, make), name="fp-tap-replace", daemon=True
         ).start()
 
-    def _replaced(self, future: concurrent.futures.Future[_Replacement]) -> None:
+    def _replaced(self, future: concurrent.futures.Future[WorkerClient | Pipeline]) -> None:
         """Put what ``_replace`` made in use, on the event loop, and hand it the responses
         that waited for it."""
         if self._replacing is not future:  # put in use by _settle already, or given up on
             if future in self._abandoned:
                 self._abandoned.discard(future)
                 if future.exception() is None:
-                    self._background.run(future.result().close)
+                    self._background.run(functools.partial(_close, future.result()))
             return
         self._replacing = None
         made: WorkerClient | Pipeline | None = None
         try:
-            replacement = future.result(timeout=0)
+            made = future.result(timeout=0)
         except ConfigError as exc:
             log.error("fp-tap: cannot carry on in mitmproxy's process: %s", exc.message)
         except Exception as exc:
             self.stats.incr_group("errors", "internal")
             log.error("fp-tap: cannot replace the worker process: %s", type(exc).__name__)
-        else:
-            self._take_checked(replacement.checked, replacement.changes)
-            made = replacement.made
         if isinstance(made, WorkerClient):
             made.attach()
             self.worker, self._worker_since = made, time.monotonic()
@@ -888,6 +875,25 @@ class FingerprintTap:
         elif made is not None:
             self.pipeline = made
         self._hand_over_waiting()
+
+    def _successor_values(
+        self, values: dict[str, Any], probe: Watches, keys: list[DecryptionKey]
+    ) -> dict[str, Any]:
+        """The options of a dead worker's successor, which reads the files itself, with
+        the ids of the keys the key file holds now: the dead worker may have taken a
+        rotation this process has not checked yet. ``probe`` is a throwaway copy of this
+        process's watches (which take the change on their own, at their next check);
+        what it finds is masked in log lines before the successor uses it."""
+        for change in probe.check():
+            if (value := change.reload.value) is None:
+                continue
+            if change.name == "keys":
+                keys = with_env_keys(value)
+            else:
+                self.scrubber.pin(value.text())
+        for key in keys:
+            self.scrubber.add_key(key.raw())
+        return values | {"fp_key_ids": [k.key_id for k in keys]}
 
     def _settle(self) -> None:
         """Wait (blocking) for a replacement being made, and put it in use: before options
@@ -1106,21 +1112,8 @@ def _complete[T](future: concurrent.futures.Future[T], make: Callable[[], T]) ->
         future.set_exception(exc)
 
 
-class _Replacement:
-    """What takes over from a dead worker, made off the event loop, and the check of this
-    process's files made for it (put in use with it, on the loop)."""
-
-    # Not a dataclass: mitmproxy loads this file without a sys.modules entry, which
-    # dataclasses need to resolve postponed annotations.
-    __slots__ = ("changes", "checked", "made")
-
-    def __init__(
-        self, made: WorkerClient | Pipeline, checked: Watches, changes: list[FileChange]
-    ) -> None:
-        self.made, self.checked, self.changes = made, checked, changes
-
-    def close(self) -> None:
-        self.made.close(0)
+def _close(made: WorkerClient | Pipeline) -> None:
+    made.close(0)
 
 
 def _in_use_of(

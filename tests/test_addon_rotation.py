@@ -26,7 +26,7 @@ from fp_core.webhook import SECRET_ENV_VAR, WebhookSecret
 from fp_core.worker import WorkerClient
 from tests.e2e.conftest import secret_forms
 from tests.test_addon import KEY, fp_body, make_flow, run
-from tests.test_addon_worker import annotated, on_loop, until
+from tests.test_addon_worker import Gate, annotated, on_loop, until
 
 NEW = DecryptionKey.generate()
 
@@ -522,7 +522,8 @@ async def test_a_worker_dying_after_a_rotation_the_addon_has_not_checked_yet_is_
         first = await rotate_and_kill(tap, keyfile, NEW.to_base64(), KEY.to_base64(), ran=1.1)
         await until(lambda: tap.worker not in (None, first) or tap.pipeline, "replaced")
         assert tap.worker is not None, "it ran fp_worker_restart seconds: a new worker"
-        assert [k.key_id for k in tap.keys] == [NEW.key_id, KEY.key_id], "taken here too"
+        masked = tap.scrubber.scrub(f"{NEW.to_base64()} {NEW.raw().hex()}")
+        no_key_in(masked)  # masked in log lines before the new worker used it
         held = tap.response(make_flow(fp_body(key=NEW)[0]))
         assert held is None
         tap.done()
@@ -531,9 +532,12 @@ async def test_a_worker_dying_after_a_rotation_the_addon_has_not_checked_yet_is_
 
 
 @on_loop
-async def test_one_rotation_is_counted_once_across_a_replacement(keyfile: Path) -> None:
-    """The worker took a rotation and died before this process checked the file: the
-    in-process replacement starts from the file as it is, and does not take it again."""
+async def test_a_rotation_the_dead_worker_took_is_taken_again_by_its_successor(
+    keyfile: Path,
+) -> None:
+    """Each process counts what it takes: the in-process successor starts from what this
+    process has (it had not checked the file yet) and takes the rotation, and counts it,
+    as the dead worker had. Counted twice, rather than a change nobody reports."""
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_secrets_reload=1)
@@ -551,4 +555,88 @@ async def test_one_rotation_is_counted_once_across_a_replacement(keyfile: Path) 
         assert verdict_for(tap, NEW) == "trusted"
         stats = json.loads(tap.stats_command())
         tap.done()
-    assert stats["reloaded"] == {"keys": 1}, "one rotation"
+    assert stats["reloaded"] == {"keys": 2}, "the worker's and its successor's"
+
+
+THIRD = DecryptionKey.generate()
+
+
+@on_loop
+async def test_keys_a_successor_starts_with_are_masked_whatever_this_process_took_since(
+    keyfile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotation taken here while the successor is being made: every key either of
+    them uses is masked in log lines."""
+    gate = Gate(monkeypatch)
+    async with gate.replacing(keyfile, fp_worker_restart=0, fp_secrets_reload=0) as (tap, _):
+        rotate(keyfile, THIRD.to_base64())
+        await tap.reload_files()
+        assert [k.key_id for k in tap.keys] == [THIRD.key_id]
+        gate.open.set()
+        await until(lambda: tap.pipeline is not None, "the in-process successor")
+        pipeline = tap.pipeline
+        assert pipeline is not None
+        used = [*(pipeline.keys or ()), *tap.keys]
+        text = " ".join(k.to_base64() for k in used)
+        tap.done()
+    assert used
+    assert all(k.to_base64().rstrip("=") not in tap.scrubber.scrub(text) for k in used)
+
+
+@pytest.mark.parametrize("content", ["half-written", "rotated"])
+@on_loop
+async def test_a_change_nobody_took_before_the_worker_died_is_reported_by_its_successor(
+    keyfile: Path, caplog: pytest.LogCaptureFixture, content: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=0, fp_secrets_reload=60)
+        tap.running()
+        assert tap._ticker is not None
+        tap._ticker.cancel()
+        line = NEW.to_base64()[:30] if content == "half-written" else NEW.to_base64()
+        await rotate_and_kill(tap, keyfile, line)
+        await until(lambda: tap.pipeline is not None, "the in-process successor")
+        await tap.reload_files()
+        stats = json.loads(tap.stats_command())
+        tap.done()
+    if content == "half-written":
+        assert stats["errors"] == {"worker_exit": 1, "keys_reload": 1}
+        assert messages(caplog, "keeping the 1 key(s) in use")
+    else:
+        assert stats["reloaded"] == {"keys": 1}
+        assert messages(caplog, f"changed: 1 decryption key(s): {NEW.key_id}")
+
+
+@on_loop
+async def test_a_webhook_secret_a_restarted_worker_reads_is_masked_here_first(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The successor reads the rotated secret file itself, which this process has not
+    checked yet (fp_secrets_reload=0): the secret is masked in log lines before it signs."""
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
+    first, second = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    path = tmp_path / "webhook.secret"
+    rotate(path, first)
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(
+            tap,
+            fp_keys_file=str(keyfile),
+            fp_worker_restart=1,
+            fp_secrets_reload=0,
+            fp_webhook_url="http://127.0.0.1:9/hook",
+            fp_webhook_secret_file=str(path),
+            fp_state_dir=str(tmp_path / "state"),
+        )
+        tap.running()
+        worker = tap.worker
+        assert worker is not None
+        assert worker.proc is not None
+        await asyncio.sleep(1.1)
+        rotate(path, second)
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        await until(lambda: tap.worker not in (None, worker), "a new worker")
+        assert second not in tap.scrubber.scrub(f"signing with {second}")
+        tap.done()
