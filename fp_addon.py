@@ -547,7 +547,13 @@ class FingerprintTap:
 
     def _in_use(self) -> InUse:
         """The keys and secret this process has, for a pipeline in it to take as they are."""
-        return _in_use_of(self.keys, self.secret, self._watches)
+        keys, secret = self._watches.get("keys"), self._watches.get("webhook_secret")
+        return InUse(
+            keys=list(self.keys),
+            key_watch=keys.copy() if keys else None,
+            secret=self.secret,
+            secret_watch=secret.copy() if secret else None,
+        )
 
     def _start_pipeline(self, opts: Any) -> None:
         """Run the pipeline where ``fp_worker`` says, retiring the one running before
@@ -1114,18 +1120,6 @@ def _complete[T](future: concurrent.futures.Future[T], make: Callable[[], T]) ->
 
 def _close(made: WorkerClient | Pipeline) -> None:
     made.close(0)
-
-
-def _in_use_of(
-    keys: Sequence[DecryptionKey], secret: WebhookSecret | None, watches: Watches
-) -> InUse:
-    key_watch, secret_watch = watches.get("keys"), watches.get("webhook_secret")
-    return InUse(
-        keys=list(keys),
-        key_watch=key_watch.copy() if key_watch else None,
-        secret=secret,
-        secret_watch=secret_watch.copy() if secret_watch else None,
-    )
 
 
 def _has_outputs(opts: Any) -> bool:
