@@ -51,13 +51,7 @@ from fp_core.pipeline import (
 )
 from fp_core.pipeline import OPTIONS as PIPELINE_OPTIONS
 from fp_core.redact import PRESETS, REDACTED
-from fp_core.rotation import (
-    FileChange,
-    FileWatch,
-    Watches,
-    load_keys_watched,
-    load_secret_watched,
-)
+from fp_core.rotation import FileWatch, Watches, load_keys_watched, load_secret_watched
 from fp_core.scrub import Scrubber
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats, merge_counts, without_gauges
@@ -346,8 +340,6 @@ class FingerprintTap:
         #: a pipeline in this process), and the responses that wait for it meanwhile.
         self._replacing: concurrent.futures.Future[WorkerClient | Pipeline] | None = None
         self._waiting: list[tuple[http.HTTPFlow, ResponseInfo, asyncio.Future[None] | None]] = []
-        #: Replacements given up on (they hung): retired unused if they ever come.
-        self._abandoned: set[concurrent.futures.Future[WorkerClient | Pipeline]] = set()
 
     @property
     def writer(self) -> RecordWriter | None:
@@ -508,17 +500,7 @@ class FingerprintTap:
         # Copies are checked, and put in use here with their values: the watches in use
         # always go with the keys and secret in use (_in_use hands both to a pipeline).
         checked = self._watches.copy()
-        self._take_checked(checked, await asyncio.to_thread(checked.check))
-        pipeline = self.pipeline
-        if pipeline is None:
-            return []
-        changes = await asyncio.to_thread(pipeline.check_files)
-        return pipeline.take(changes) if pipeline is self.pipeline else []
-
-    def _take_checked(self, checked: Watches, changes: Sequence[FileChange]) -> None:
-        """Put in use what ``checked`` (a copy of this process's watches, checked in a
-        thread) found, each watch with its value."""
-        for change in changes:
+        for change in await asyncio.to_thread(checked.check):
             value = change.reload.value
             if not self._watches.adopt(change, checked) or value is None:
                 continue
@@ -528,6 +510,11 @@ class FingerprintTap:
             else:
                 self.secret = value
                 self.scrubber.pin(value.text())
+        pipeline = self.pipeline
+        if pipeline is None:
+            return []
+        changes = await asyncio.to_thread(pipeline.check_files)
+        return pipeline.take(changes) if pipeline is self.pipeline else []
 
     def _scrub_webhook_secret(self, opts: Any) -> None:
         # Read here to mask it in log lines (and watched while there is a webhook, to mask
@@ -744,24 +731,13 @@ class FingerprintTap:
             return None
         if self._worker_wanted:
             self._spawn_wanted()
-        worker = self.worker
-        if worker is None:
-            if self.pipeline is None:
-                if self._replacing is not None:
-                    return self._wait_for_replacement(flow, info)
-                # Neither a worker nor a pipeline: the worker died and the fallback could
-                # not start (logged then). Counted, until an option change starts one.
-                self.stats.incr("dropped")
-                return None
-            record = self.pipeline.inspect(info)
-            if record is not None:
-                self._show(flow, record)
+        if self.worker is None:
+            if self.pipeline is None and self._replacing is not None:
+                return self._wait_for_replacement(flow, info)
+            self._hand_over(flow, info, None, late=False)
             return None
         held = asyncio.get_running_loop().create_future() if self.hold else None
-        if worker.submit(info, (flow, held)):
-            return held
-        self._dropped(1)
-        return None
+        return held if self._hand_over(flow, info, held, late=False) else None
 
     def _on_records(self, records: Records) -> None:
         """Answers from the worker process, on the event loop."""
@@ -859,10 +835,6 @@ class FingerprintTap:
         """Put what ``_replace`` made in use, on the event loop, and hand it the responses
         that waited for it."""
         if self._replacing is not future:  # put in use by _settle already, or given up on
-            if future in self._abandoned:
-                self._abandoned.discard(future)
-                if future.exception() is None:
-                    self._background.run(functools.partial(_close, future.result()))
             return
         self._replacing = None
         made: WorkerClient | Pipeline | None = None
@@ -912,9 +884,15 @@ class FingerprintTap:
             self._replaced(future)
             return
         self._replacing = None  # it hangs: what it makes later is retired unused
-        self._abandoned.add(future)
+        future.add_done_callback(self._retire)
         log.error("fp-tap: gave up waiting for the worker process's replacement")
         self._hand_over_waiting()
+
+    def _retire(self, future: concurrent.futures.Future[WorkerClient | Pipeline]) -> None:
+        """Close a replacement given up on, once made (in the background: this runs on
+        whichever thread completes it)."""
+        if future.exception() is None:
+            self._background.run(functools.partial(_close, future.result()))
 
     def _wait_for_replacement(
         self, flow: http.HTTPFlow, info: ResponseInfo
@@ -927,31 +905,44 @@ class FingerprintTap:
         return held
 
     def _hand_over_waiting(self) -> None:
-        """The responses that waited for the replacement: to whatever inspects them now."""
+        """The responses that waited for the replacement: to whatever inspects them now
+        (the hook of one that is not held has returned: its annotation comes late)."""
         waiting, self._waiting = self._waiting, []
         for flow, info, held in waiting:
-            self._hand_over(flow, info, held)
+            try:
+                self._hand_over(flow, info, held, late=held is None)
+            except Exception as exc:  # as the response hook does
+                self.stats.incr_group("errors", "internal")
+                log.warning("fp-tap: internal error on flow %s: %s", flow.id, type(exc).__name__)
+                if held is not None and not held.done():
+                    held.set_result(None)
 
     def _hand_over(
-        self, flow: http.HTTPFlow, info: ResponseInfo, held: asyncio.Future[None] | None
-    ) -> None:
+        self,
+        flow: http.HTTPFlow,
+        info: ResponseInfo,
+        held: asyncio.Future[None] | None,
+        *,
+        late: bool,
+    ) -> bool:
+        """Have ``info`` inspected by whatever does that now; whether ``held`` waits for
+        the worker's answer (else it is released here)."""
         worker, pipeline = self.worker, self.pipeline
-        try:
-            if worker is not None:
-                if worker.submit(info, (flow, held)):
-                    return  # released with its answer
-                self._dropped(1)
-            elif pipeline is not None:
-                record = pipeline.inspect(info)
-                if record is not None:
-                    self._show(flow, record, late=held is None)
-            else:
-                self.stats.incr("dropped")
-        except Exception as exc:
-            self.stats.incr_group("errors", "internal")
-            log.warning("fp-tap: internal error on flow %s: %s", flow.id, type(exc).__name__)
+        if worker is not None:
+            if worker.submit(info, (flow, held)):
+                return True
+            self._dropped(1)
+        elif pipeline is not None:
+            record = pipeline.inspect(info)
+            if record is not None:
+                self._show(flow, record, late=late)
+        else:
+            # Neither a worker nor a pipeline: the worker died and the fallback could not
+            # start (logged then). Counted, until an option change starts one.
+            self.stats.incr("dropped")
         if held is not None and not held.done():
             held.set_result(None)
+        return False
 
     def _release(self, contexts: Iterable[Any]) -> None:
         for _, held in contexts:

@@ -43,15 +43,16 @@ def verdict_for(tap: fp_addon.FingerprintTap, key: DecryptionKey) -> str:
 
 
 async def rotate_and_kill(
-    tap: fp_addon.FingerprintTap, keyfile: Path, *lines: str, ran: float = 0
+    tap: fp_addon.FingerprintTap, path: Path, *lines: str, ran: float = 0
 ) -> WorkerClient:
-    """Let the tap's worker run ``ran`` seconds, rewrite the key file with ``lines``, and
-    kill the worker (which this process has not seen take the file); the worker."""
+    """Let the tap's worker run ``ran`` seconds, rewrite the file at ``path`` (keys or a
+    webhook secret) with ``lines``, and kill the worker (which this process has not seen
+    take the file); the worker."""
     worker = tap.worker
     assert worker is not None
     assert worker.proc is not None
     await asyncio.sleep(ran)
-    rotate(keyfile, *lines)
+    rotate(path, *lines)
     os.kill(worker.proc.pid, signal.SIGKILL)
     return worker
 
@@ -209,20 +210,24 @@ async def test_the_watch_checks_every_interval_and_never_at_zero(
 
 @contextlib.contextmanager
 def webhook_addon(
-    keyfile: Path, secret_file: Path, secret: str
+    keyfile: Path, secret_file: Path, secret: str, **options: Any
 ) -> Iterator[tuple[fp_addon.FingerprintTap, taddons.context]]:
-    """The addon in-process, with a webhook nobody answers (events wait in the spool)
-    signed with ``secret``, written into ``secret_file``."""
+    """The addon (in-process unless ``options`` say otherwise), with a webhook nobody
+    answers (events wait in the spool) signed with ``secret``, written into
+    ``secret_file``."""
     rotate(secret_file, secret)
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(
             tap,
-            fp_keys_file=str(keyfile),
-            fp_worker=False,
-            fp_webhook_url="http://127.0.0.1:9/hook",
-            fp_webhook_secret_file=str(secret_file),
-            fp_state_dir=str(secret_file.parent / "state"),
+            **{
+                "fp_keys_file": str(keyfile),
+                "fp_worker": False,
+                "fp_webhook_url": "http://127.0.0.1:9/hook",
+                "fp_webhook_secret_file": str(secret_file),
+                "fp_state_dir": str(secret_file.parent / "state"),
+                **options,
+            },
         )
         yield tap, tctx
 
@@ -617,26 +622,10 @@ async def test_a_webhook_secret_a_restarted_worker_reads_is_masked_here_first(
     checked yet (fp_secrets_reload=0): the secret is masked in log lines before it signs."""
     monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
     first, second = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    path = tmp_path / "webhook.secret"
-    rotate(path, first)
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(
-            tap,
-            fp_keys_file=str(keyfile),
-            fp_worker_restart=1,
-            fp_secrets_reload=0,
-            fp_webhook_url="http://127.0.0.1:9/hook",
-            fp_webhook_secret_file=str(path),
-            fp_state_dir=str(tmp_path / "state"),
-        )
+    options = {"fp_worker": True, "fp_worker_restart": 1, "fp_secrets_reload": 0}
+    with webhook_addon(keyfile, tmp_path / "webhook.secret", first, **options) as (tap, _):
         tap.running()
-        worker = tap.worker
-        assert worker is not None
-        assert worker.proc is not None
-        await asyncio.sleep(1.1)
-        rotate(path, second)
-        os.kill(worker.proc.pid, signal.SIGKILL)
+        worker = await rotate_and_kill(tap, tmp_path / "webhook.secret", second, ran=1.1)
         await until(lambda: tap.worker not in (None, worker), "a new worker")
         assert second not in tap.scrubber.scrub(f"signing with {second}")
         tap.done()

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +84,7 @@ async def test_the_answer_reaches_the_flow_after_the_hook_returns(
     keyfile: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out.jsonl"
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
+    with tap_with(keyfile, fp_jsonl=str(out)) as (tap, _tctx):
         assert tap.worker is not None, "outputs configured: the worker runs already"
         assert tap.pipeline is None
         flows = [make_flow(fp_body()[0]), make_flow(hostile_bodies()["decrypt_failed"])]
@@ -110,9 +108,7 @@ async def test_the_answer_reaches_the_flow_after_the_hook_returns(
 
 @on_loop
 async def test_a_held_response_waits_for_its_annotation(keyfile: Path) -> None:
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+    with tap_with(keyfile, fp_hold=True) as (tap, _tctx):
         tap.running()
         flow = make_flow(fp_body()[0])
         held = tap.response(flow)
@@ -130,9 +126,7 @@ async def test_an_answer_that_cannot_be_shown_still_releases_its_held_response(
 ) -> None:
     """A failure while annotating one answer must neither hold its response forever
     nor stop the answers after it in the same batch."""
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+    with tap_with(keyfile, fp_hold=True) as (tap, _tctx):
         tap.running()
         broken, fine = make_flow(fp_body()[0]), make_flow(fp_body()[0])
         annotate = fp_addon._annotate
@@ -171,9 +165,7 @@ async def test_saving_flows_holds_responses(tmp_path: Path) -> None:
 
 @on_loop
 async def test_without_outputs_the_worker_starts_with_mitmproxy(keyfile: Path) -> None:
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile))
+    with tap_with(keyfile) as (tap, _tctx):
         assert not running_worker(tap), "no process for an option check"
         tap.running()
         assert running_worker(tap)
@@ -184,9 +176,7 @@ async def test_without_outputs_the_worker_starts_with_mitmproxy(keyfile: Path) -
 async def test_a_dead_worker_is_replaced_by_in_process_work(
     keyfile: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+    with tap_with(keyfile, fp_hold=True) as (tap, _tctx):
         tap.running()
         await annotated(tap, make_flow(fp_body()[0]))
         worker = worker_of(tap)
@@ -214,9 +204,7 @@ async def test_a_worker_that_dies_after_running_long_enough_is_restarted(
 ) -> None:
     caplog.set_level(logging.INFO, logger="fp_addon")
     out = tmp_path / "out.jsonl"
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out), fp_worker_restart=1)
+    with tap_with(keyfile, fp_jsonl=str(out), fp_worker_restart=1) as (tap, _tctx):
         tap.running()
         first = worker_of(tap)
         tap.response(make_flow(fp_body()[0]))
@@ -248,9 +236,7 @@ async def test_a_new_worker_that_dies_at_once_gives_way_to_in_process_work(
 ) -> None:
     """A crash loop: the replacement dies before fp_worker_restart seconds, so the next
     replacement is a pipeline in mitmproxy's process."""
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=1)
+    with tap_with(keyfile, fp_worker_restart=1) as (tap, _tctx):
         tap.running()
         first = worker_of(tap)
         await asyncio.sleep(1.1)
@@ -266,6 +252,18 @@ async def test_a_new_worker_that_dies_at_once_gives_way_to_in_process_work(
         assert stats["restarted"] == {"worker": 1}
         tap.done()
     assert "it ran less than 1 s: unsealing in mitmproxy's process" in caplog.text
+
+
+@contextlib.contextmanager
+def tap_with(
+    keyfile: Path, **options: Any
+) -> Iterator[tuple[fp_addon.FingerprintTap, taddons.context]]:
+    """The addon, configured with the key file and ``options``, in mitmproxy's test
+    master."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), **options)
+        yield tap, tctx
 
 
 class Gate:
@@ -292,9 +290,7 @@ class Gate:
     ) -> AsyncIterator[tuple[fp_addon.FingerprintTap, Any]]:
         """A tap running with ``options`` whose worker was just killed: its replacement
         is being made, and held here until :attr:`open` is set."""
-        tap = fp_addon.FingerprintTap()
-        with taddons.context(tap) as tctx:
-            tctx.configure(tap, fp_keys_file=str(keyfile), **options)
+        with tap_with(keyfile, **options) as (tap, tctx):
             tap.running()
             await self.kill_worker(tap)
             yield tap, tctx
@@ -367,9 +363,7 @@ async def test_a_replacement_being_made_is_waited_for_with_its_waiting_response(
 @on_loop
 async def test_switching_fp_worker_off_and_on(keyfile: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(out))
+    with tap_with(keyfile, fp_jsonl=str(out)) as (tap, tctx):
         tap.response(make_flow(fp_body()[0]))
         await until(lambda: tap.worker is not None and not tap.worker.in_flight, "answer")
         tctx.configure(tap, fp_worker=False)
@@ -440,9 +434,7 @@ async def test_resend_reaches_the_worker(
 async def test_a_worker_too_far_behind_costs_inspections_not_the_proxy(
     keyfile: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_queue_size=2)
+    with tap_with(keyfile, fp_queue_size=2) as (tap, _tctx):
         tap.running()
         worker = worker_of(tap)
         os.kill(worker.proc.pid, signal.SIGSTOP)
@@ -500,9 +492,7 @@ async def test_what_the_pipe_cannot_take_goes_when_the_event_loop_says_it_can(
     keyfile: Path,
 ) -> None:
     bodies = [fp_body(pad_to=600_000)[0] for _ in range(6)]  # ~180 KB each, sealed
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile))
+    with tap_with(keyfile) as (tap, _tctx):
         tap.running()
         worker = worker_of(tap)
         os.kill(worker.proc.pid, signal.SIGSTOP)
@@ -567,9 +557,7 @@ async def test_a_new_worker_that_cannot_get_its_pipes_gives_way_to_in_process_wo
             raise OSError(24, "Too many open files")
         return real_pipe()
 
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=1)
+    with tap_with(keyfile, fp_worker_restart=1) as (tap, _tctx):
         tap.running()
         first = worker_of(tap)
         await asyncio.sleep(1.1)
@@ -662,9 +650,7 @@ async def test_a_worker_death_during_a_refused_option_change_leaves_the_old_opti
     keyfile: Path, tmp_path: Path
 ) -> None:
     good = tmp_path / "o.jsonl"
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(tap, fp_keys_file=str(keyfile), fp_jsonl=str(good))
+    with tap_with(keyfile, fp_jsonl=str(good)) as (tap, tctx):
         tap.running()
         worker = worker_of(tap)
         os.kill(worker.proc.pid, signal.SIGKILL)
