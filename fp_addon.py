@@ -339,6 +339,8 @@ class FingerprintTap:
         #: What replaces a dead worker, being made off the event loop (a new worker, or
         #: a pipeline in this process), and the responses that wait for it meanwhile.
         self._replacing: concurrent.futures.Future[WorkerClient | Pipeline] | None = None
+        #: ``_replacing`` when it makes the first worker (no dead one: nothing restarted).
+        self._first_start: concurrent.futures.Future[WorkerClient | Pipeline] | None = None
         self._waiting: list[tuple[http.HTTPFlow, ResponseInfo, asyncio.Future[None] | None]] = []
 
     @property
@@ -363,7 +365,7 @@ class FingerprintTap:
         self._filter_logs()  # handlers added after the script was loaded
         self._running = True
         if self._worker_wanted:
-            self._spawn_wanted()
+            self._start_wanted()
         # Only an interactive tool shows flows; telling it about late annotations
         # costs a hook dispatch to every addon, which mitmdump can do without.
         self._has_view = ctx.master.addons.get("view") is not None
@@ -592,14 +594,13 @@ class FingerprintTap:
         worker.on_exit = functools.partial(self._on_worker_exit, worker)
         return worker
 
-    def _spawn_wanted(self) -> None:
-        """The worker put off until mitmproxy runs; if it refuses its options there is no
-        option to refuse: carry on in this process."""
-        try:
-            self._spawn_worker(_options())
-        except ConfigError as exc:
-            log.warning("fp-tap: %s; unsealing in mitmproxy's process", exc.message)
-            self._run_in_process(_options())
+    def _start_wanted(self) -> None:
+        """The worker put off until mitmproxy runs, started off the event loop (mitmproxy
+        listens already; the process takes 100-200 ms to answer) as a dead worker's
+        successor is, responses waiting for it meanwhile. If it cannot start or refuses
+        its options, there is no option to refuse: the work goes on in this process."""
+        self._worker_wanted = False
+        self._replace(_options(), restart=True, first=True)
 
     def _worker_values(self, opts: Any) -> dict[str, Any]:
         """The option values for the worker, and the ids (not the values) of the keys this
@@ -686,7 +687,7 @@ class FingerprintTap:
             raise exceptions.CommandError("fp.resend: no webhook configured (fp_webhook_url)")
         if self._replacing is not None:
             raise exceptions.CommandError(
-                "fp.resend: the worker process is being replaced; try again in a moment"
+                "fp.resend: the worker process is starting or being replaced; try again in a moment"
             )
         if self.worker is not None:
             self.worker.resend()
@@ -730,7 +731,7 @@ class FingerprintTap:
         if info is None:
             return None
         if self._worker_wanted:
-            self._spawn_wanted()
+            self._start_wanted()
         if self.worker is None:
             if self.pipeline is None and self._replacing is not None:
                 return self._wait_for_replacement(flow, info)
@@ -781,10 +782,11 @@ class FingerprintTap:
         self.worker = None
         self._replace(opts, restart)
 
-    def _replace(self, opts: Any, restart: bool) -> None:
+    def _replace(self, opts: Any, restart: bool, first: bool = False) -> None:
         """Start what takes over from a dead worker (a new one if ``restart``, else a
         pipeline in this process) off the event loop: both open the outputs, and a new
-        worker takes a moment to start. Responses wait for it (``_waiting``)."""
+        worker takes a moment to start. Responses wait for it (``_waiting``). ``first``:
+        no worker died, this is the one put off until mitmproxy runs."""
         values, queue_size, in_use = _values(opts), self.queue_size, self._in_use()
         probe, keys = self._watches.copy(), list(self.keys)
 
@@ -812,6 +814,7 @@ class FingerprintTap:
 
         future: concurrent.futures.Future[WorkerClient | Pipeline] = concurrent.futures.Future()
         self._replacing = future
+        self._first_start = future if first else None
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # a hook called by hand, not by mitmproxy on its loop
@@ -836,7 +839,8 @@ class FingerprintTap:
         that waited for it."""
         if self._replacing is not future:  # put in use by _settle already, or given up on
             return
-        self._replacing = None
+        first = future is self._first_start
+        self._replacing = self._first_start = None
         made: WorkerClient | Pipeline | None = None
         try:
             made = future.result(timeout=0)
@@ -844,12 +848,14 @@ class FingerprintTap:
             log.error("fp-tap: cannot carry on in mitmproxy's process: %s", exc.message)
         except Exception as exc:
             self.stats.incr_group("errors", "internal")
-            log.error("fp-tap: cannot replace the worker process: %s", type(exc).__name__)
+            what = "start" if first else "replace"
+            log.error("fp-tap: cannot %s the worker process: %s", what, type(exc).__name__)
         if isinstance(made, WorkerClient):
             made.attach()
             self.worker, self._worker_since = made, time.monotonic()
-            self.stats.incr_group("restarted", "worker")
-            log.info("fp-tap: a new worker process runs")
+            if not first:
+                self.stats.incr_group("restarted", "worker")
+                log.info("fp-tap: a new worker process runs")
         elif made is not None:
             self.pipeline = made
         self._hand_over_waiting()

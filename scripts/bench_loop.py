@@ -42,6 +42,8 @@ from scripts.harness import temporary_key_file
 
 #: How long the worker may take to answer a batch (it takes well under a second).
 ANSWER_TIMEOUT_S = 60.0
+#: How long the worker may take to start (100-200 ms here).
+START_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,7 @@ async def _measure(
             with taddons.context(termlog, tap) as tctx:  # type: ignore[no-untyped-call]
                 tctx.configure(tap, fp_keys_file=str(key_file), **case.options)
                 tap.running()
+                await _started(tap)
                 root.setLevel(logging.INFO)  # as mitmdump has it
                 try:
                     return await _rounds(tap, case, key, count, rounds)
@@ -127,6 +130,16 @@ async def _measure(
             for handler in [h for h in root.handlers if h not in handlers]:
                 root.removeHandler(handler)
             root.setLevel(level)
+
+
+async def _started(tap: fp_addon.FingerprintTap) -> None:
+    """Wait for what the running hook starts off the event loop (the worker, or work in
+    this process if it cannot start)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while tap.worker is None and tap.pipeline is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the worker process did not start")
+        await asyncio.sleep(0.005)
 
 
 async def _rounds(

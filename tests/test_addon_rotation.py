@@ -26,7 +26,7 @@ from fp_core.webhook import SECRET_ENV_VAR, WebhookSecret
 from fp_core.worker import WorkerClient
 from tests.e2e.conftest import secret_forms
 from tests.test_addon import KEY, fp_body, make_flow, run
-from tests.test_addon_worker import Gate, annotated, on_loop, until
+from tests.test_addon_worker import Gate, annotated, on_loop, started, until
 
 NEW = DecryptionKey.generate()
 
@@ -158,7 +158,7 @@ async def test_the_worker_takes_the_new_keys(keyfile: Path, caplog) -> None:
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True, fp_secrets_reload=1)
-        tap.running()
+        await started(tap)
         assert tap.worker is not None
         flow = make_flow(fp_body(key=NEW)[0])
         await annotated(tap, flow)
@@ -322,7 +322,7 @@ async def test_a_worker_that_refuses_its_first_options_leaves_the_work_in_proces
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
         rotate(keyfile, NEW.to_base64()[:30])
-        tap.running()
+        await started(tap)
         assert tap.worker is None
         assert tap.pipeline is not None
         assert verdict_for(tap, KEY) == "trusted"
@@ -338,7 +338,7 @@ async def test_a_dead_worker_hands_over_the_keys_in_use(keyfile: Path) -> None:
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
-        tap.running()
+        await started(tap)
         await rotate_and_kill(tap, keyfile, NEW.to_base64()[:30])
         await until(lambda: tap.pipeline is not None, "the switch to in-process work")
         assert verdict_for(tap, KEY) == "trusted"
@@ -355,7 +355,7 @@ async def test_a_restarted_worker_that_cannot_read_the_key_file_gives_way_to_the
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=1, fp_secrets_reload=0)
-        tap.running()
+        await started(tap)
         await rotate_and_kill(tap, keyfile, NEW.to_base64()[:30], ran=1.1)
         await until(lambda: tap.pipeline is not None, "the switch to in-process work")
         assert tap.worker is None
@@ -376,7 +376,7 @@ async def test_switching_the_worker_on_while_the_key_file_is_refused_is_refused(
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False)
-        tap.running()
+        await started(tap)
         rotate(keyfile, NEW.to_base64()[:30])
         assert await tap.reload_files() == []
         with pytest.raises(exceptions.OptionsError, match="line 1: decodes to 22 bytes"):
@@ -481,7 +481,7 @@ async def test_a_worker_dying_while_the_addon_reads_a_rotated_key_file_keeps_the
             fp_worker_restart=restart,
             fp_hold=True,
         )
-        tap.running()
+        await started(tap)
         worker = tap.worker
         assert worker is not None
         assert worker.proc is not None
@@ -523,7 +523,7 @@ async def test_a_worker_dying_after_a_rotation_the_addon_has_not_checked_yet_is_
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=1, fp_secrets_reload=60)
-        tap.running()
+        await started(tap)
         first = await rotate_and_kill(tap, keyfile, NEW.to_base64(), KEY.to_base64(), ran=1.1)
         await until(lambda: tap.worker not in (None, first) or tap.pipeline, "replaced")
         assert tap.worker is not None, "it ran fp_worker_restart seconds: a new worker"
@@ -546,7 +546,7 @@ async def test_a_rotation_the_dead_worker_took_is_taken_again_by_its_successor(
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_secrets_reload=1)
-        tap.running()
+        await started(tap)
         assert tap._ticker is not None
         tap._ticker.cancel()  # this process's own check has not come round yet
         first = tap.worker
@@ -597,7 +597,7 @@ async def test_a_change_nobody_took_before_the_worker_died_is_reported_by_its_su
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker_restart=0, fp_secrets_reload=60)
-        tap.running()
+        await started(tap)
         assert tap._ticker is not None
         tap._ticker.cancel()
         line = NEW.to_base64()[:30] if content == "half-written" else NEW.to_base64()
@@ -624,7 +624,7 @@ async def test_a_webhook_secret_a_restarted_worker_reads_is_masked_here_first(
     first, second = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     options = {"fp_worker": True, "fp_worker_restart": 1, "fp_secrets_reload": 0}
     with webhook_addon(keyfile, tmp_path / "webhook.secret", first, **options) as (tap, _):
-        tap.running()
+        await started(tap)
         worker = await rotate_and_kill(tap, tmp_path / "webhook.secret", second, ran=1.1)
         await until(lambda: tap.worker not in (None, worker), "a new worker")
         assert second not in tap.scrubber.scrub(f"signing with {second}")

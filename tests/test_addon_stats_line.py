@@ -12,7 +12,7 @@ from mitmproxy.test import taddons
 
 import fp_addon
 from tests.test_addon import fp_body, make_flow, run
-from tests.test_addon_worker import on_loop, until
+from tests.test_addon_worker import on_loop, started, until
 
 PREFIX = "fp-tap stats: "
 
@@ -34,7 +34,7 @@ async def test_the_counters_are_logged_every_interval(
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False, fp_stats_every=1)
-        tap.running()
+        await started(tap)
         run(tap, make_flow(fp_body()[0]))
         await until(lambda: len(stats_lines(caplog)) >= 2, "two stats lines")
         first = stats_lines(caplog)[0]
@@ -56,7 +56,7 @@ async def test_off_by_default(keyfile: Path, monkeypatch, caplog) -> None:
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False)
-        tap.running()
+        await started(tap)
         await asyncio.sleep(0.5)
         tap.done()
     assert stats_lines(caplog) == []

@@ -54,6 +54,13 @@ def on_loop[**P](test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, No
     return run
 
 
+async def started(tap: fp_addon.FingerprintTap) -> None:
+    """mitmproxy's ``running`` hook, then the wait for what it starts off the event loop:
+    the worker put off until then (or, when it cannot start, work in this process)."""
+    tap.running()
+    await until(lambda: tap.worker is not None or tap.pipeline is not None, "the worker")
+
+
 async def annotated(tap: fp_addon.FingerprintTap, flow: http.HTTPFlow) -> None:
     """Hand ``flow`` to the response hook, which must hold it (``fp_hold``), and wait
     until its annotation is there."""
@@ -109,7 +116,7 @@ async def test_the_answer_reaches_the_flow_after_the_hook_returns(
 @on_loop
 async def test_a_held_response_waits_for_its_annotation(keyfile: Path) -> None:
     with tap_with(keyfile, fp_hold=True) as (tap, _tctx):
-        tap.running()
+        await started(tap)
         flow = make_flow(fp_body()[0])
         held = tap.response(flow)
         assert held is not None
@@ -127,7 +134,7 @@ async def test_an_answer_that_cannot_be_shown_still_releases_its_held_response(
     """A failure while annotating one answer must neither hold its response forever
     nor stop the answers after it in the same batch."""
     with tap_with(keyfile, fp_hold=True) as (tap, _tctx):
-        tap.running()
+        await started(tap)
         broken, fine = make_flow(fp_body()[0]), make_flow(fp_body()[0])
         annotate = fp_addon._annotate
 
@@ -163,13 +170,42 @@ async def test_saving_flows_holds_responses(tmp_path: Path) -> None:
         assert not holding(tap)
 
 
+@pytest.mark.parametrize("hold", [True, False], ids=["held", "not-held"])
 @on_loop
-async def test_without_outputs_the_worker_starts_with_mitmproxy(keyfile: Path) -> None:
-    with tap_with(keyfile) as (tap, _tctx):
+async def test_without_outputs_the_worker_starts_with_mitmproxy_off_the_event_loop(
+    keyfile: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, hold: bool
+) -> None:
+    """mitmproxy listens before its running hook: the worker, which takes 100-200 ms to
+    start, is started in a thread, and responses that come meanwhile wait for it."""
+    caplog.set_level(logging.INFO, logger="fp_addon")
+    threads: list[str] = []
+    start = WorkerClient.start
+
+    def recorded(worker: WorkerClient) -> None:
+        threads.append(threading.current_thread().name)
+        start(worker)
+
+    monkeypatch.setattr(WorkerClient, "start", recorded)
+    with tap_with(keyfile, fp_hold=hold) as (tap, _tctx):
         assert not running_worker(tap), "no process for an option check"
         tap.running()
-        assert running_worker(tap)
+        assert not running_worker(tap), "running() returned before the worker answered"
+        early = make_flow(fp_body()[0])
+        held = tap.response(early)
+        assert (held is not None) == hold
+        assert "fp" not in early.metadata
+        await until(lambda: running_worker(tap), "the worker")
+        assert threads == ["fp-tap-replace"], "started off the event loop, once"
+        assert tap.pipeline is None
+        if held is not None:
+            await asyncio.wait_for(held, 30)
+        await until(lambda: "fp" in early.metadata, "the early response's annotation")
+        assert early.metadata["fp"]["verdict"] == "trusted"
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert "restarted" not in stats, "a first start, not a restart"
+        assert "dropped" not in stats
         tap.done()
+    assert "new worker" not in caplog.text
 
 
 @on_loop
@@ -177,7 +213,7 @@ async def test_a_dead_worker_is_replaced_by_in_process_work(
     keyfile: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with tap_with(keyfile, fp_hold=True) as (tap, _tctx):
-        tap.running()
+        await started(tap)
         await annotated(tap, make_flow(fp_body()[0]))
         worker = worker_of(tap)
         await until(lambda: worker.stats.get("open_responses") == 1, "its counters")
@@ -205,7 +241,7 @@ async def test_a_worker_that_dies_after_running_long_enough_is_restarted(
     caplog.set_level(logging.INFO, logger="fp_addon")
     out = tmp_path / "out.jsonl"
     with tap_with(keyfile, fp_jsonl=str(out), fp_worker_restart=1) as (tap, _tctx):
-        tap.running()
+        await started(tap)
         first = worker_of(tap)
         tap.response(make_flow(fp_body()[0]))
         await until(lambda: not first.in_flight, "the first answer")
@@ -237,7 +273,7 @@ async def test_a_new_worker_that_dies_at_once_gives_way_to_in_process_work(
     """A crash loop: the replacement dies before fp_worker_restart seconds, so the next
     replacement is a pipeline in mitmproxy's process."""
     with tap_with(keyfile, fp_worker_restart=1) as (tap, _tctx):
-        tap.running()
+        await started(tap)
         first = worker_of(tap)
         await asyncio.sleep(1.1)
         os.kill(first.proc.pid, signal.SIGKILL)
@@ -291,7 +327,7 @@ class Gate:
         """A tap running with ``options`` whose worker was just killed: its replacement
         is being made, and held here until :attr:`open` is set."""
         with tap_with(keyfile, **options) as (tap, tctx):
-            tap.running()
+            await started(tap)
             await self.kill_worker(tap)
             yield tap, tctx
 
@@ -396,7 +432,7 @@ async def test_record_lines_skip_the_deprecated_add_log_event(
     probe, tap = Probe(), fp_addon.FingerprintTap()
     with taddons.context(probe, tap) as tctx:
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
-        tap.running()
+        await started(tap)
         await annotated(tap, make_flow(fp_body()[0]))
         logging.getLogger("fp_addon").info("fp-tap: another line")
         await until(lambda: any("another" in e for e in probe.entries), "add_log events")
@@ -435,7 +471,7 @@ async def test_a_worker_too_far_behind_costs_inspections_not_the_proxy(
     keyfile: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with tap_with(keyfile, fp_queue_size=2) as (tap, _tctx):
-        tap.running()
+        await started(tap)
         worker = worker_of(tap)
         os.kill(worker.proc.pid, signal.SIGSTOP)
         try:
@@ -493,7 +529,7 @@ async def test_what_the_pipe_cannot_take_goes_when_the_event_loop_says_it_can(
 ) -> None:
     bodies = [fp_body(pad_to=600_000)[0] for _ in range(6)]  # ~180 KB each, sealed
     with tap_with(keyfile) as (tap, _tctx):
-        tap.running()
+        await started(tap)
         worker = worker_of(tap)
         os.kill(worker.proc.pid, signal.SIGSTOP)
         try:
@@ -558,7 +594,7 @@ async def test_a_new_worker_that_cannot_get_its_pipes_gives_way_to_in_process_wo
         return real_pipe()
 
     with tap_with(keyfile, fp_worker_restart=1) as (tap, _tctx):
-        tap.running()
+        await started(tap)
         first = worker_of(tap)
         await asyncio.sleep(1.1)
         monkeypatch.setattr(os, "pipe", pipe)
@@ -609,7 +645,7 @@ async def test_fp_resend_during_a_replacement_says_to_try_again(
             fp_webhook_url="http://127.0.0.1:9/",
             fp_state_dir=str(tmp_path / "state"),
         )
-        tap.running()
+        await started(tap)
         await gate.kill_worker(tap)
         with pytest.raises(exceptions.CommandError, match="being replaced; try again"):
             tap.resend_command()
@@ -651,7 +687,7 @@ async def test_a_worker_death_during_a_refused_option_change_leaves_the_old_opti
 ) -> None:
     good = tmp_path / "o.jsonl"
     with tap_with(keyfile, fp_jsonl=str(good)) as (tap, tctx):
-        tap.running()
+        await started(tap)
         worker = worker_of(tap)
         os.kill(worker.proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10

@@ -75,6 +75,19 @@ def test_a_worker_that_does_not_answer_stops_the_section_and_is_stopped(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_worker_that_does_not_start_stops_the_section_and_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker starts off the event loop once the tap runs: no time at all for it.
+    monkeypatch.setattr(bench_loop, "START_TIMEOUT_S", -1.0)
+    monkeypatch.setattr(bench_loop, "CASES", (CASES[1],))
+    with pytest.raises(RuntimeError, match="the worker process did not start"):
+        event_loop_cost(count=2, rounds=1, workdir=tmp_path)
+    workers = [p for p in children(os.getpid()) if b"fp_core.worker" in _cmdline(p)]
+    assert workers == []  # tap.done() waited for it, and stopped it
+    assert list(tmp_path.iterdir()) == []
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()

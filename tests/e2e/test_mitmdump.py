@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import ssl
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +372,56 @@ def test_a_killed_worker_is_replaced_and_no_response_is_lost(
     assert summary["restarted"] == {"worker": 1}
     assert (summary["open_responses"], summary["written"]) == (10, {"jsonl": 10})
     assert summary.get("dropped", 0) == 0
+
+
+#: A sitecustomize that holds the worker process (not mitmdump) at its start, then says
+#: when it let go.
+SLOW_START = """
+import pathlib, sys, time
+if "fp_core.worker" in sys.orig_argv:
+    time.sleep({delay})
+    pathlib.Path({marker!r}).write_text("the worker goes on starting")
+"""
+
+
+def test_without_outputs_the_worker_starts_while_mitmdump_serves(
+    tmp_path: Path, keys: Keys, endpoint: Service
+) -> None:
+    """No output set: the worker starts once mitmdump listens, off its event loop. A
+    worker slow to start (held 3 s here) does not stop mitmdump from serving meanwhile;
+    open responses that come meanwhile, held since flows are saved, wait for it and get
+    their records. None is inspected in mitmdump's process or lost."""
+    site, marker, flows = tmp_path / "site", tmp_path / "worker-started", tmp_path / "flows"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_START.format(delay=3, marker=str(marker)))
+    proxy = start_mitmdump(
+        tmp_path,
+        MitmdumpConfig(
+            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
+            options={"fp_keys_file": str(keys.file)},
+            save_flows=flows,
+            env={"PYTHONPATH": str(site)},
+        ),
+    )
+    try:
+        plain = fetch(f"http://127.0.0.1:{proxy.port}/?case=plain&api=v4&seed=0")
+        assert plain.status == 200
+        assert not marker.exists(), "served while the worker was still starting"
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(functools.partial(same_as_direct, proxy, endpoint), range(8)))
+        assert marker.exists()
+        assert len(children(proxy.proc.pid)) == 1, "the worker runs"
+    finally:
+        assert proxy.stop(signal.SIGTERM) == 0
+    log = proxy.output()
+    assert "unsealing in mitmproxy's process" not in log
+    summary = summary_of(log)
+    assert (summary["responses"], summary["open_responses"], summary["unsealed"]) == (9, 8, 8)
+    assert summary.get("dropped", 0) == 0
+    assert "restarted" not in summary
+    with flows.open("rb") as handle:
+        saved = [f for f in mitmio.FlowReader(handle).stream() if isinstance(f, http.HTTPFlow)]
+    assert len(saved) == 9
+    opened = [f for f in saved if "fp" in f.metadata]
+    assert len(opened) == 8, "each open response held for its record"
+    assert all(f.metadata["fp"]["verdict"] == "trusted" for f in opened)
