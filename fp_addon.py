@@ -789,6 +789,11 @@ class FingerprintTap:
         no worker died, this is the one put off until mitmproxy runs."""
         values, queue_size, in_use = _values(opts), self.queue_size, self._in_use()
         probe, keys = self._watches.copy(), list(self.keys)
+        # A first worker gets the ids of the keys this process read, as one started on
+        # the loop would: a key file changed since is refused, and the in-process
+        # pipeline that takes over reports the change. (A dead worker may have taken a
+        # change already, which its successor must take too: _successor_values.)
+        first_values = self._worker_values(opts) if first else None
 
         def make() -> WorkerClient | Pipeline:
             if restart:
@@ -797,7 +802,7 @@ class FingerprintTap:
                     # In this thread, without the event loop: attached once adopted.
                     worker.start()
                     worker.configure(
-                        self._successor_values(values, probe, keys),
+                        first_values or self._successor_values(values, probe, keys),
                         PIPELINE_OPTIONS,
                         wait=True,
                         timeout=WORKER_TIMEOUT,

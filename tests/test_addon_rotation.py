@@ -332,6 +332,30 @@ async def test_a_worker_that_refuses_its_first_options_leaves_the_work_in_proces
 
 
 @on_loop
+async def test_a_key_file_rotated_before_the_first_worker_starts_is_reported(
+    keyfile: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A whole new key file between mitmproxy's options and its running hook (at start,
+    or a script reload): the worker, started off the event loop, refuses keys this
+    process did not read; the in-process pipeline that takes over then takes the new
+    key as a rotation, logged with its id and counted. Never used unannounced."""
+    caplog.set_level(logging.INFO, logger="fp_addon")
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_hold=True)
+        rotate(keyfile, NEW.to_base64())
+        await started(tap)
+        assert tap.worker is None, "refused: it reads keys this process did not"
+        assert "changed while being read" in caplog.text
+        assert verdict_for(tap, KEY) == "trusted", "the keys in use, until the check"
+        assert await tap.reload_files() == ["keys"]
+        assert verdict_for(tap, NEW) == "trusted"
+        assert json.loads(tap.stats_command())["reloaded"] == {"keys": 1}
+        tap.done()
+    assert f"1 decryption key(s): {NEW.key_id}" in caplog.text
+
+
+@on_loop
 async def test_a_dead_worker_hands_over_the_keys_in_use(keyfile: Path) -> None:
     """After the worker died, the in-process pipeline takes this process's keys: the
     file, half-written right now, is not read on the event loop."""
