@@ -651,6 +651,11 @@ class FingerprintTap:
         worker, pipeline = self.worker, self.pipeline
         if worker is not None:
             worker.close(self.drain_timeout)
+            # Responses it never answered (it died, or did not answer in time): counted
+            # and let go, held ones included, as when it dies while running.
+            if lost := worker.take_pending():
+                self.stats.incr("dropped", len(lost))
+                self._release(lost)
         if pipeline is not None:
             pipeline.close(self.drain_timeout)
         self._final = self.snapshot()  # what fp.stats says from now on

@@ -128,6 +128,26 @@ async def test_a_held_response_waits_for_its_annotation(keyfile: Path) -> None:
 
 
 @on_loop
+async def test_a_held_response_the_worker_never_answers_is_let_go_at_shutdown(
+    keyfile: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker stops answering (here: stopped, then killed) just as mitmproxy shuts
+    down: the held response goes on, counted as dropped, rather than waiting forever."""
+    with tap_with(keyfile, fp_hold=True, fp_drain_timeout=0) as (tap, _tctx):
+        await started(tap)
+        pid = worker_of(tap).proc.pid
+        os.kill(pid, signal.SIGSTOP)  # it cannot answer what comes now
+        held = tap.response(make_flow(fp_body()[0]))
+        assert held is not None
+        os.kill(pid, signal.SIGKILL)
+        tap.done()  # before the event loop hears of its exit
+        assert held.done(), "let go"
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert (stats["responses"], stats["dropped"]) == (1, 1), "never inspected"
+    assert "the worker process exited" in caplog.text
+
+
+@on_loop
 async def test_an_answer_that_cannot_be_shown_still_releases_its_held_response(
     keyfile: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
