@@ -397,6 +397,11 @@ class FingerprintTap:
             # says it all; logged at ERROR it still stops mitmdump at start.
             log.error(message if message.startswith("fp-tap: ") else f"fp-tap: {message}")
             self._keep_working()
+        finally:
+            if self._waiting and self._replacing is None:
+                # A replacement given up on: what the options started takes the
+                # responses that waited for it (counted as dropped if nothing could).
+                self._hand_over_waiting()
 
     def _keep_working(self) -> None:
         """After options refused with no rollback to follow: if that left nothing to inspect
@@ -648,6 +653,7 @@ class FingerprintTap:
         if self._ticker is not None:
             self._ticker.cancel()
         self._settle()
+        self._hand_over_waiting()  # any left by a replacement given up on: dropped
         worker, pipeline = self.worker, self.pipeline
         if worker is not None:
             worker.close(self.drain_timeout)
@@ -902,7 +908,8 @@ class FingerprintTap:
         self._replacing = None  # it hangs: what it makes later is retired unused
         future.add_done_callback(self._retire)
         log.error("fp-tap: gave up waiting for the worker process's replacement")
-        self._hand_over_waiting()
+        # The responses that waited go to what the caller starts instead (configure), or
+        # are counted as dropped (done).
 
     def _retire(self, future: concurrent.futures.Future[WorkerClient | Pipeline]) -> None:
         """Close a replacement given up on, once made (in the background: this runs on

@@ -695,6 +695,28 @@ async def test_an_option_change_that_gives_up_on_a_replacement_starts_one_afresh
         assert stats.get("dropped", 0) == 0
 
 
+@on_loop
+async def test_responses_waiting_for_a_replacement_given_up_on_go_to_the_one_started_afresh(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(monkeypatch)
+    monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.2)
+    out = tmp_path / "o.jsonl"
+    async with gate.replacing(keyfile, fp_jsonl=str(out), fp_hold=True) as (tap, tctx):
+        early = make_flow(fp_body()[0])
+        held = tap.response(early)
+        assert held is not None
+        tctx.configure(tap, fp_max_age=20)  # gives up on the replacement, starts afresh
+        await asyncio.wait_for(held, 30)
+        assert early.metadata["fp"]["verdict"] == "trusted", "inspected by the new one"
+        gate.open.set()
+        await until(lambda: gate.made and gate.made[0]._closed, "the late one retired")
+        tap.done()
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert stats.get("dropped", 0) == 0
+        assert stats["written"] == {"jsonl": 1}
+
+
 def zombie(pid: int) -> bool:
     """Whether ``pid`` has exited (and is not reaped yet)."""
     state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
