@@ -679,26 +679,7 @@ async def test_fp_resend_during_a_replacement_says_to_try_again(
 async def test_an_option_change_that_gives_up_on_a_replacement_starts_one_afresh(
     keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gate = Gate(monkeypatch)
-    monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.2)
-    async with gate.replacing(keyfile, fp_jsonl=str(tmp_path / "o.jsonl")) as (tap, tctx):
-        tctx.configure(tap, fp_max_age=20)  # accepted, after giving up on the replacement
-        assert (tap.worker, tap.pipeline) != (None, None), "something inspects"
-        gate.open.set()
-        await until(lambda: gate.made and gate.made[0]._closed, "the late one retired")
-        assert tap.worker is not None or tap.pipeline is not gate.made[0]
-        flow = make_flow(fp_body()[0])
-        tap.response(flow)
-        await until(lambda: "fp" in flow.metadata, "the annotation")
-        tap.done()
-        stats: dict[str, Any] = json.loads(tap.stats_command())
-        assert stats.get("dropped", 0) == 0
-
-
-@on_loop
-async def test_responses_waiting_for_a_replacement_given_up_on_go_to_the_one_started_afresh(
-    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    """It takes the responses that waited for the replacement, and those after."""
     gate = Gate(monkeypatch)
     monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.2)
     out = tmp_path / "o.jsonl"
@@ -706,15 +687,18 @@ async def test_responses_waiting_for_a_replacement_given_up_on_go_to_the_one_sta
         early = make_flow(fp_body()[0])
         held = tap.response(early)
         assert held is not None
-        tctx.configure(tap, fp_max_age=20)  # gives up on the replacement, starts afresh
+        tctx.configure(tap, fp_max_age=20)  # accepted, after giving up on the replacement
+        assert (tap.worker, tap.pipeline) != (None, None), "something inspects"
         await asyncio.wait_for(held, 30)
         assert early.metadata["fp"]["verdict"] == "trusted", "inspected by the new one"
         gate.open.set()
         await until(lambda: gate.made and gate.made[0]._closed, "the late one retired")
+        assert tap.worker is not None or tap.pipeline is not gate.made[0]
+        await annotated(tap, make_flow(fp_body()[0]))
         tap.done()
         stats: dict[str, Any] = json.loads(tap.stats_command())
         assert stats.get("dropped", 0) == 0
-        assert stats["written"] == {"jsonl": 1}
+        assert stats["written"] == {"jsonl": 2}
 
 
 def zombie(pid: int) -> bool:
