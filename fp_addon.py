@@ -20,7 +20,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Optional
@@ -390,18 +390,18 @@ class FingerprintTap:
         except (ConfigError, exceptions.OptionsError) as exc:
             message = exc.message if isinstance(exc, ConfigError) else str(exc)
             if not updated.issuperset(ctx.options.keys()):
-                # A change: mitmproxy refuses the value and says why.
+                # A change: mitmproxy refuses the value and says why, then rolls back,
+                # calling configure again (which takes any responses still waiting).
                 raise exceptions.OptionsError(message) from None
             # Every option at once: mitmproxy's script loader (at start, or reloading
             # the script), which logs whatever escapes with a traceback. The message
             # says it all; logged at ERROR it still stops mitmdump at start.
             log.error(message if message.startswith("fp-tap: ") else f"fp-tap: {message}")
             self._keep_working()
-        finally:
-            if self._waiting and self._replacing is None:
-                # A replacement given up on: what the options started takes the
-                # responses that waited for it (counted as dropped if nothing could).
-                self._hand_over_waiting()
+        if self._waiting and self._replacing is None:
+            # A replacement given up on: what the options started takes the responses
+            # that waited for it (counted as dropped if nothing could).
+            self._hand_over_waiting()
 
     def _keep_working(self) -> None:
         """After options refused with no rollback to follow: if that left nothing to inspect
@@ -619,7 +619,7 @@ class FingerprintTap:
         if worker is not None:
             worker.close(drain)
             self._carry(worker.stats)
-            self._release(worker.take_pending())
+            self._drop_unanswered(worker)
         if pipeline is not None:
             pipeline.close(drain)
 
@@ -657,11 +657,7 @@ class FingerprintTap:
         worker, pipeline = self.worker, self.pipeline
         if worker is not None:
             worker.close(self.drain_timeout)
-            # Responses it never answered (it died, or did not answer in time): counted
-            # and let go, held ones included, as when it dies while running.
-            if lost := worker.take_pending():
-                self.stats.incr("dropped", len(lost))
-                self._release(lost)
+            self._drop_unanswered(worker)
         if pipeline is not None:
             pipeline.close(self.drain_timeout)
         self._final = self.snapshot()  # what fp.stats says from now on
@@ -770,7 +766,7 @@ class FingerprintTap:
     def _on_worker_exit(self, worker: WorkerClient, code: int | None) -> None:
         if worker is not self.worker:
             return
-        lost = worker.take_pending()
+        lost = self._drop_unanswered(worker)
         opts = _options()
         after = opts.fp_worker_restart
         restart = after > 0 and time.monotonic() - self._worker_since >= after
@@ -783,12 +779,10 @@ class FingerprintTap:
             "fp-tap: the worker process stopped (exit code %s) with %d response(s) not "
             "inspected; %s",
             code,
-            len(lost),
+            lost,
             then,
         )
         self.stats.incr_group("errors", "worker_exit")
-        self.stats.incr("dropped", len(lost))
-        self._release(lost)
         self._carry(worker.stats)
         self.worker = None
         self._replace(opts, restart)
@@ -967,10 +961,16 @@ class FingerprintTap:
             held.set_result(None)
         return False
 
-    def _release(self, contexts: Iterable[Any]) -> None:
-        for _, held in contexts:
+    def _drop_unanswered(self, worker: WorkerClient) -> int:
+        """Count as dropped, and let go (held ones included), the responses ``worker``
+        will never answer (it died, or did not answer its close); how many."""
+        lost = worker.take_pending()
+        if lost:
+            self.stats.incr("dropped", len(lost))
+        for _, held in lost:
             if held is not None and not held.done():
                 held.set_result(None)
+        return len(lost)
 
     def _dropped(self, count: int) -> None:
         """Count responses the worker could not take (too far behind, or just died)."""

@@ -148,6 +148,31 @@ async def test_a_held_response_the_worker_never_answers_is_let_go_at_shutdown(
 
 
 @on_loop
+async def test_a_response_a_dead_worker_held_is_counted_when_an_option_change_stops_it(
+    keyfile: Path,
+) -> None:
+    """As at shutdown: the worker died (the event loop has not heard yet) holding a
+    response, and switching fp_worker off stops it. Never inspected: dropped."""
+    with tap_with(keyfile, fp_hold=True, fp_drain_timeout=0) as (tap, tctx):
+        await started(tap)
+        pid = worker_of(tap).proc.pid
+        os.kill(pid, signal.SIGSTOP)  # it cannot answer what comes now
+        held = tap.response(make_flow(fp_body()[0]))
+        assert held is not None
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not zombie(pid):  # dead, without the event loop running to notice
+            assert time.monotonic() < deadline, "the worker did not die"
+            time.sleep(0.01)
+        tctx.configure(tap, fp_worker=False)
+        assert held.done(), "let go"
+        tap.done()
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert (stats["responses"], stats["dropped"]) == (1, 1)
+        assert "open_responses" not in stats, "never inspected"
+
+
+@on_loop
 async def test_an_answer_that_cannot_be_shown_still_releases_its_held_response(
     keyfile: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -699,6 +724,32 @@ async def test_an_option_change_that_gives_up_on_a_replacement_starts_one_afresh
         stats: dict[str, Any] = json.loads(tap.stats_command())
         assert stats.get("dropped", 0) == 0
         assert stats["written"] == {"jsonl": 2}
+
+
+@on_loop
+async def test_a_refused_option_change_leaves_the_waiting_responses_to_the_rollback(
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The change gives up on a hanging replacement and is refused; mitmproxy rolls
+    back, and that starts one afresh, which takes the responses that waited."""
+    gate = Gate(monkeypatch)
+    monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.2)
+    good = tmp_path / "o.jsonl"
+    async with gate.replacing(keyfile, fp_jsonl=str(good), fp_hold=True) as (tap, tctx):
+        early = make_flow(fp_body()[0])
+        held = tap.response(early)
+        assert held is not None
+        with pytest.raises(exceptions.OptionsError):
+            tctx.options.update(fp_jsonl=str(tmp_path / "no" / "such" / "dir.jsonl"))
+        assert tctx.options.fp_jsonl == str(good), "rolled back"
+        await asyncio.wait_for(held, 30)
+        assert early.metadata["fp"]["verdict"] == "trusted", "inspected after the rollback"
+        gate.open.set()
+        await until(lambda: gate.made and gate.made[0]._closed, "the late one retired")
+        tap.done()
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        assert stats.get("dropped", 0) == 0
+        assert stats["written"] == {"jsonl": 1}
 
 
 def zombie(pid: int) -> bool:
