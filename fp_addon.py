@@ -899,7 +899,7 @@ class FingerprintTap:
         if future.done():
             self._replaced(future)
             return
-        self._replacing = None  # it hangs: what it makes later is retired unused
+        self._replacing = self._first_start = None  # it hangs: made later, retired unused
         future.add_done_callback(self._retire)
         log.error("fp-tap: gave up waiting for the worker process's replacement")
         # The responses that waited go to what the caller starts instead (configure), or
