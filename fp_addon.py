@@ -220,6 +220,12 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         "its request ids count for the duplicate check after a restart.",
     ),
     (
+        "fp_sqlite_keep",
+        int,
+        0,
+        "Delete rows of fp_sqlite older than this many seconds as the tap runs (0: keep them all).",
+    ),
+    (
         "fp_webhook_url",
         Optional[str],  # noqa: UP045
         None,

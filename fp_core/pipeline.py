@@ -55,7 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Options whose change means a new record writer (its sinks are opened once).
-WRITER_OPTIONS = frozenset({"fp_jsonl", "fp_queue_size", "fp_sqlite", "fp_include_event"})
+WRITER_OPTIONS = frozenset(
+    {"fp_jsonl", "fp_queue_size", "fp_sqlite", "fp_sqlite_keep", "fp_include_event"}
+)
 #: Options of the webhook delivery (a new one only for a new fp_state_dir).
 DELIVERY_OPTIONS = frozenset(
     {
@@ -469,12 +471,13 @@ def _file_sinks(opts: Any, stats: Stats) -> list[Sink]:
     """The SQLite store and the JSONL file, as configured; all or none opened."""
     sinks: list[Sink] = []
     try:
+        keep = non_negative(opts, "fp_sqlite_keep")
         if opts.fp_sqlite:
             require_sqlite("fp_sqlite")
             from fp_core.store import SqliteStore
 
             try:
-                sinks.append(SqliteStore(opts.fp_sqlite, stats))
+                sinks.append(SqliteStore(opts.fp_sqlite, stats, keep=keep))
             except FpError as exc:
                 raise ConfigError(f"fp_sqlite: {exc.message}") from None
         if opts.fp_jsonl:

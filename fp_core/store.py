@@ -97,6 +97,7 @@ _PLAIN = (
 _JSON = ("error", "checks", "reasons", "summary")
 _KNOWN = {*_PLAIN, *_JSON, "ok", "event"}
 _COLUMNS = (*_PLAIN, *_JSON, "ok", "event", "error_kind", "visitor_id", "bot", "duplicate", "extra")
+_PRUNE = "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE time < ? LIMIT ?)"
 # Built from the constant column names above, never from data.
 _INSERT = f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"  # noqa: S608
 
@@ -111,6 +112,12 @@ RETRY_MAX = 5.0
 MAX_HELD = 100_000
 #: How long ``close`` keeps retrying held records before giving up on them.
 CLOSE_PATIENCE = 5.0
+#: With a retention (``keep``): how often rows older than it are deleted, at most (and at
+#: least twice per ``keep``), and how many per transaction. Short transactions: the
+#: writer thread, which also feeds the other sinks, and the file's readers wait little;
+#: a backlog (a retention set on a large file) goes in steps between batches of records.
+PRUNE_EVERY = 60.0
+PRUNE_BATCH = 5_000
 
 
 def row_of(record: dict[str, Any]) -> tuple[Any, ...]:
@@ -217,6 +224,10 @@ class SqliteStore:
 
     Called from the writer thread only. A batch that cannot be written (file locked,
     disk full) is held and retried with the next batch or the writer's idle tick.
+
+    With ``keep`` (seconds, 0: for ever), rows whose ``time`` is older than that are
+    deleted as the store goes (:data:`PRUNE_EVERY`): a tap that runs for months keeps a
+    file of bounded size, whose freed pages SQLite reuses for new rows.
     """
 
     name = "sqlite"
@@ -226,14 +237,19 @@ class SqliteStore:
         path: str,
         stats: Stats,
         *,
+        keep: float = 0,
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
         max_held: int = MAX_HELD,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
         self.stats = stats
         self.max_held = max_held
+        self.keep = keep
         self._clock = clock
+        self._wall = wall
+        self._prune_at = float("-inf")
         self._conn = connect(path)
         try:
             migrate(self._conn, MIGRATIONS, f"store {path}")
@@ -256,13 +272,43 @@ class SqliteStore:
         if self._clock() < self._retry_at:
             self.stats.incr_group("store", "deferred", len(records))
             return
-        if not self._flush() and records:
-            self.stats.incr_group("store", "deferred", len(records))
+        if not self._flush():
+            if records:
+                self.stats.incr_group("store", "deferred", len(records))
+            return
+        self._prune()
 
     def retry_held(self) -> None:
-        """Try the held records again once their retry time has come (writer idle tick)."""
-        if self._held and self._clock() >= self._retry_at:
-            self._flush()
+        """Try the held records again once their retry time has come, and delete rows
+        past the retention when due (the writer's idle tick)."""
+        if self._clock() < self._retry_at:
+            return
+        if self._flush():
+            self._prune()
+
+    def _prune(self) -> None:
+        """Delete up to :data:`PRUNE_BATCH` rows older than ``keep``, when due; again at
+        the next call if there may be more."""
+        if not self.keep or self._clock() < self._prune_at:
+            return
+        cutoff = iso_time(self._wall() - self.keep)
+        next_turn = self._clock() + min(PRUNE_EVERY, self.keep / 2)
+        try:
+            with transaction(self._conn):
+                deleted = self._conn.execute(_PRUNE, (cutoff, PRUNE_BATCH)).rowcount
+        except sqlite3.Error as exc:
+            # Locked or failing: records come first; the deletion waits for its next turn.
+            busy = is_busy(exc)
+            self.stats.incr_group("store", "busy" if busy else "errors")
+            self._prune_at = next_turn
+            if self._warnings.ready():
+                why = "locked by another connection" if busy else reason(exc)
+                log.warning("fp-tap: cannot delete old rows from %s (%s)", self.path, why)
+            return
+        if deleted:
+            self.stats.incr_group("store", "pruned", deleted)
+        if deleted < PRUNE_BATCH:
+            self._prune_at = next_turn
 
     def close(self) -> None:
         deadline = self._clock() + CLOSE_PATIENCE

@@ -15,6 +15,7 @@ import fp_addon
 from fp_core.errors import ConfigError
 from fp_core.keys import ENV_VAR, DecryptionKey
 from fp_core.pipeline import OPTIONS, Background, Pipeline, tap_config
+from fp_core.store import read_records
 from fp_core.tap import ResponseInfo
 from fp_core.webhook import SECRET_ENV_VAR
 from tests.test_addon import KEY, fp_body
@@ -48,6 +49,23 @@ def test_records_go_to_the_sinks_it_was_configured_with(tmp_path: Path) -> None:
     (written,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert written["request_id"] == record["request_id"]
     assert pipeline.snapshot()["written"] == {"jsonl": 1}
+
+
+def test_fp_sqlite_keep_deletes_rows_older_than_it(tmp_path: Path) -> None:
+    db = tmp_path / "events.sqlite3"
+    pipeline = Pipeline()
+    with pytest.raises(ConfigError, match="fp_sqlite_keep cannot be negative"):
+        pipeline.configure(opts(fp_sqlite=str(db), fp_sqlite_keep=-1), OPTIONS, [KEY])
+    pipeline.configure(opts(fp_sqlite=str(db), fp_sqlite_keep=3600), OPTIONS, [KEY])
+    body = fp_body()[0]
+    old = ResponseInfo("flow-old", time.time() - 7200, "h", "/agent", "POST", 200, body)
+    assert pipeline.inspect(old) is not None
+    assert pipeline.inspect(info(fp_body()[0], n=1)) is not None
+    pipeline.close(0)
+    assert [r["flow_id"] for r in read_records(str(db))] == ["flow-1"]
+    stats = pipeline.snapshot()
+    assert stats["written"] == {"sqlite": 2}
+    assert stats["store"]["pruned"] == 1
 
 
 def test_a_bad_value_leaves_the_running_sinks_alone(tmp_path: Path) -> None:

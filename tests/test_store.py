@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from fp_core import store as store_module
 from fp_core.generate import generate_event
 from fp_core.jsontext import JsonObject
 from fp_core.sqlite_files import SqliteFileError
@@ -326,6 +327,92 @@ def test_the_writer_retries_held_records_when_idle(tmp_path: Path) -> None:
     assert store.held() == 0
     assert len(list(read_records(store.path))) == 1
     assert writer.close() is True
+
+
+class Clocks:
+    """The store's two clocks, moved by hand: monotonic (when to prune) and wall (what
+    is old)."""
+
+    def __init__(self) -> None:
+        self.mono, self.wall = 100.0, 1_800_000_000.0
+
+    def store(self, path: Path, stats: Stats, keep: float, **kwargs: Any) -> SqliteStore:
+        return SqliteStore(
+            str(path), stats, keep=keep, clock=lambda: self.mono, wall=lambda: self.wall, **kwargs
+        )
+
+
+def flow_ids(path: str) -> list[str]:
+    return [r["flow_id"] for r in read_records(path)]
+
+
+def test_rows_older_than_keep_are_deleted_as_the_store_goes(tmp_path: Path) -> None:
+    stats, clocks = Stats(), Clocks()
+    store = clocks.store(tmp_path / "s.sqlite3", stats, keep=60)
+    now = clocks.wall
+    store.write([ok_record(1, when=now - 120), ok_record(2, when=now - 61), ok_record(3, when=now)])
+    assert flow_ids(store.path) == ["flow-3"], "the two older than 60 s went at once"
+    assert stats.group("store") == {"rows": 3, "pruned": 2}
+    clocks.wall += 45  # flow-3 is 45 s old: kept
+    store.write([ok_record(4, when=clocks.wall - 90)])
+    assert flow_ids(store.path) == ["flow-3", "flow-4"], "not due yet: at most every keep/2"
+    clocks.mono += 30
+    store.retry_held()  # the writer's idle tick
+    assert flow_ids(store.path) == ["flow-3"]
+    clocks.wall += 30
+    clocks.mono += 30
+    store.retry_held()
+    assert flow_ids(store.path) == []
+    assert stats.group("store") == {"rows": 4, "pruned": 4}
+    store.close()
+
+
+def test_without_keep_every_row_stays(tmp_path: Path) -> None:
+    stats, clocks = Stats(), Clocks()
+    store = clocks.store(tmp_path / "s.sqlite3", stats, keep=0)
+    store.write([ok_record(1, when=clocks.wall - 10**8)])
+    clocks.mono += 10**6
+    store.retry_held()
+    assert flow_ids(store.path) == ["flow-1"]
+    assert "pruned" not in stats.group("store")
+    store.close()
+
+
+def test_a_backlog_is_deleted_in_steps_between_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "PRUNE_BATCH", 2)
+    stats, clocks = Stats(), Clocks()
+    path = tmp_path / "s.sqlite3"
+    old = [ok_record(i, when=clocks.wall - 3600) for i in range(5)]
+    clocks.store(path, Stats(), keep=0).write(old)  # a file kept for ever until now
+    store = clocks.store(path, stats, keep=60)
+    counts = []
+    for _ in range(4):  # no time passes: each turn takes one step while there may be more
+        store.retry_held()
+        counts.append(len(flow_ids(store.path)))
+    assert counts == [3, 1, 0, 0]
+    assert stats.group("store") == {"pruned": 5}
+    store.close()
+
+
+def test_a_locked_file_delays_the_deletion_not_the_records(tmp_path: Path) -> None:
+    stats, clocks = Stats(), Clocks()
+    path = tmp_path / "s.sqlite3"
+    clocks.store(path, Stats(), keep=0).write([ok_record(1, when=clocks.wall - 3600)])
+    store = clocks.store(path, stats, keep=60, busy_timeout_ms=10)
+    lock = hold_write_lock(store.path)
+    store.retry_held()
+    assert stats.group("store") == {"busy": 1}
+    store.retry_held()
+    assert stats.group("store") == {"busy": 1}, "not tried again before its next turn"
+    lock.execute("ROLLBACK")
+    lock.close()
+    clocks.mono += 30
+    store.write([ok_record(2, when=clocks.wall)])
+    assert flow_ids(store.path) == ["flow-2"]
+    assert stats.group("store") == {"busy": 1, "rows": 1, "pruned": 1}
+    store.close()
 
 
 def test_recent_request_ids_for_the_replay_memory(store: SqliteStore) -> None:

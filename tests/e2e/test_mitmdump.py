@@ -18,6 +18,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy import io as mitmio
 
+from fp_core.store import read_records
 from scripts.harness import (
     MitmdumpConfig,
     Service,
@@ -425,3 +426,33 @@ def test_without_outputs_the_worker_starts_while_mitmdump_serves(
     opened = [f for f in saved if "fp" in f.metadata]
     assert len(opened) == 8, "each open response held for its record"
     assert all(f.metadata["fp"]["verdict"] == "trusted" for f in opened)
+
+
+def test_sqlite_rows_older_than_fp_sqlite_keep_are_deleted_as_it_runs(
+    tmp_path: Path, keys: Keys, endpoint: Service
+) -> None:
+    db = tmp_path / "events.sqlite3"
+    proxy = reverse_tap(
+        tmp_path,
+        endpoint,
+        fp_keys_file=str(keys.file),
+        fp_sqlite=str(db),
+        fp_sqlite_keep=2,
+        fp_stats_every=1,
+    )
+    try:
+        for seed in range(3):
+            same_as_direct(proxy, endpoint, seed)
+        proxy.wait_for(re.compile(r'fp-tap stats: \{.*"pruned": 3'))  # 2 s old, and gone
+        assert list(read_records(str(db))) == []
+        same_as_direct(proxy, endpoint, 3)
+        deadline = time.monotonic() + 30
+        while not (rows := list(read_records(str(db)))):
+            assert time.monotonic() < deadline, "the new record never came"
+            time.sleep(0.05)
+        assert len(rows) == 1, "a new row next to none of the old ones"
+    finally:
+        assert proxy.stop(signal.SIGTERM) == 0
+    summary = summary_of(proxy.output())
+    assert summary["written"] == {"sqlite": 4}
+    assert summary["store"]["pruned"] >= 3
