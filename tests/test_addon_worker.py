@@ -127,32 +127,14 @@ async def test_a_held_response_waits_for_its_annotation(keyfile: Path) -> None:
         tap.done()
 
 
+@pytest.mark.parametrize("let_go_by", ["shutdown", "fp_worker off"])
 @on_loop
-async def test_a_held_response_the_worker_never_answers_is_let_go_at_shutdown(
-    keyfile: Path, caplog: pytest.LogCaptureFixture
+async def test_a_held_response_a_dead_worker_never_answered_is_let_go_and_counted(
+    keyfile: Path, caplog: pytest.LogCaptureFixture, let_go_by: str
 ) -> None:
-    """The worker stops answering (here: stopped, then killed) just as mitmproxy shuts
-    down: the held response goes on, counted as dropped, rather than waiting forever."""
-    with tap_with(keyfile, fp_hold=True, fp_drain_timeout=0) as (tap, _tctx):
-        await started(tap)
-        pid = worker_of(tap).proc.pid
-        os.kill(pid, signal.SIGSTOP)  # it cannot answer what comes now
-        held = tap.response(make_flow(fp_body()[0]))
-        assert held is not None
-        os.kill(pid, signal.SIGKILL)
-        tap.done()  # before the event loop hears of its exit
-        assert held.done(), "let go"
-        stats: dict[str, Any] = json.loads(tap.stats_command())
-        assert (stats["responses"], stats["dropped"]) == (1, 1), "never inspected"
-    assert "the worker process exited" in caplog.text
-
-
-@on_loop
-async def test_a_response_a_dead_worker_held_is_counted_when_an_option_change_stops_it(
-    keyfile: Path,
-) -> None:
-    """As at shutdown: the worker died (the event loop has not heard yet) holding a
-    response, and switching fp_worker off stops it. Never inspected: dropped."""
+    """The worker stops answering (stopped, then killed) and, before the event loop hears
+    of its exit, mitmproxy shuts down or an option change stops it: the held response
+    goes on, counted as dropped (never inspected), rather than waiting for ever."""
     with tap_with(keyfile, fp_hold=True, fp_drain_timeout=0) as (tap, tctx):
         await started(tap)
         pid = worker_of(tap).proc.pid
@@ -164,12 +146,15 @@ async def test_a_response_a_dead_worker_held_is_counted_when_an_option_change_st
         while not zombie(pid):  # dead, without the event loop running to notice
             assert time.monotonic() < deadline, "the worker did not die"
             time.sleep(0.01)
-        tctx.configure(tap, fp_worker=False)
-        assert held.done(), "let go"
+        if let_go_by == "fp_worker off":
+            tctx.configure(tap, fp_worker=False)
+            assert held.done(), "let go by the option change"
         tap.done()
+        assert held.done(), "let go"
         stats: dict[str, Any] = json.loads(tap.stats_command())
         assert (stats["responses"], stats["dropped"]) == (1, 1)
-        assert "open_responses" not in stats, "never inspected"
+        assert "open_responses" not in stats
+    assert "the worker process exited" in caplog.text
 
 
 @on_loop
@@ -700,11 +685,13 @@ async def test_fp_resend_during_a_replacement_says_to_try_again(
         tap.done()
 
 
+@pytest.mark.parametrize("change", ["accepted", "refused"])
 @on_loop
 async def test_an_option_change_that_gives_up_on_a_replacement_starts_one_afresh(
-    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
 ) -> None:
-    """It takes the responses that waited for the replacement, and those after."""
+    """It takes the responses that waited for the replacement, and those after. A
+    refused change leaves them to mitmproxy's rollback, which starts one afresh."""
     gate = Gate(monkeypatch)
     monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.2)
     out = tmp_path / "o.jsonl"
@@ -712,7 +699,12 @@ async def test_an_option_change_that_gives_up_on_a_replacement_starts_one_afresh
         early = make_flow(fp_body()[0])
         held = tap.response(early)
         assert held is not None
-        tctx.configure(tap, fp_max_age=20)  # accepted, after giving up on the replacement
+        if change == "accepted":
+            tctx.configure(tap, fp_max_age=20)  # after giving up on the replacement
+        else:
+            with pytest.raises(exceptions.OptionsError):
+                tctx.options.update(fp_jsonl=str(tmp_path / "no" / "such" / "dir.jsonl"))
+            assert tctx.options.fp_jsonl == str(out), "rolled back"
         assert (tap.worker, tap.pipeline) != (None, None), "something inspects"
         await asyncio.wait_for(held, 30)
         assert early.metadata["fp"]["verdict"] == "trusted", "inspected by the new one"
@@ -724,32 +716,6 @@ async def test_an_option_change_that_gives_up_on_a_replacement_starts_one_afresh
         stats: dict[str, Any] = json.loads(tap.stats_command())
         assert stats.get("dropped", 0) == 0
         assert stats["written"] == {"jsonl": 2}
-
-
-@on_loop
-async def test_a_refused_option_change_leaves_the_waiting_responses_to_the_rollback(
-    keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The change gives up on a hanging replacement and is refused; mitmproxy rolls
-    back, and that starts one afresh, which takes the responses that waited."""
-    gate = Gate(monkeypatch)
-    monkeypatch.setattr(fp_addon, "REPLACEMENT_TIMEOUT", 0.2)
-    good = tmp_path / "o.jsonl"
-    async with gate.replacing(keyfile, fp_jsonl=str(good), fp_hold=True) as (tap, tctx):
-        early = make_flow(fp_body()[0])
-        held = tap.response(early)
-        assert held is not None
-        with pytest.raises(exceptions.OptionsError):
-            tctx.options.update(fp_jsonl=str(tmp_path / "no" / "such" / "dir.jsonl"))
-        assert tctx.options.fp_jsonl == str(good), "rolled back"
-        await asyncio.wait_for(held, 30)
-        assert early.metadata["fp"]["verdict"] == "trusted", "inspected after the rollback"
-        gate.open.set()
-        await until(lambda: gate.made and gate.made[0]._closed, "the late one retired")
-        tap.done()
-        stats: dict[str, Any] = json.loads(tap.stats_command())
-        assert stats.get("dropped", 0) == 0
-        assert stats["written"] == {"jsonl": 1}
 
 
 def zombie(pid: int) -> bool:
