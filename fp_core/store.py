@@ -291,7 +291,8 @@ class SqliteStore:
         the next call if there may be more."""
         if not self.keep or self._clock() < self._prune_at:
             return
-        cutoff = iso_time(self._wall() - self.keep)
+        # Not before 1970: a keep of centuries keeps every row (and dates stay valid).
+        cutoff = iso_time(max(self._wall() - self.keep, 0.0))
         next_turn = self._clock() + min(PRUNE_EVERY, self.keep / 2)
         try:
             with transaction(self._conn):
