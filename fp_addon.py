@@ -430,7 +430,9 @@ class FingerprintTap:
             self.max_body = positive(opts, "fp_max_body")
         if "fp_drain_timeout" in updated:
             self.drain_timeout = non_negative(opts, "fp_drain_timeout")
-        for name in ("fp_secrets_reload", "fp_stats_every", "fp_worker_restart"):
+        # Checked here too, not only where they are used: the worker (or a pipeline made
+        # later) would refuse them where no option error can reach mitmproxy.
+        for name in ("fp_secrets_reload", "fp_stats_every", "fp_worker_restart", "fp_sqlite_keep"):
             if name in updated:
                 non_negative(opts, name)
         if updated & {"fp_hold", "save_stream_file"}:

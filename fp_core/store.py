@@ -118,6 +118,9 @@ CLOSE_PATIENCE = 5.0
 #: a backlog (a retention set on a large file) goes in steps between batches of records.
 PRUNE_EVERY = 60.0
 PRUNE_BATCH = 5_000
+#: A retention this long (about 31,700 years) keeps every row, as 0 does: beyond it, the
+#: arithmetic on the clock would overflow.
+KEEP_FOREVER = 10**12
 
 
 def row_of(record: dict[str, Any]) -> tuple[Any, ...]:
@@ -246,7 +249,7 @@ class SqliteStore:
         self.path = path
         self.stats = stats
         self.max_held = max_held
-        self.keep = keep
+        self.keep = 0 if keep >= KEEP_FOREVER else keep
         self._clock = clock
         self._wall = wall
         self._prune_at = float("-inf")
@@ -261,6 +264,7 @@ class SqliteStore:
         self._retry_at = float("-inf")
         self._retry_delay = RETRY_FIRST
         self._warnings = Throttle(clock=self._clock)
+        self._prune_warnings = Throttle(clock=self._clock)  # its own: not to hide those
 
     def held(self) -> int:
         """Records waiting to be written (non-zero only while the file is unwritable)."""
@@ -302,7 +306,7 @@ class SqliteStore:
             busy = is_busy(exc)
             self.stats.incr_group("store", "busy" if busy else "errors")
             self._prune_at = next_turn
-            if self._warnings.ready():
+            if self._prune_warnings.ready():
                 why = "locked by another connection" if busy else reason(exc)
                 log.warning("fp-tap: cannot delete old rows from %s (%s)", self.path, why)
             return

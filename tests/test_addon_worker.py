@@ -238,6 +238,23 @@ async def test_without_outputs_the_worker_starts_with_mitmproxy_off_the_event_lo
     assert "new worker" not in caplog.text
 
 
+@pytest.mark.parametrize(
+    "option", ["fp_sqlite_keep", "fp_secrets_reload", "fp_stats_every", "fp_worker_restart"]
+)
+@on_loop
+async def test_a_negative_value_is_refused_before_a_worker_could_refuse_it(
+    keyfile: Path, option: str
+) -> None:
+    """No output set: the worker starts later, where a refusal reaches no one (and the
+    in-process fallback would refuse the same value, leaving nothing to inspect)."""
+    with tap_with(keyfile) as (tap, tctx):
+        with pytest.raises(exceptions.OptionsError, match=f"{option} cannot be negative"):
+            tctx.configure(tap, **{option: -1})
+        await started(tap)
+        assert running_worker(tap), "with the options rolled back, the worker runs"
+        tap.done()
+
+
 @on_loop
 async def test_a_dead_worker_is_replaced_by_in_process_work(
     keyfile: Path, caplog: pytest.LogCaptureFixture
