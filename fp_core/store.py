@@ -117,7 +117,7 @@ CLOSE_PATIENCE = 5.0
 #: writer thread, which also feeds the other sinks, and the file's readers wait little;
 #: a backlog (a retention set on a large file) goes in steps between batches of records.
 PRUNE_EVERY = 60.0
-PRUNE_BATCH = 5_000
+PRUNE_BATCH = 1_000
 #: A retention this long (about 31,700 years) keeps every row, as 0 does: beyond it, the
 #: arithmetic on the clock would overflow.
 KEEP_FOREVER = 10**12

@@ -1,4 +1,5 @@
-"""The benchmarks: unseal speed, cost growth, proxy overhead, memory, worker and event loop.
+"""The benchmarks: unseal speed, cost growth, proxy overhead, memory, worker, event loop,
+and the store's deletions.
 
 Run with ``scripts/bench`` (which sets up .venv with the official SDK first)::
 
@@ -31,11 +32,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
 
-from scripts import bench_loop, bench_proxy, bench_unseal, bench_worker
+from scripts import bench_loop, bench_proxy, bench_prune, bench_unseal, bench_worker
 from scripts.bench_stats import table, verdict
 from scripts.harness import REPO
 
-SECTIONS = ("unseal", "growth", "proxy", "memory", "worker", "loop")
+SECTIONS = ("unseal", "growth", "proxy", "memory", "worker", "loop", "prune")
 
 #: Section 1 target: fp-tap's events/s over the SDK's, on realistic events.
 REALISTIC_VS_SDK = 2.0
@@ -75,6 +76,7 @@ class Plan:
     worker_rate_responses: int
     loop_responses: int
     loop_rounds: int
+    prune_rounds: int
 
 
 #: Each field's value in the full run (BENCHMARKS.md) and in the quick one (a smoke test).
@@ -94,6 +96,7 @@ _PLAN_VALUES: dict[str, tuple[Any, Any]] = {
     "worker_rate_responses": (1000, 50),
     "loop_responses": (400, 30),
     "loop_rounds": (9, 1),
+    "prune_rounds": (9, 2),
 }
 FULL = Plan(**{name: full for name, (full, _) in _PLAN_VALUES.items()})
 QUICK = Plan(**{name: quick for name, (_, quick) in _PLAN_VALUES.items()})
@@ -163,6 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop_rows = bench_loop.event_loop_cost(plan.loop_responses, plan.loop_rounds, args.out)
         results["loop"] = [dataclasses.asdict(r) for r in loop_rows]
         _report_loop(loop_rows, plan)
+    if "prune" in only:
+        print("\n== 7. deleting rows past fp_sqlite_keep (no target: a pause in the writer)")
+        prune = bench_prune.prune_step(plan.prune_rounds, args.out)
+        results["prune"] = dataclasses.asdict(prune)
+        _report_prune(prune, plan)
     results["targets"] = [{"target": t, "met": m, "measured": v} for t, m, v in targets]
     results["seconds"] = round(time.monotonic() - started)
     if targets:
@@ -394,6 +402,22 @@ def _report_loop(rows: list[bench_loop.LoopRow], plan: Plan) -> None:
         table(
             ["responses", "response hook us", "worker's answer us"],
             [(r.name, r.hook_us.show(1), r.answer_us.show(1)) for r in rows],
+        )
+    )
+
+
+def _report_prune(row: bench_prune.PruneRow, plan: Plan) -> None:
+    print(
+        f"({plan.prune_rounds} rounds, each on a fresh store of {row.rows} records whose "
+        f"events average {row.event_bytes:,} bytes; milliseconds, median (min-max))"
+    )
+    print(
+        table(
+            ["work in the writer thread", "ms"],
+            [
+                (f"one deletion step ({row.rows} rows)", row.delete_ms.show(1)),
+                (f"writing {row.rows} records (one transaction)", row.insert_ms.show(1)),
+            ],
         )
     )
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from fp_core import store as store_module
 from scripts import bench, bench_loop, bench_proxy
 from scripts.bench_stats import Spread
 
@@ -46,6 +47,20 @@ def test_quick_unseal_section_judges_every_target(
     assert all(t["met"] in (True, False) for t in results["targets"])
     assert "== targets" in printed
     assert f"12 targets, {sum(not t['met'] for t in results['targets'])} not met" in printed
+
+
+def test_quick_prune_section_times_one_deletion_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    printed, results = run_quick("prune", tmp_path, capsys)
+    assert "== 7. deleting rows past fp_sqlite_keep" in printed
+    prune = results["prune"]
+    assert prune["rows"] == store_module.PRUNE_BATCH
+    assert prune["delete_ms"]["n"] == prune["insert_ms"]["n"] == bench.QUICK.prune_rounds
+    assert prune["delete_ms"]["median"] > 0
+    assert 3000 < prune["event_bytes"] < 6000, "realistic events, not stubs"
+    assert results["targets"] == []
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"], "no store left behind"
 
 
 def test_quick_loop_section_reports_every_case(
