@@ -17,6 +17,10 @@ from fp_core.errors import FpError
 
 #: How long opening waits for a lock held by another connection.
 OPEN_BUSY_TIMEOUT_MS = 5000
+#: The size the ``-wal`` file is cut back to once checkpointed. Without it, the file
+#: keeps the size of the largest stretch ever written between two checkpoints (a batch
+#: of large records, a backlog of deletions), for as long as the tap runs.
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
 class SqliteFileError(FpError):
@@ -48,6 +52,7 @@ def connect(path: str, busy_timeout_ms: int = OPEN_BUSY_TIMEOUT_MS) -> sqlite3.C
         # NORMAL in WAL mode: a committed transaction survives the process being killed;
         # only a power loss can take back the last ones.
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit = {int(WAL_SIZE_LIMIT)}")
     except sqlite3.Error as exc:
         conn.close()
         raise SqliteFileError(f"cannot use {path}: {reason(exc)}") from None

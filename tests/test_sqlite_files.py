@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fp_core import sqlite_files
 from fp_core.sqlite_files import (
     SqliteFileError,
     connect,
@@ -28,6 +29,23 @@ def test_connect_creates_a_private_wal_file(tmp_path: Path) -> None:
     conn = connect(str(path))
     assert path.stat().st_mode & 0o777 == 0o600
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_the_wal_file_is_cut_back_after_a_large_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_files, "WAL_SIZE_LIMIT", 1024 * 1024)
+    path = tmp_path / "f.sqlite3"
+    wal = tmp_path / "f.sqlite3-wal"
+    conn = connect(str(path))
+    conn.execute("CREATE TABLE t (x)")
+    with transaction(conn):  # 8 MB in one go: checkpointed at its commit
+        conn.executemany("INSERT INTO t VALUES (?)", [("x" * 4000,) for _ in range(2000)])
+    assert wal.stat().st_size > 4 * 1024 * 1024
+    with transaction(conn):  # the next one starts the WAL over, cut to the limit
+        conn.execute("INSERT INTO t VALUES (1)")
+    assert wal.stat().st_size <= 1024 * 1024
     conn.close()
 
 
