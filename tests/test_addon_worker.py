@@ -141,11 +141,7 @@ async def test_a_held_response_a_dead_worker_never_answered_is_let_go_and_counte
         os.kill(pid, signal.SIGSTOP)  # it cannot answer what comes now
         held = tap.response(make_flow(fp_body()[0]))
         assert held is not None
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while not zombie(pid):  # dead, without the event loop running to notice
-            assert time.monotonic() < deadline, "the worker did not die"
-            time.sleep(0.01)
+        kill_unnoticed(pid)
         if let_go_by == "fp_worker off":
             tctx.configure(tap, fp_worker=False)
             assert held.done(), "let go by the option change"
@@ -493,17 +489,14 @@ async def test_resend_reaches_the_worker(
     keyfile: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    tap = fp_addon.FingerprintTap()
-    with taddons.context(tap) as tctx:
-        tctx.configure(
-            tap,
-            fp_keys_file=str(keyfile),
-            fp_webhook_url="http://127.0.0.1:9/nobody-listens",
-            fp_state_dir=str(tmp_path / "state"),
-            fp_webhook_retry_ms=10,
-            fp_webhook_retry_max=1,
-            fp_webhook_give_up=1,
-        )
+    with tap_with(
+        keyfile,
+        fp_webhook_url="http://127.0.0.1:9/nobody-listens",
+        fp_state_dir=str(tmp_path / "state"),
+        fp_webhook_retry_ms=10,
+        fp_webhook_retry_max=1,
+        fp_webhook_give_up=1,
+    ) as (tap, _tctx):
         worker = worker_of(tap)
         tap.response(make_flow(fp_body()[0]))
         await until(lambda: worker.stats.get("webhook_parked") == 1, "a parked event", 60)
@@ -683,15 +676,9 @@ async def test_fp_resend_during_a_replacement_says_to_try_again(
     keyfile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = Gate(monkeypatch)
-    tap = fp_addon.FingerprintTap()
     monkeypatch.setenv(SECRET_ENV_VAR, "resend-secret")
-    with taddons.context(tap) as tctx:
-        tctx.configure(
-            tap,
-            fp_keys_file=str(keyfile),
-            fp_webhook_url="http://127.0.0.1:9/",
-            fp_state_dir=str(tmp_path / "state"),
-        )
+    webhook = {"fp_webhook_url": "http://127.0.0.1:9/", "fp_state_dir": str(tmp_path / "state")}
+    with tap_with(keyfile, **webhook) as (tap, _tctx):
         await started(tap)
         await gate.kill_worker(tap)
         with pytest.raises(exceptions.CommandError, match="being replaced; try again"):
@@ -735,10 +722,14 @@ async def test_an_option_change_that_gives_up_on_a_replacement_starts_one_afresh
         assert stats["written"] == {"jsonl": 2}
 
 
-def zombie(pid: int) -> bool:
-    """Whether ``pid`` has exited (and is not reaped yet)."""
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return state in ("Z", "X")
+def kill_unnoticed(pid: int) -> None:
+    """SIGKILL the worker ``pid`` and wait (blocking: the event loop does not run) until
+    it is dead, so that the addon has not heard of it yet."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+        assert time.monotonic() < deadline, "the worker did not die"
+        time.sleep(0.01)
 
 
 @on_loop
@@ -749,11 +740,7 @@ async def test_a_worker_death_during_a_refused_option_change_leaves_the_old_opti
     with tap_with(keyfile, fp_jsonl=str(good)) as (tap, tctx):
         await started(tap)
         worker = worker_of(tap)
-        os.kill(worker.proc.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while not zombie(worker.proc.pid):  # dead, not yet noticed by the event loop
-            assert time.monotonic() < deadline, "the worker did not die"
-            time.sleep(0.01)
+        kill_unnoticed(worker.proc.pid)
         with pytest.raises(exceptions.OptionsError):
             # As mitmproxy's set command does: one update, rolled back once when refused.
             tctx.options.update(fp_jsonl=str(tmp_path / "no" / "such" / "dir.jsonl"))

@@ -10,7 +10,7 @@ import pytest
 
 from fp_core.errors import KeyConfigError
 from fp_core.keys import DecryptionKey
-from fp_core.rotation import FileWatch, Watches, key_file_watch, secret_file_watch
+from fp_core.rotation import FileChange, FileWatch, Watches, key_file_watch, secret_file_watch
 from fp_core.webhook import WebhookConfigError
 from tests.e2e.conftest import secret_forms
 
@@ -201,12 +201,19 @@ def test_an_emptied_secret_file_keeps_the_secret_in_use(tmp_path: Path) -> None:
         watch.load()
 
 
-def test_checked_copies_leave_the_watches_in_use_until_adopted(keyfile: Path) -> None:
+def rotated_and_checked(keyfile: Path) -> tuple[Watches, Watches, FileChange]:
+    """Watches of ``keyfile``, which is then rotated to NEW; a copy of them, and the
+    change that copy found."""
     watches = Watches()
     watches.set("keys", loaded(keyfile))
     write(keyfile, NEW.to_base64())
     checked = watches.copy()
     (change,) = checked.check()
+    return watches, checked, change
+
+
+def test_checked_copies_leave_the_watches_in_use_until_adopted(keyfile: Path) -> None:
+    watches, checked, change = rotated_and_checked(keyfile)
     assert change.reload.value == [NEW]
     # Not adopted yet: a copy made now (for a pipeline) still reports the rotation.
     twin = watches.get("keys")
@@ -220,11 +227,7 @@ def test_checked_copies_leave_the_watches_in_use_until_adopted(keyfile: Path) ->
 
 
 def test_a_checked_copy_is_not_adopted_over_a_newer_watch(keyfile: Path) -> None:
-    watches = Watches()
-    watches.set("keys", loaded(keyfile))
-    write(keyfile, NEW.to_base64())
-    checked = watches.copy()
-    (change,) = checked.check()
+    watches, checked, change = rotated_and_checked(keyfile)
     newer = key_file_watch(keyfile)
     watches.set("keys", newer)  # an option change meanwhile
     assert not watches.adopt(change, checked)
