@@ -84,6 +84,17 @@ WORKER_TIMEOUT = 60.0
 #: Seconds an option change or shutdown waits for a dead worker's replacement to be made
 #: (a new worker takes its options within WORKER_TIMEOUT).
 REPLACEMENT_TIMEOUT = WORKER_TIMEOUT + 10
+#: Options checked in configure although the pipeline uses them: the worker (or a
+#: pipeline made later) would refuse them where no option error can reach mitmproxy.
+CHECKED_HERE = frozenset(
+    {
+        "fp_secrets_reload",
+        "fp_stats_every",
+        "fp_worker_restart",
+        "fp_sqlite_keep",
+        "fp_webhook_keep_parked",
+    }
+)
 #: How often the periodic task wakes up to see whether fp_secrets_reload or
 #: fp_stats_every says it is time.
 TICK = 1.0
@@ -271,7 +282,7 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         int,
         86_400,
         "Seconds after which an event that still cannot be delivered is parked: kept in "
-        "the spool and counted; fp.resend sends parked events again.",
+        "the spool and counted; fp.resend sends parked events again, fp.discard deletes them.",
     ),
     (
         "fp_webhook_max_events",
@@ -279,6 +290,13 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         1_000_000,
         "Webhook events the spool holds at most, pending and parked; beyond, new events "
         "are not spooled (counted as webhook.spool_full; their records are still written).",
+    ),
+    (
+        "fp_webhook_keep_parked",
+        int,
+        0,
+        "Delete parked webhook events this many seconds after they were parked (0: keep "
+        "them until fp.resend or fp.discard).",
     ),
     (
         "fp_state_dir",
@@ -430,11 +448,8 @@ class FingerprintTap:
             self.max_body = positive(opts, "fp_max_body")
         if "fp_drain_timeout" in updated:
             self.drain_timeout = non_negative(opts, "fp_drain_timeout")
-        # Checked here too, not only where they are used: the worker (or a pipeline made
-        # later) would refuse them where no option error can reach mitmproxy.
-        for name in ("fp_secrets_reload", "fp_stats_every", "fp_worker_restart", "fp_sqlite_keep"):
-            if name in updated:
-                non_negative(opts, name)
+        for name in sorted(CHECKED_HERE & updated):
+            non_negative(opts, name)
         if updated & {"fp_hold", "save_stream_file"}:
             # Flows saved with -w are written in the response hook of the addon after
             # this one: only a held response is saved with its annotations.
@@ -698,28 +713,25 @@ class FingerprintTap:
     @command.command("fp.resend")
     def resend_command(self) -> None:
         """Send the parked webhook events again (in the background; see fp.stats)."""
+        self._spool_command("resend")
+
+    @command.command("fp.discard")
+    def discard_command(self) -> None:
+        """Delete the parked webhook events (in the background; see fp.stats)."""
+        self._spool_command("discard")
+
+    def _spool_command(self, name: str) -> None:
         if not _options().fp_webhook_url:
-            raise exceptions.CommandError("fp.resend: no webhook configured (fp_webhook_url)")
+            raise exceptions.CommandError(f"fp.{name}: no webhook configured (fp_webhook_url)")
         if self._replacing is not None:
             raise exceptions.CommandError(
-                "fp.resend: the worker process is starting or being replaced; try again in a moment"
+                f"fp.{name}: the worker process is starting or being replaced; "
+                "try again in a moment"
             )
         if self.worker is not None:
-            self.worker.resend()
-            return
-        pipeline = self.pipeline
-        if pipeline is None:
-            return
-
-        def resend() -> None:
-            try:
-                count = pipeline.resend()
-            except ConfigError as exc:
-                log.warning("fp.resend: %s", exc.message)
-            else:
-                log.info("fp.resend: %d parked webhook event(s) queued again", count)
-
-        self._background.run(resend)
+            self.worker.spool_command(name)
+        elif (pipeline := self.pipeline) is not None:
+            self._background.run(lambda: pipeline.spool_command(name))
 
     # -- the work --------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ One dispatcher thread picks due events from the :class:`~fp_core.spool.Spool` an
 them to at most ``concurrency`` worker threads, each making one POST at a time with
 its own timeout. Outcomes go back to the dispatcher, which writes each round to the
 spool in one transaction: delivered events are deleted, failed ones rescheduled with
-exponential backoff and jitter, and those failing past the give-up age are parked.
+exponential backoff and jitter, and those failing past the give-up age are parked. Parked
+events stay until ``fp.resend``, ``fp.discard``, or, with ``keep_parked``, their age.
 Nothing here runs on the proxy's event loop, and the writer thread only ever inserts
 into the spool, so neither waits for the receiver.
 """
@@ -22,6 +23,7 @@ from typing import Protocol
 
 from fp_core.spool import Outcomes, Spool, Spooled
 from fp_core.stats import Stats
+from fp_core.store import KEEP_FOREVER
 from fp_core.throttle import Throttle
 from fp_core.webhook import HttpPoster, PostResult, WebhookSecret, describe_url, request_headers
 
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 
 #: The dispatcher looks at the spool at least this often even when nobody wakes it.
 IDLE_WAIT = 1.0
+#: With ``keep_parked``, the dispatcher deletes expired parked events this often at
+#: most (or every keep/2 seconds if that is shorter), so many per transaction: a backlog
+#: goes in steps between rounds of delivery.
+EXPIRE_EVERY = 60.0
+EXPIRE_BATCH = 1_000
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class DeliveryConfig:
     ca_file: str | None = None
     #: Events the spool holds at most, pending and parked: beyond, new ones are refused.
     max_events: int = 1_000_000
+    #: Delete parked events this long after they were parked; 0 keeps them.
+    keep_parked: float = 0.0
 
 
 def backoff(failures: int, first: float, cap: float, rng: random.Random) -> float:
@@ -102,6 +111,7 @@ class Delivery:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._deadline = float("inf")
+        self._next_expiry = 0.0  # monotonic
         self._warnings = Throttle()
         self._thread = threading.Thread(target=self._run, name="fp-tap-delivery", daemon=True)
 
@@ -141,6 +151,12 @@ class Delivery:
         count = self.spool.resend()
         self.stats.incr_group("webhook", "resent", count)
         self.wake()
+        return count
+
+    def discard(self) -> int:
+        """Delete every parked event; how many."""
+        count = self.spool.discard()
+        self.stats.incr_group("webhook", "discarded", count)
         return count
 
     def snapshot(self) -> dict[str, int]:
@@ -186,6 +202,7 @@ class Delivery:
                 self._settle()
                 if self._stopping.is_set() and self._drained():
                     break
+                self._expire()
                 wait = self._dispatch()
             except Exception as exc:  # the spool failing must not end delivery for good
                 self.stats.incr_group("webhook", "spool_errors")
@@ -220,6 +237,27 @@ class Delivery:
             return 0.01
         wait = IDLE_WAIT if next_due is None else min(IDLE_WAIT, next_due - now)
         return max(wait, 0.01)
+
+    def _expire(self) -> None:
+        """Delete the parked events older than ``keep_parked``, when that is due."""
+        keep = self.config.keep_parked
+        if keep <= 0 or keep >= KEEP_FOREVER or time.monotonic() < self._next_expiry:
+            return
+        # Set first: a spool error (counted by the caller) waits for the next turn too.
+        self._next_expiry = time.monotonic() + min(EXPIRE_EVERY, keep / 2)
+        count = self.spool.expire(time.time() - keep, EXPIRE_BATCH)
+        if count == EXPIRE_BATCH:
+            self._next_expiry = 0.0  # a backlog: the next step at the next turn
+        if count:
+            self.stats.incr_group("webhook", "expired", count)
+            if self._warnings.ready("expired"):
+                log.info(
+                    "fp-tap: webhook: deleted %d event(s) parked more than %d s ago "
+                    "(fp_webhook_keep_parked); %d parked left",
+                    count,
+                    keep,
+                    self.spool.parked,
+                )
 
     def _drained(self) -> bool:
         if time.monotonic() >= self._deadline:
@@ -287,7 +325,7 @@ class Delivery:
             self._warn(
                 "parked",
                 "fp-tap: webhook: gave up on %d event(s) after %d s (parked: %d in all; "
-                "fp.resend sends them again)",
+                "fp.resend sends them again, fp.discard deletes them)",
                 len(outcomes.park),
                 self.config.give_up,
                 self.spool.parked,

@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The commands on the spool's parked events, and what each does to them.
+SPOOL_COMMANDS = {"resend": "queued again", "discard": "deleted"}
 #: Options whose change means a new record writer (its sinks are opened once).
 WRITER_OPTIONS = frozenset(
     {"fp_jsonl", "fp_queue_size", "fp_sqlite", "fp_sqlite_keep", "fp_include_event"}
@@ -70,6 +72,7 @@ DELIVERY_OPTIONS = frozenset(
         "fp_webhook_retry_max",
         "fp_webhook_give_up",
         "fp_webhook_max_events",
+        "fp_webhook_keep_parked",
         "fp_state_dir",
     }
 )
@@ -245,9 +248,25 @@ class Pipeline:
 
     def resend(self) -> int:
         """Queue the parked webhook events again; how many."""
+        return self._delivery("resend").resend()
+
+    def discard(self) -> int:
+        """Delete the parked webhook events; how many."""
+        return self._delivery("discard").discard()
+
+    def spool_command(self, name: str) -> None:
+        """Run ``fp.<name>`` (a key of :data:`SPOOL_COMMANDS`) and log what it did."""
+        try:
+            count = self.resend() if name == "resend" else self.discard()
+        except ConfigError as exc:
+            log.warning("%s", exc.message)
+        else:
+            log.info("fp.%s: %d parked webhook event(s) %s", name, count, SPOOL_COMMANDS[name])
+
+    def _delivery(self, command: str) -> Delivery:
         if self.delivery is None:
-            raise ConfigError("no webhook configured (fp_webhook_url)")
-        return self.delivery.resend()
+            raise ConfigError(f"fp.{command}: no webhook configured (fp_webhook_url)")
+        return self.delivery
 
     def close(self, drain: float) -> None:
         """Write what is queued, deliver for up to ``drain`` seconds, close everything."""
@@ -417,6 +436,7 @@ def delivery_config(
         give_up=positive(opts, "fp_webhook_give_up"),
         ca_file=opts.fp_webhook_ca or None,
         max_events=positive(opts, "fp_webhook_max_events"),
+        keep_parked=non_negative(opts, "fp_webhook_keep_parked"),
     ), watch
 
 

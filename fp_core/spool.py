@@ -4,7 +4,9 @@ An SQLite file in the state directory (``webhook-spool.sqlite3``, mode 0600, in 
 directory). A row is added in the writer thread's transaction, so once a record has
 been written anywhere its event is in the spool; it is deleted only when the receiver
 answered 2xx. A row whose delivery keeps failing past the give-up age is *parked*:
-kept, counted, and sent again by :meth:`Spool.resend` (the ``fp.resend`` command).
+kept, counted, and sent again by :meth:`Spool.resend` (the ``fp.resend`` command), until
+:meth:`Spool.discard` (``fp.discard``) or :meth:`Spool.expire` (``fp_webhook_keep_parked``)
+deletes it.
 
 One tap owns a spool at a time (an exclusive ``flock`` on ``webhook-spool.lock``): the
 owner knows which rows it is sending, and a second tap on the same directory is told
@@ -51,6 +53,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
         "CREATE INDEX events_due ON events (parked, next_attempt)",
+    ),
+    (
+        # When a row was parked (epoch seconds), for fp_webhook_keep_parked. Rows parked
+        # by an earlier version get the time of this upgrade: a full keep from then on.
+        "ALTER TABLE events ADD COLUMN parked_at REAL",
+        "UPDATE events SET parked_at = (julianday('now') - 2440587.5) * 86400.0 WHERE parked = 1",
+        # Only parked rows: spooling a new event does not touch it.
+        "CREATE INDEX events_parked ON events (parked_at) WHERE parked = 1",
     ),
 )
 
@@ -195,6 +205,7 @@ class Spool:
 
     def settle(self, outcomes: Outcomes) -> None:
         """Record a round of attempts: delete the delivered, reschedule or park the rest."""
+        now = self._clock()
         with self._lock:
             with transaction(self._conn):
                 delivered = self._conn.executemany(
@@ -206,9 +217,9 @@ class Spool:
                     [(when, error, i) for i, when, error in outcomes.retry],
                 )
                 parked = self._conn.executemany(
-                    "UPDATE events SET attempts = attempts + 1, parked = 1, last_error = ? "
-                    "WHERE id = ? AND parked = 0",
-                    [(error, i) for i, error in outcomes.park],
+                    "UPDATE events SET attempts = attempts + 1, parked = 1, parked_at = ?, "
+                    "last_error = ? WHERE id = ? AND parked = 0",
+                    [(now, error, i) for i, error in outcomes.park],
                 ).rowcount
             self._pending -= max(delivered, 0) + max(parked, 0)
             self._parked += max(parked, 0)
@@ -219,11 +230,32 @@ class Spool:
         with self._lock:
             with transaction(self._conn):
                 count = self._conn.execute(
-                    "UPDATE events SET parked = 0, attempts = 0, next_attempt = ?, "
-                    "window_start = ? WHERE parked = 1",
+                    "UPDATE events SET parked = 0, parked_at = NULL, attempts = 0, "
+                    "next_attempt = ?, window_start = ? WHERE parked = 1",
                     (now, now),
                 ).rowcount
             self._pending += count
+            self._parked -= count
+        return count
+
+    def discard(self) -> int:
+        """Delete every parked event; how many."""
+        with self._lock:
+            with transaction(self._conn):
+                count = self._conn.execute("DELETE FROM events WHERE parked = 1").rowcount
+            self._parked -= count
+        return count
+
+    def expire(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` events parked before ``before`` (epoch seconds), the
+        oldest first; how many. A short transaction: delivery settles between calls."""
+        with self._lock:
+            with transaction(self._conn):
+                count = self._conn.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events "
+                    "WHERE parked = 1 AND parked_at < ? ORDER BY parked_at, id LIMIT ?)",
+                    (before, limit),
+                ).rowcount
             self._parked -= count
         return count
 

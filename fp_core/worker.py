@@ -14,9 +14,9 @@ parent: no secret ever travels in a frame. It also checks those files for change
 (``fp_secrets_reload``), as the parent does for its own use.
 
 Parent to child: ``("configure", seq, values, updated)``, ``("inspect", token, info)``,
-``("resend",)``, ``("close", seq, drain)``. Child to parent: ``("reply", seq, ok,
-payload)``, ``("record", token, record_or_None)``, ``("stats", snapshot)``,
-``("log", level, logger, message)``.
+``("spool", command)`` (``fp.resend``, ``fp.discard``), ``("close", seq, drain)``. Child
+to parent: ``("reply", seq, ok, payload)``, ``("record", token, record_or_None)``,
+``("stats", snapshot)``, ``("log", level, logger, message)``.
 """
 
 from __future__ import annotations
@@ -253,9 +253,9 @@ class WorkerClient:
             if not ok:
                 raise ConfigError(payload)
 
-    def resend(self) -> None:
-        """Ask for the parked webhook events to be queued again (the child logs how many)."""
-        self._send(encode(("resend",)))
+    def spool_command(self, name: str) -> None:
+        """Run ``fp.<name>`` on the parked webhook events (the child logs what it did)."""
+        self._send(encode(("spool", name)))
 
     def poll(self, timeout: float) -> None:
         """Without an event loop: write what waits and take the answers there are, waiting up
@@ -464,13 +464,8 @@ class _Child:
             answers.append(("record", frame[1], slim(self._inspect(ResponseInfo(*frame[2])))))
         elif kind == "configure":
             answers.append(("reply", frame[1], *self._configure(frame[2], set(frame[3]))))
-        elif kind == "resend":
-            try:
-                count = self.pipeline.resend()
-            except ConfigError as exc:
-                log.warning("fp.resend: %s", exc.message)
-            else:
-                log.info("fp.resend: %d parked webhook event(s) queued again", count)
+        elif kind == "spool":
+            self.pipeline.spool_command(frame[1])
         elif kind == "close":
             self.pipeline.close(frame[2])
             answers.append(("reply", frame[1], True, self.pipeline.snapshot()))

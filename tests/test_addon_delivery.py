@@ -233,10 +233,48 @@ def test_parked_events_are_sent_again_by_fp_resend(
     failing.close()
 
 
-def test_fp_resend_without_a_webhook(start: Callable[..., Tap]) -> None:
+def test_parked_events_are_deleted_by_fp_discard(
+    start: Callable[..., Tap], tmp_path: Path, secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = tmp_path / "gate"
+    failing = Receiver(ReceiverConfig(secret=secret, gate=gate, closed="fail"))
+    tap = start(fp_webhook_url=failing.url, fp_webhook_give_up=1)
+    tap.send(fp_body()[0], fp_body()[0])
+    wait_until(lambda: stats(tap)["webhook_parked"] == 2, "parking")
+    assert "fp.discard deletes them" in caplog.text
+    caplog.set_level(logging.INFO)
+    tap.tctx.command(tap.addon.discard_command)
+    wait_until(lambda: stats(tap)["webhook_parked"] == 0, "the parked events deleted")
+    assert stats(tap)["webhook"]["discarded"] == 2
+    assert "fp.discard: 2 parked webhook event(s) deleted" in caplog.text
+    gate.touch()
+    tap.tctx.command(tap.addon.resend_command)
+    wait_until(lambda: "fp.resend: 0 parked webhook event(s)" in caplog.text, "the resend")
+    posts = len(failing.received)
+    time.sleep(0.3)
+    assert len(failing.received) == posts, "nothing left to send"
+    failing.close()
+
+
+def test_parked_events_expire_after_fp_webhook_keep_parked(
+    start: Callable[..., Tap], tmp_path: Path, secret: str
+) -> None:
+    failing = Receiver(ReceiverConfig(secret=secret, gate=tmp_path / "gate", closed="fail"))
+    tap = start(fp_webhook_url=failing.url, fp_webhook_give_up=1, fp_webhook_keep_parked=1)
+    tap.send(fp_body()[0], fp_body()[0])
+    wait_until(lambda: stats(tap).get("webhook", {}).get("parked") == 2, "parking")
+    wait_until(lambda: stats(tap)["webhook"].get("expired") == 2, "expiry")
+    assert stats(tap)["webhook_parked"] == 0
+    with pytest.raises(exceptions.OptionsError, match="fp_webhook_keep_parked cannot be negative"):
+        tap.configure(fp_webhook_keep_parked=-1)
+    failing.close()
+
+
+@pytest.mark.parametrize("command", ["resend", "discard"])
+def test_spool_commands_without_a_webhook(start: Callable[..., Tap], command: str) -> None:
     tap = start()
-    with pytest.raises(exceptions.CommandError, match="no webhook"):
-        tap.addon.resend_command()
+    with pytest.raises(exceptions.CommandError, match=f"fp.{command}: no webhook"):
+        getattr(tap.addon, f"{command}_command")()
 
 
 def test_done_drains_the_spool(start: Callable[..., Tap], receiver: Receiver) -> None:

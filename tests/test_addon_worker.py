@@ -235,7 +235,14 @@ async def test_without_outputs_the_worker_starts_with_mitmproxy_off_the_event_lo
 
 
 @pytest.mark.parametrize(
-    "option", ["fp_sqlite_keep", "fp_secrets_reload", "fp_stats_every", "fp_worker_restart"]
+    "option",
+    [
+        "fp_sqlite_keep",
+        "fp_secrets_reload",
+        "fp_stats_every",
+        "fp_worker_restart",
+        "fp_webhook_keep_parked",
+    ],
 )
 @on_loop
 async def test_a_negative_value_is_refused_before_a_worker_could_refuse_it(
@@ -484,9 +491,18 @@ async def test_record_lines_skip_the_deprecated_add_log_event(
     assert not any("visitor=" in e for e in probe.entries)
 
 
+@pytest.mark.parametrize(
+    ("command", "done", "counter"),
+    [("resend", "queued again", "resent"), ("discard", "deleted", "discarded")],
+)
 @on_loop
-async def test_resend_reaches_the_worker(
-    keyfile: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_spool_commands_reach_the_worker(
+    keyfile: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    command: str,
+    done: str,
+    counter: str,
 ) -> None:
     caplog.set_level(logging.INFO)
     with tap_with(
@@ -500,9 +516,11 @@ async def test_resend_reaches_the_worker(
         worker = worker_of(tap)
         tap.response(make_flow(fp_body()[0]))
         await until(lambda: worker.stats.get("webhook_parked") == 1, "a parked event", 60)
-        tap.resend_command()
-        await until(lambda: "1 parked webhook event(s) queued again" in caplog.text, "it")
-        await until(lambda: json.loads(tap.stats_command())["webhook"].get("resent") == 1, "count")
+        getattr(tap, f"{command}_command")()
+        await until(lambda: f"fp.{command}: 1 parked webhook event(s) {done}" in caplog.text, "it")
+        await until(lambda: json.loads(tap.stats_command())["webhook"].get(counter) == 1, "count")
+        if command == "discard":
+            await until(lambda: json.loads(tap.stats_command())["webhook_parked"] == 0, "gone")
         tap.done()
 
 

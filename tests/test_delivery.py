@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from fingerprint_server_sdk import WebhookValidation
 
+from fp_core import delivery as delivery_module
 from fp_core.delivery import Delivery, DeliveryConfig, backoff
 from fp_core.spool import Spool, Spooled
 from fp_core.stats import Stats
@@ -225,6 +226,60 @@ def test_events_failing_past_the_give_up_age_are_parked_then_resent(rig: Rig) ->
     assert delivery.spool.parked == 0
     assert webhook(rig.stats)["resent"] == 3
     assert webhook(rig.stats)["sent"] == 3
+
+
+def test_discard_deletes_the_parked_events_and_counts_them(rig: Rig) -> None:
+    sender = Sender(lambda n: DOWN)
+    delivery = rig.start(sender, config(give_up=0.2))
+    delivery.spool.add(items(3))
+    delivery.wake()
+    wait_until(lambda: delivery.spool.parked == 3, "parking")
+    sender.answer = lambda n: OK
+    delivery.spool.add(items(1, start=3))
+    delivery.wake()
+    wait_until(lambda: webhook(rig.stats).get("sent") == 1, "the new event")
+    assert delivery.discard() == 3
+    assert webhook(rig.stats)["discarded"] == 3
+    assert delivery.snapshot()["webhook_parked"] == 0
+    assert delivery.resend() == 0, "nothing left to send again"
+    calls = len(sender.calls)
+    time.sleep(0.3)
+    assert len(sender.calls) == calls
+    assert delivery.spool.pending == 0
+
+
+def test_parked_events_expire_after_keep_parked_a_backlog_in_batches(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fp_core.delivery")
+    monkeypatch.setattr(delivery_module, "EXPIRE_BATCH", 2)  # a backlog of 5 takes 3 steps
+    sender = Sender(lambda n: DOWN)
+    delivery = rig.start(sender, config(give_up=0.1))
+    delivery.spool.add(items(5))
+    delivery.wake()
+    wait_until(lambda: delivery.spool.parked == 5, "parking")
+    parked_at = time.time()
+    delivery.configure(config(give_up=0.1, keep_parked=0.5))
+    wait_until(lambda: delivery.spool.parked == 0, "expiry")
+    assert time.time() - parked_at >= 0.5, "not before they were parked keep_parked ago"
+    assert webhook(rig.stats)["expired"] == 5
+    assert delivery.spool.pending == 0
+    lines = [r for r in caplog.records if "fp_webhook_keep_parked" in r.getMessage()]
+    assert len(lines) == 1, "one line per 10 s, whatever the steps"
+    assert lines[0].levelno == logging.INFO
+
+
+def test_without_keep_parked_parked_events_stay(rig: Rig) -> None:
+    sender = Sender(lambda n: DOWN)
+    delivery = rig.start(sender, config(give_up=0.1))
+    delivery.spool.add(items(2))
+    delivery.wake()
+    wait_until(lambda: delivery.spool.parked == 2, "parking")
+    for keep in (0, 10**12):  # 0, and a keep too long for the clock: both keep all
+        delivery.configure(config(give_up=0.1, keep_parked=keep))
+        time.sleep(1.5)  # more than a turn of the dispatcher (IDLE_WAIT)
+        assert delivery.spool.parked == 2
+    assert "expired" not in webhook(rig.stats)
 
 
 def test_concurrency_is_bounded(rig: Rig) -> None:

@@ -135,9 +135,21 @@ def test_tap_settings_are_checked(overrides: dict[str, Any], message: str) -> No
         tap_config(opts(**overrides), [KEY])
 
 
-def test_resend_without_a_webhook_says_so() -> None:
-    with pytest.raises(ConfigError, match="no webhook configured"):
-        Pipeline().resend()
+@pytest.mark.parametrize("command", ["resend", "discard"])
+def test_spool_commands_without_a_webhook_say_so(
+    command: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(ConfigError, match=f"fp.{command}: no webhook configured"):
+        getattr(Pipeline(), command)()
+    Pipeline().spool_command(command)  # as the worker runs it: said in a log line
+    (line,) = caplog.records
+    assert line.getMessage() == f"fp.{command}: no webhook configured (fp_webhook_url)"
+
+
+def test_a_negative_fp_webhook_keep_parked_is_refused(tmp_path: Path) -> None:
+    webhook = {"fp_webhook_url": "http://127.0.0.1:9/", "fp_state_dir": str(tmp_path / "s")}
+    with pytest.raises(ConfigError, match="fp_webhook_keep_parked cannot be negative"):
+        Pipeline().configure(opts(**webhook, fp_webhook_keep_parked=-1), OPTIONS, [KEY])
 
 
 def test_background_jobs_are_joined() -> None:

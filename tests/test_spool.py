@@ -1,4 +1,5 @@
-"""fp_core.spool: the durable webhook spool (add, due, settle, park, resend, ownership)."""
+"""fp_core.spool: the durable webhook spool (add, due, settle, park, resend, discard, expire,
+ownership)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fp_core.spool import LOCK_FILE, SPOOL_FILE, Outcomes, Spool, private_dir
+from fp_core.spool import LOCK_FILE, MIGRATIONS, SPOOL_FILE, Outcomes, Spool, private_dir
 from fp_core.sqlite_files import SqliteFileError
 from fp_core.webhook import Outgoing
 
@@ -168,9 +169,110 @@ def test_a_spool_being_let_go_is_waited_for(tmp_path: Path, clock: Clock) -> Non
 
 def test_the_spool_has_a_versioned_schema(spool: Spool) -> None:
     conn = sqlite3.connect(spool.path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
+
+
+def park(spool: Spool, clock: Clock, *numbers: int) -> list[int]:
+    """Spool these events and park them at the clock's time; their row ids."""
+    spool.add([item(n) for n in numbers])
+    due = [e for e in spool.due(clock.now, 10**6) if e.request_id in {f"req-{n}" for n in numbers}]
+    spool.settle(Outcomes(park=[(e.id, "http_400") for e in due]))
+    return [e.id for e in due]
+
+
+def request_ids(spool: Spool, parked: int) -> list[str]:
+    conn = sqlite3.connect(spool.path)
+    try:
+        rows = conn.execute(
+            "SELECT request_id FROM events WHERE parked = ? ORDER BY id", (parked,)
+        ).fetchall()
+    finally:
+        conn.close()
+    return [row[0] for row in rows]
+
+
+def test_discard_deletes_the_parked_events_only(spool: Spool, clock: Clock) -> None:
+    park(spool, clock, 1, 2)
+    spool.add([item(3)])
+    assert (spool.pending, spool.parked) == (1, 2)
+    assert spool.discard() == 2
+    assert (spool.pending, spool.parked) == (1, 0)
+    assert request_ids(spool, parked=1) == []
+    assert request_ids(spool, parked=0) == ["req-3"]
+    assert spool.discard() == 0
+    # The room they took is free again.
+    assert spool.add([item(4), item(5)], max_events=3) == 2
+
+
+def test_expire_deletes_what_was_parked_before_the_time_oldest_first(
+    spool: Spool, clock: Clock
+) -> None:
+    park(spool, clock, 1, 2)
+    clock.now += 100
+    park(spool, clock, 3)
+    spool.add([item(4)])  # pending: never expired, however old
+    clock.now += 10**6
+    assert spool.expire(clock.now - 10**6 - 50, 10) == 2, "parked 100 s before the third"
+    assert request_ids(spool, parked=1) == ["req-3"]
+    assert spool.expire(clock.now - 10**6, 10) == 0, "parked exactly then: not before it"
+    assert spool.expire(clock.now, 10) == 1
+    assert (spool.pending, spool.parked) == (1, 0)
+    assert request_ids(spool, parked=0) == ["req-4"]
+
+
+def test_expire_takes_at_most_its_limit_the_oldest(spool: Spool, clock: Clock) -> None:
+    for n in range(5):
+        park(spool, clock, n)
+        clock.now += 1
+    assert spool.expire(clock.now, 2) == 2
+    assert request_ids(spool, parked=1) == ["req-2", "req-3", "req-4"]
+    assert spool.parked == 3
+
+
+def test_resend_forgets_when_an_event_was_parked(spool: Spool, clock: Clock) -> None:
+    park(spool, clock, 1)
+    assert spool.resend() == 1
+    clock.now += 10**6
+    assert spool.expire(clock.now, 10) == 0, "pending again: not expired"
+    (event,) = spool.due(clock.now, 10)
+    # Parked again later: its age counts from then.
+    spool.settle(Outcomes(park=[(event.id, "http_400")]))
+    assert spool.expire(clock.now - 1, 10) == 0
+    assert spool.expire(clock.now + 1, 10) == 1
+
+
+def test_a_spool_of_the_first_version_is_migrated_its_parked_events_parked_now(
+    tmp_path: Path, clock: Clock
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    conn = sqlite3.connect(state / SPOOL_FILE)
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.executemany(
+        "INSERT INTO events (request_id, body, headers, created, window_start, next_attempt, "
+        "parked) VALUES (?, ?, '{}', 1, 1, 1, ?)",
+        [("old-parked", b"{}", 1), ("old-pending", b"{}", 0)],
+    )
+    conn.commit()
+    conn.close()
+    before = time.time()
+    spool = Spool(str(state), clock=clock)
+    try:
+        assert (spool.pending, spool.parked) == (1, 1)
+        conn = sqlite3.connect(spool.path)
+        rows = dict(conn.execute("SELECT request_id, parked_at FROM events").fetchall())
+        conn.close()
+        assert rows["old-pending"] is None
+        assert before - 1 <= rows["old-parked"] <= time.time() + 1
+        assert spool.expire(before - 1, 10) == 0, "a full keep from the upgrade on"
+        assert spool.expire(time.time() + 1, 10) == 1
+        assert [e.request_id for e in spool.due(clock.now, 10)] == ["old-pending"]
+    finally:
+        spool.close()
 
 
 def test_an_unusable_state_dir_is_an_error(tmp_path: Path, clock: Clock) -> None:

@@ -324,6 +324,40 @@ def test_receiver_answering_500_for_a_while(rig: Rig) -> None:
     rig.measure("receiver_500_for_a_while", summary)
 
 
+def test_events_a_receiver_refuses_for_good_are_parked_then_expire(rig: Rig) -> None:
+    """fp_webhook_keep_parked: a long-running tap's spool does not keep them for ever;
+    their records stay in the JSONL file and the store."""
+    receiver, url = rig.receiver("--gate", str(rig.tmp / "gate"), "--closed", "fail")
+    proxy = rig.tap(url, fp_webhook_give_up=1, fp_webhook_keep_parked=2)
+    try:
+        ids = rig.send(proxy, 5)
+        wait_until(lambda: "fp_webhook_keep_parked" in proxy.output(), "the expiry line")
+        wait_until(lambda: spool_rows(rig.state) == 0, "an empty spool")
+        assert {r["request_id"] for r in rig.received()} >= {
+            r["summary"]["request_id"] for r in rig.records() if r["ok"]
+        }, "each was tried"
+    finally:
+        assert proxy.stop() == 0
+        receiver.stop()
+    summary = summary_of(proxy.output())
+    assert summary["webhook"]["parked"] == len(ids)
+    assert summary["webhook"]["expired"] == len(ids)
+    assert (summary["webhook_pending"], summary["webhook_parked"]) == (0, 0)
+    assert rig.delivered() == Counter()
+    records = rig.records()
+    assert [r["request_id"] for r in records] == [rid for rid, _ in rig.sent]
+    assert list(read_records(str(rig.store))) == records
+
+
+def spool_rows(state: Path) -> int:
+    """Rows in the spool, read while the tap runs (WAL: readers do not block it)."""
+    conn = sqlite3.connect(f"file:{state / SPOOL_FILE}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def test_a_slow_receiver_does_not_slow_the_proxy(rig: Rig) -> None:
     gate = rig.tmp / "gate"
     # Until the gate opens the receiver holds every request; then it takes 300 ms each.

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from mitmproxy.utils.emoji import emoji
 
-from scripts.harness import MitmdumpConfig, Service, start_mitmweb
-from tests.e2e.conftest import Keys, fetch
+from scripts.harness import MitmdumpConfig, Service, start_mitmweb, start_receiver
+from tests.e2e.conftest import Keys, fetch, read_jsonl
 
 pytestmark = pytest.mark.e2e
 
@@ -114,6 +114,75 @@ def test_content_view_comments_marks_and_commands(
     finally:
         assert web.stop() == 0
     assert keys.key.to_base64() not in web.output()
+
+
+def test_fp_resend_and_fp_discard_from_the_command_bar(
+    tmp_path: Path, keys: Keys, endpoint: Service
+) -> None:
+    """Parked webhook events, sent again once the receiver takes them, or deleted."""
+    gate, received = tmp_path / "gate", tmp_path / "received.jsonl"
+    secret = {"FP_WEBHOOK_SECRET": "fp-tap-e2e-webhook-secret"}
+    receiver, hook = start_receiver(
+        tmp_path, log=received, args=["--gate", str(gate), "--closed", "fail"], env=secret
+    )
+    web, url, token = start_mitmweb(
+        tmp_path,
+        MitmdumpConfig(
+            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
+            options={
+                "fp_keys_file": str(keys.file),
+                "fp_webhook_url": hook,
+                "fp_state_dir": str(tmp_path / "state"),
+                "fp_webhook_give_up": 1,
+                "fp_webhook_retry_ms": 200,
+                "fp_webhook_retry_max": 1,
+            },
+            env=secret,
+        ),
+    )
+    try:
+        client = WebClient(url, token)
+
+        def stats_reach(want: dict[str, int]) -> dict[str, Any]:
+            """Gauges (webhook_parked) and counters (webhook.sent) at these values."""
+            deadline = time.monotonic() + 30
+            while True:
+                stats: dict[str, Any] = json.loads(client.command("fp.stats"))
+                counts = stats.get("webhook", {})
+                flat = {**stats, **{f"webhook.{k}": v for k, v in counts.items()}}
+                if all(flat.get(name) == value for name, value in want.items()):
+                    return stats
+                assert time.monotonic() < deadline, f"{want}: {json.dumps(stats)}"
+                time.sleep(0.1)
+
+        def accepted() -> list[str]:
+            return [r["request_id"] for r in read_jsonl(received) if r["status"] == 200]
+
+        proxy = f"http://127.0.0.1:{web.port}"
+        for seed in (1, 2):
+            assert fetch(f"{proxy}/agent?case=ok&api=v4&seed={seed}").status == 200
+        stats_reach({"webhook_parked": 2, "webhook.spooled": 2})
+        assert accepted() == []
+        gate.touch()
+        client.command("fp.resend")
+        stats_reach(
+            {"webhook.resent": 2, "webhook.sent": 2, "webhook_pending": 0, "webhook_parked": 0}
+        )
+        assert len(set(accepted())) == 2
+
+        gate.unlink()  # refusing again
+        assert fetch(f"{proxy}/agent?case=ok&api=v3&seed=3").status == 200
+        stats_reach({"webhook_parked": 1, "webhook.spooled": 3})
+        client.command("fp.discard")
+        stats_reach({"webhook.discarded": 1, "webhook_parked": 0, "webhook_pending": 0})
+        gate.touch()
+        client.command("fp.resend")  # nothing left to send
+        time.sleep(1)
+        assert len(accepted()) == 2
+        assert "fp.discard: 1 parked webhook event(s) deleted" in web.output()
+    finally:
+        assert web.stop() == 0
+        receiver.stop()
 
 
 def wait_for_flows(client: WebClient, count: int, annotated: int = 0) -> list[dict[str, Any]]:
