@@ -260,6 +260,9 @@ class Pipeline:
             count = self.resend() if name == "resend" else self.discard()
         except ConfigError as exc:
             log.warning("%s", exc.message)
+        except FpError as exc:  # the spool's file (locked by another connection, disk full)
+            self.stats.incr_group("webhook", "spool_errors")
+            log.warning("fp.%s: %s", name, exc.message)
         else:
             log.info("fp.%s: %d parked webhook event(s) %s", name, count, SPOOL_COMMANDS[name])
 

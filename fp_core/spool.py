@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from fp_core.sqlite_files import SqliteFileError, connect, migrate, reason, transaction
@@ -129,11 +131,12 @@ class Spool:
             migrate(self._conn, MIGRATIONS, f"webhook spool {self.path}")
             # A new owner sends what an earlier run left at once: the backoff it had
             # chosen belonged to a receiver state that may be long over.
-            with transaction(self._conn):
+            with self._sqlite(), transaction(self._conn):
                 self._conn.execute(
                     "UPDATE events SET next_attempt = ? WHERE parked = 0", (self._clock(),)
                 )
-            self._pending, self._parked = self._count()
+            with self._sqlite():
+                self._pending, self._parked = self._count()
         except BaseException:
             self.close()
             raise
@@ -152,7 +155,7 @@ class Spool:
         """Spool events (one transaction), due at once; how many were taken. With
         ``max_events``, the spool (pending and parked) holds no more than that: the
         first items fill what room there is, the rest are refused."""
-        with self._lock:
+        with self._lock, self._sqlite():
             if max_events is not None:
                 items = items[: max(max_events - self._pending - self._parked, 0)]
             if not items:
@@ -173,7 +176,7 @@ class Spool:
         ids in ``exclude`` (those being sent)."""
         if limit <= 0:
             return []
-        with self._lock:
+        with self._lock, self._sqlite():
             rows = self._conn.execute(
                 "SELECT id, request_id, body, headers, attempts, window_start FROM events "
                 "WHERE parked = 0 AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?",
@@ -188,7 +191,7 @@ class Spool:
 
     def pull_in(self, when: float) -> int:
         """Make every pending event due later than ``when`` due at ``when``; how many."""
-        with self._lock, transaction(self._conn):
+        with self._lock, self._sqlite(), transaction(self._conn):
             return self._conn.execute(
                 "UPDATE events SET next_attempt = ? WHERE parked = 0 AND next_attempt > ?",
                 (when, when),
@@ -196,7 +199,7 @@ class Spool:
 
     def next_due_after(self, now: float) -> float | None:
         """When the next pending event not yet due becomes due (None: there is none)."""
-        with self._lock:
+        with self._lock, self._sqlite():
             row = self._conn.execute(
                 "SELECT MIN(next_attempt) FROM events WHERE parked = 0 AND next_attempt > ?",
                 (now,),
@@ -206,7 +209,7 @@ class Spool:
     def settle(self, outcomes: Outcomes) -> None:
         """Record a round of attempts: delete the delivered, reschedule or park the rest."""
         now = self._clock()
-        with self._lock:
+        with self._lock, self._sqlite():
             with transaction(self._conn):
                 delivered = self._conn.executemany(
                     "DELETE FROM events WHERE id = ?", [(i,) for i in outcomes.delivered]
@@ -227,7 +230,7 @@ class Spool:
     def resend(self) -> int:
         """Make every parked event pending again, due now, with a fresh give-up clock."""
         now = self._clock()
-        with self._lock:
+        with self._lock, self._sqlite():
             with transaction(self._conn):
                 count = self._conn.execute(
                     "UPDATE events SET parked = 0, parked_at = NULL, attempts = 0, "
@@ -240,7 +243,7 @@ class Spool:
 
     def discard(self) -> int:
         """Delete every parked event; how many."""
-        with self._lock:
+        with self._lock, self._sqlite():
             with transaction(self._conn):
                 count = self._conn.execute("DELETE FROM events WHERE parked = 1").rowcount
             self._parked -= count
@@ -249,7 +252,7 @@ class Spool:
     def expire(self, before: float, limit: int) -> int:
         """Delete up to ``limit`` events parked before ``before`` (epoch seconds), the
         oldest first; how many. A short transaction: delivery settles between calls."""
-        with self._lock:
+        with self._lock, self._sqlite():
             with transaction(self._conn):
                 count = self._conn.execute(
                     "DELETE FROM events WHERE id IN (SELECT id FROM events "
@@ -268,6 +271,15 @@ class Spool:
             if self._owner >= 0:
                 os.close(self._owner)
                 self._owner = -1
+
+    @contextmanager
+    def _sqlite(self) -> Iterator[None]:
+        """SQLite's errors (a lock held by another connection, a full disk) as
+        :class:`SqliteFileError`, which callers without sqlite3 can catch (an FpError)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise SqliteFileError(f"webhook spool {self.path}: {reason(exc)}") from None
 
     def _count(self) -> tuple[int, int]:
         pending, parked = self._conn.execute(

@@ -21,6 +21,7 @@ import os
 import re
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,12 @@ def check_url(url: str) -> str:
     if parts.username is not None or parts.password is not None:
         # Option values show in process lists; the signature authenticates the tap.
         raise WebhookConfigError("the URL must not contain credentials (user:password@)")
+    if not all(" " < c <= "~" for c in url):
+        # http.client sends the URL's target as it is, in ASCII, and refuses the rest on
+        # every attempt: that would only show as failures until the events are parked.
+        raise WebhookConfigError(
+            "the URL must be percent-encoded: no spaces, only ASCII (punycode for a host)"
+        )
     return url
 
 
@@ -197,11 +204,23 @@ def request_headers(
     return headers
 
 
+#: Events held in memory at most while the spool cannot be written (another connection
+#: holds its lock, the disk is full); beyond, the oldest are lost (``webhook.lost``).
+MAX_HELD = 10_000
+#: While the spool cannot be written: the first wait before trying again, doubling per
+#: failure up to the last (each try may wait out SQLite's busy timeout on the writer
+#: thread, which the other sinks share).
+HOLD_RETRY_FIRST = 0.5
+HOLD_RETRY_MAX = 5.0
+
+
 class WebhookSink:
     """A :class:`~fp_core.writer.Sink` that puts each unsealed event into the spool.
 
     Only a transaction on the writer thread: the HTTP requests are made by the
     delivery threads (:mod:`fp_core.delivery`), so a slow receiver never slows it.
+    Events the spool cannot take right now are held and spooled later, in order
+    (:meth:`retry_held`, the writer's idle tick), as the SQLite store holds its rows.
     """
 
     name = "webhook"
@@ -212,21 +231,62 @@ class WebhookSink:
         stats: Stats,
         notify: Callable[[], None] | None = None,
         limit: Callable[[], int] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_held: int = MAX_HELD,
     ) -> None:
         self.spool = spool
         self.stats = stats
         self._notify = notify
         self._limit = limit
+        self._clock = clock
+        self.max_held = max_held
+        self._held: list[Outgoing] = []
+        self._retry_at = float("-inf")
+        self._retry_delay = HOLD_RETRY_FIRST
         self._warnings = Throttle()
+        self._hold_warnings = Throttle()
+
+    def held(self) -> int:
+        """Events waiting for the spool (non-zero only while it cannot be written)."""
+        return len(self._held)
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
-        items = [item for r in records if (item := outgoing(r)) is not None]
+        self._held.extend(item for r in records if (item := outgoing(r)) is not None)
+        excess = len(self._held) - self.max_held
+        if excess > 0:
+            del self._held[:excess]
+            self.stats.incr_group("webhook", "lost", excess)
+        if self._clock() >= self._retry_at:
+            self._spool_held()
+
+    def retry_held(self) -> None:
+        """Spool the held events once their retry time has come."""
+        if self._held and self._clock() >= self._retry_at:
+            self._spool_held()
+
+    def _spool_held(self) -> None:
+        items = self._held
         if not items:
             return
         # A receiver down for days must not fill the disk: past the limit, new events
         # are refused (the oldest, already waiting longest, keep their turn).
         limit = self._limit() if self._limit is not None else None
-        taken = self.spool.add(items, limit)
+        try:
+            taken = self.spool.add(items, limit)
+        except FpError as exc:  # the spool's file: locked by another connection, disk full
+            self.stats.incr_group("webhook", "spool_errors")
+            self._retry_at = self._clock() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, HOLD_RETRY_MAX)
+            if self._hold_warnings.ready():
+                log.warning(
+                    "fp-tap: cannot spool webhook events (%s); holding %d and retrying",
+                    exc.message,
+                    len(items),
+                )
+            return
+        self._held = []
+        self._retry_at, self._retry_delay = float("-inf"), HOLD_RETRY_FIRST
         if limit is not None and taken < len(items):
             self._refuse(len(items) - taken, limit)
         if not taken:
@@ -247,7 +307,16 @@ class WebhookSink:
             )
 
     def close(self) -> None:
-        """Nothing to do: the spool belongs to the delivery, which closes it last."""
+        """Spool what is held, one last try. (The spool belongs to the delivery, which
+        closes it last.)"""
+        self._spool_held()
+        if self._held:
+            self.stats.incr_group("webhook", "lost", len(self._held))
+            log.warning(
+                "fp-tap: %d webhook event(s) could not be spooled before closing",
+                len(self._held),
+            )
+            self._held = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +412,8 @@ class HttpPoster:
         retry_after = None
         if status in (429, 503):
             value = (response.getheader("Retry-After") or "").strip()
-            retry_after = float(value) if value.isdigit() else None
+            # isascii: str.isdigit() is also true of "²" and other digits float() refuses.
+            retry_after = float(value) if value.isascii() and value.isdigit() else None
         return PostResult(status, f"http_{status}", retry_after)
 
 

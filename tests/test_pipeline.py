@@ -152,6 +152,30 @@ def test_a_negative_fp_webhook_keep_parked_is_refused(tmp_path: Path) -> None:
         Pipeline().configure(opts(**webhook, fp_webhook_keep_parked=-1), OPTIONS, [KEY])
 
 
+def test_a_spool_locked_at_start_is_an_option_error(tmp_path: Path) -> None:
+    """Not SQLite's own exception, which would end the worker process (or escape
+    mitmproxy's configure hook) instead of saying which option."""
+    import sqlite3
+
+    from fp_core.spool import SPOOL_FILE, Spool
+
+    state = tmp_path / "state"
+    Spool(str(state)).close()  # left by an earlier run
+    shell = sqlite3.connect(state / SPOOL_FILE, isolation_level=None)
+    shell.execute("BEGIN EXCLUSIVE")
+    pipeline = Pipeline()
+    webhook = {"fp_webhook_url": "http://127.0.0.1:9/", "fp_state_dir": str(state)}
+    try:
+        with pytest.raises(ConfigError, match=r"fp_state_dir: webhook spool .*locked"):
+            pipeline.configure(opts(**webhook), OPTIONS, [KEY])
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+    pipeline.configure(opts(**webhook), OPTIONS, [KEY])  # once it is free, the same works
+    assert pipeline.delivery is not None
+    pipeline.close(0)
+
+
 def test_background_jobs_are_joined() -> None:
     background, done = Background(), threading.Event()
 

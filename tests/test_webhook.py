@@ -8,6 +8,7 @@ import pickle
 import re
 import secrets
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from fingerprint_server_sdk import WebhookValidation
 from fp_core.jsontext import JsonObject
 from fp_core.rotation import load_secret_watched, secret_file_watch
 from fp_core.spool import Spool
+from fp_core.sqlite_files import SqliteFileError
 from fp_core.stats import Stats
 from fp_core.webhook import (
     CHECKS_HEADER,
@@ -141,7 +143,13 @@ def test_secret_errors_never_contain_it(
 
 
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1:8080/hook", "https://backend.example/fp?tenant=3", "http://[::1]/"]
+    "url",
+    [
+        "http://127.0.0.1:8080/hook",
+        "https://backend.example/fp?tenant=3",
+        "http://[::1]/",
+        "http://backend.example/my%20ho%C3%B6k?q=a%20b",
+    ],
 )
 def test_good_urls(url: str) -> None:
     assert check_url(url) == url
@@ -155,6 +163,10 @@ def test_good_urls(url: str) -> None:
         ("https:///nohost", "no host"),
         ("https://user:pw@backend.example/", "credentials"),
         ("http://backend.example:99999/", "not a valid URL"),
+        # http.client would refuse these at every attempt, until the events are parked.
+        ("http://backend.example/hoök", "percent-encoded"),
+        ("http://backend.example/my hook", "percent-encoded"),
+        ("http://backend.example/hook?q=a\tb", "percent-encoded"),
     ],
 )
 def test_bad_urls(url: str, message: str) -> None:
@@ -276,6 +288,100 @@ def test_a_full_spool_refuses_new_events_counts_and_warns_once(
     assert spool.pending == 4
     assert stats.group("webhook") == {"spooled": 4, "spool_full": 4}
     spool.close()
+
+
+def numbered(n: int) -> dict[str, Any]:
+    rec = record()
+    rec["request_id"] = rec["event"]["event_id"] = f"1795730334960.req{n}"
+    return rec
+
+
+def spooled_ids(spool: Spool) -> list[str]:
+    conn = sqlite3.connect(spool.path)
+    try:
+        return [r[0] for r in conn.execute("SELECT request_id FROM events ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def test_events_a_locked_spool_cannot_take_are_held_and_spooled_later_in_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At least once: an event whose record reaches the other sinks reaches the spool."""
+    stats = Stats()
+    spool = Spool(str(tmp_path / "state"))
+    clock = [0.0]
+    sink = WebhookSink(spool, stats, clock=lambda: clock[0])
+    shell = sqlite3.connect(spool.path, isolation_level=None)
+    shell.execute("BEGIN EXCLUSIVE")  # an operator's sqlite3 shell, a backup tool
+    try:
+        with caplog.at_level(logging.WARNING, logger="fp_core.webhook"):
+            sink.write([numbered(1)])  # waits out SQLite's busy timeout once
+        assert sink.held() == 1
+        sink.write([numbered(2)])  # before the retry time: held, no second wait
+        assert sink.held() == 2
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+    assert stats.group("webhook") == {"spool_errors": 1}
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("fp-tap: cannot spool webhook events (webhook spool ")
+    assert warning.endswith("database is locked); holding 1 and retrying")
+    sink.retry_held()
+    assert sink.held() == 2, "not before its time"
+    clock[0] += 0.5
+    sink.retry_held()
+    assert sink.held() == 0
+    assert spooled_ids(spool) == ["1795730334960.req1", "1795730334960.req2"]
+    assert stats.group("webhook") == {"spool_errors": 1, "spooled": 2}
+    sink.close()
+    spool.close()
+
+
+class FailingSpool:
+    """A spool whose file refuses writes while ``failing``."""
+
+    def __init__(self) -> None:
+        self.failing = True
+        self.added: list[str] = []
+
+    def add(self, items: Any, max_events: int | None = None) -> int:
+        if self.failing:
+            raise SqliteFileError("webhook spool x: database or disk is full")
+        self.added += [i.request_id for i in items]
+        return len(items)
+
+
+def test_held_events_are_bounded_retried_with_backoff_and_counted_lost_at_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stats, spool, clock = Stats(), FailingSpool(), [0.0]
+    sink = WebhookSink(spool, stats, clock=lambda: clock[0], max_held=3)  # type: ignore[arg-type]
+    sink.write([numbered(n) for n in range(5)])
+    assert sink.held() == 3
+    assert stats.group("webhook") == {"lost": 2, "spool_errors": 1}, "the oldest go"
+    for wait in (0.5, 1.0, 2.0, 4.0, 5.0, 5.0):  # doubling, up to 5 s
+        errors = stats.group("webhook")["spool_errors"]
+        clock[0] += wait - 0.01
+        sink.retry_held()
+        assert stats.group("webhook")["spool_errors"] == errors, f"tried before {wait} s"
+        clock[0] += 0.01
+        sink.retry_held()
+        assert stats.group("webhook")["spool_errors"] == errors + 1, f"not tried at {wait} s"
+    spool.failing = False
+    sink.write([numbered(5)])  # before the retry time: held behind the others
+    assert spool.added == []
+    assert stats.group("webhook")["lost"] == 3, "req2 made room for it"
+    clock[0] += 5
+    sink.retry_held()
+    assert spool.added == [f"1795730334960.req{n}" for n in (3, 4, 5)]
+    spool.failing = True
+    sink.write([numbered(6)])
+    with caplog.at_level(logging.WARNING, logger="fp_core.webhook"):
+        sink.close()
+    assert sink.held() == 0
+    assert stats.group("webhook")["lost"] == 4
+    assert "1 webhook event(s) could not be spooled before closing" in caplog.text
 
 
 # -- HttpPoster against real servers -------------------------------------------------
@@ -449,4 +555,8 @@ def test_retry_after_is_read_from_503(counting: _Counting) -> None:
     assert (result.error, result.retry_after) == ("http_503", 7.0)
     counting.retry_after = "Wed, 21 Oct 2015 07:28:00 GMT"  # dates are not honoured
     assert poster.post(b"{}", {}).retry_after is None
+    # A digit to str.isdigit() that float() refuses: still the receiver's 503.
+    counting.retry_after = "\u00b2"
+    result = poster.post(b"{}", {})
+    assert (result.status, result.error, result.retry_after) == (503, "http_503", None)
     poster.close_local()

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from fp_core.errors import ConfigError
 from fp_core.keys import ENV_VAR, DecryptionKey
 from fp_core.pipeline import OPTIONS
+from fp_core.spool import SPOOL_FILE
 from fp_core.tap import RECORD_FIELDS
 from fp_core.worker import FrameReader, WorkerClient, encode
 from tests.test_addon import KEY, fp_body, hostile_bodies
@@ -234,6 +236,34 @@ def test_the_childs_log_lines_reach_the_parents_logging(
     pump(client, lambda: "events are not signed" in caplog.text, "the forwarded warning")
     (line,) = [r for r in caplog.records if "events are not signed" in r.getMessage()]
     assert (line.levelno, line.name) == (logging.WARNING, "fp_core.pipeline")
+
+
+def test_a_spool_command_on_a_locked_spool_is_a_warning_not_the_workers_death(
+    start: Callable[..., tuple[WorkerClient, Answers]],
+    keyfile: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    state = tmp_path / "state"
+    client, answers = start(
+        fp_keys_file=str(keyfile),
+        fp_webhook_url="http://127.0.0.1:9/hook",
+        fp_state_dir=str(state),
+    )
+    shell = sqlite3.connect(state / SPOOL_FILE, isolation_level=None)
+    shell.execute("BEGIN EXCLUSIVE")  # an operator's sqlite3 shell on the spool
+    try:
+        client.spool_command("resend")
+        pump(client, lambda: "fp.resend: webhook spool" in caplog.text, "the warning", 15)
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+    assert "database is locked" in caplog.text
+    assert answers.exits == []
+    client.spool_command("resend")  # and it still answers
+    pump(client, lambda: "fp.resend: 0 parked webhook event(s)" in caplog.text, "the answer")
+    pump(client, lambda: client.stats.get("webhook", {}).get("spool_errors") == 1, "the count")
 
 
 def test_a_dead_worker_is_reported_once_and_takes_nothing_more(
