@@ -20,6 +20,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from types import SimpleNamespace
@@ -37,7 +38,7 @@ from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import ConfigError, FpError, UnsealError
 from fp_core.jsontext import dumps
 from fp_core.keys import ENV_VAR, DecryptionKey, describe_keys, too_open_warning, with_env_keys
-from fp_core.loglines import DirectLines
+from fp_core.loglines import DirectLines, printable
 from fp_core.pipeline import (
     DELIVERY_OPTIONS,
     OUTPUT_OPTIONS,
@@ -55,7 +56,7 @@ from fp_core.rotation import FileWatch, Watches, load_keys_watched, load_secret_
 from fp_core.scrub import Scrubber
 from fp_core.sealed import DEFAULT_MAX_SIZE, unseal_event
 from fp_core.stats import Stats, merge_counts, without_gauges
-from fp_core.tap import ResponseInfo, Tap, TapConfig, metadata_of
+from fp_core.tap import METADATA_FIELDS, ResponseInfo, Tap, TapConfig, metadata_of
 from fp_core.throttle import Throttle
 from fp_core.webhook import SECRET_ENV_VAR, WebhookSecret
 from fp_core.worker import Records, WorkerClient
@@ -342,6 +343,8 @@ class FingerprintTap:
             own_filters=(self._log_filter,),
         )
         self._background = Background()
+        #: Flows whose proxy secret is not masked yet (see requestheaders).
+        self._unmasked: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self._has_view = False
         self._running = False
         #: fp_worker is on but the process is not started yet (see _start_pipeline).
@@ -655,6 +658,9 @@ class FingerprintTap:
         secret = flow.request.headers.get(PROXY_SECRET_HEADER)
         if secret:
             self.scrubber.add(secret)
+            # Masked once it has gone upstream; done() masks those still in flight, which
+            # mitmproxy saves (-w) at shutdown with neither a response nor an error.
+            self._unmasked.add(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         _mask_proxy_secret(flow)
@@ -673,6 +679,9 @@ class FingerprintTap:
             return None
 
     def done(self) -> None:
+        # Before mitmproxy's own done hooks (scripts come first), -w's among them.
+        for flow in list(self._unmasked):
+            _mask_proxy_secret(flow)
         if self._ticker is not None:
             self._ticker.cancel()
         self._settle()
@@ -704,8 +713,12 @@ class FingerprintTap:
         records = [r for f in flows if (r := self.record_for(f)) is not None]
 
         def write() -> None:
-            with open_private(str(path), "w") as handle:
-                handle.write("".join(dumps(r) + "\n" for r in records))
+            try:
+                with open_private(str(path), "w") as handle:
+                    handle.write("".join(dumps(r) + "\n" for r in records))
+            except OSError as exc:  # the command has returned: the log is where it shows
+                log.warning("fp.export: cannot write %s: %s", path, exc.strerror or exc)
+                return
             log.info("fp.export: wrote %d record(s) to %s", len(records), path)
 
         self._background.run(write)
@@ -1051,7 +1064,16 @@ class FingerprintTap:
         record = self.tap.inspect(info, remember=False) if info else None
         stored = flow.metadata.get(METADATA_KEY)
         if record is not None and isinstance(stored, dict):
-            record.update({k: stored[k] for k in ("checks", "verdict", "reasons") if k in stored})
+            if stored.get("ok") is record["ok"]:
+                kept: tuple[str, ...] = ("checks", "verdict", "reasons")
+            else:
+                # Unsealed then and not now (a key gone: a flow file read by another tap),
+                # or the other way round: the record as it was, without an event it did
+                # not have or that cannot be opened now.
+                kept = METADATA_FIELDS
+                if not stored.get("ok"):
+                    record.pop("event", None)
+            record.update({k: stored[k] for k in kept if k in stored})
         if record is not None and not self.include_event:
             record.pop("event", None)  # the tap keeps it for the webhook only
         return record
@@ -1079,10 +1101,21 @@ class _ScrubFilter(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):
             return True
+        # A traceback's last line repeats the exception's message (mitmproxy logs an
+        # addon's exception that way): scrubbed with the message, which then carries it.
+        if record.exc_info:
+            message += "\n" + _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = record.exc_text = None
+        if record.stack_info:
+            message += "\n" + record.stack_info
+            record.stack_info = None
         # Formatted once: the handlers after this one (and their formatters) read the
         # message again, now without formatting it.
         record.msg, record.args = self.scrubber.scrub(message), None
         return True
+
+
+_TRACEBACKS = logging.Formatter()
 
 
 class FingerprintView(contentviews.Contentview):
@@ -1107,7 +1140,9 @@ class FingerprintView(contentviews.Contentview):
         opened = parse_open_response(data)
         if opened is None:
             raise ValueError("not a Fingerprint open response")
-        lines = [f"# Fingerprint open response ({opened.api}), request id {opened.request_id}"]
+        lines = [
+            f"# Fingerprint open response ({opened.api}), request id {printable(opened.request_id)}"
+        ]
         stored = metadata.flow.metadata.get(METADATA_KEY) if metadata.flow else None
         if isinstance(stored, dict):
             reasons = ", ".join(stored.get("reasons") or [])
@@ -1122,7 +1157,11 @@ class FingerprintView(contentviews.Contentview):
             )
         except UnsealError as exc:
             lines.append(f"# cannot unseal: {exc}")
-            return "\n".join(lines) + "\n" + json.dumps(json.loads(data), indent=2)
+            try:
+                outer = json.dumps(json.loads(data), indent=2)
+            except ValueError:  # what the agent reads, Python's json does not (a BOM, ...)
+                outer = data.decode("utf-8", "replace")
+            return "\n".join(lines) + "\n" + outer
         lines.append(f"# unsealed with key {event.key_id} (#{event.key_index + 1})")
         return "\n".join(lines) + "\n" + json.dumps(event, indent=2, ensure_ascii=False)
 
@@ -1217,14 +1256,52 @@ def _mask_proxy_secret(flow: http.HTTPFlow) -> None:
     headers = flow.request.headers
     if PROXY_SECRET_HEADER in headers and headers[PROXY_SECRET_HEADER] != REDACTED:
         headers[PROXY_SECRET_HEADER] = REDACTED
+    # A request edited in mitmweb or the console was backed up first, secret and all:
+    # "revert" would bring the value back into the flow.
+    backup = getattr(flow, "_backup", None)
+    if backup:
+        request = backup.get("request")
+        if isinstance(request, dict) and request.get("headers"):
+            request["headers"] = tuple(
+                (name, _REDACTED_BYTES if name.lower() == _SECRET_NAME else value)
+                for name, value in request["headers"]
+            )
+
+
+_SECRET_NAME = PROXY_SECRET_HEADER.lower().encode()
+_REDACTED_BYTES = REDACTED.encode()
 
 
 def _annotate(flow: http.HTTPFlow, record: dict[str, Any]) -> None:
+    previous = flow.metadata.get(METADATA_KEY)
+    if isinstance(previous, dict):
+        # Inspected before: a client replay, or flows read back from a file (-r). The
+        # new verdict replaces the old one's comment line and mark, not a user's.
+        _unannotate(flow, previous)
     flow.metadata[METADATA_KEY] = metadata_of(record)
     comment = _comment(record)
     flow.comment = f"{flow.comment}\n{comment}" if flow.comment else comment
-    if not flow.marked and record["verdict"] != "trusted":
-        flow.marked = MARK_ERROR if record["verdict"] == "error" else MARK_SUSPICIOUS
+    if not flow.marked:
+        flow.marked = _mark(record)
+
+
+def _unannotate(flow: http.HTTPFlow, previous: dict[str, Any]) -> None:
+    try:
+        comment, mark = _comment(previous), _mark(previous)
+    except (KeyError, TypeError, AttributeError):  # metadata from an older or odd file
+        return
+    lines = flow.comment.split("\n")
+    if lines[-1] == comment:
+        flow.comment = "\n".join(lines[:-1])
+    if mark and flow.marked == mark:
+        flow.marked = ""
+
+
+def _mark(record: dict[str, Any]) -> str:
+    """The marker fp-tap gives a flow with this verdict ("": none)."""
+    if record["verdict"] == "trusted":
+        return ""
+    return MARK_ERROR if record["verdict"] == "error" else MARK_SUSPICIOUS
 
 
 def _comment(record: dict[str, Any]) -> str:
@@ -1232,9 +1309,8 @@ def _comment(record: dict[str, Any]) -> str:
         return f"fp error: {record['error']['kind']}"
     summary = record["summary"]
     reasons = f" ({', '.join(record['reasons'])})" if record["reasons"] else ""
-    return (
-        f"fp {record['verdict']}{reasons} · visitor {summary['visitor_id']} · bot {summary['bot']}"
-    )
+    visitor = printable(summary["visitor_id"])
+    return f"fp {record['verdict']}{reasons} · visitor {visitor} · bot {summary['bot']}"
 
 
 def _log_record(record: dict[str, Any], lines: DirectLines) -> None:
@@ -1251,17 +1327,17 @@ def _log_record(record: dict[str, Any], lines: DirectLines) -> None:
     if level == logging.WARNING:
         error = record["error"]
         text = (
-            f"fp {record['api']} {record['request_id']} error {error['kind']}: "
-            f"{error['message']} [flow {record['flow_id']}]"
+            f"fp {record['api']} {printable(record['request_id'])} error {error['kind']}: "
+            f"{printable(error['message'])} [flow {record['flow_id']}]"
         )
     else:
         summary = record["summary"]
         reasons = f" ({','.join(record['reasons'])})" if record["reasons"] else ""
         checks = " ".join(f"{name}={_word(value)}" for name, value in record["checks"].items())
         text = (
-            f"fp {record['api']} {record['request_id']} {record['verdict']}{reasons} "
-            f"visitor={summary['visitor_id']} bot={summary['bot']} key={record['key_id']} "
-            f"{checks} [flow {record['flow_id']}]"
+            f"fp {record['api']} {printable(record['request_id'])} {record['verdict']}{reasons} "
+            f"visitor={printable(summary['visitor_id'])} bot={summary['bot']} "
+            f"key={record['key_id']} {checks} [flow {record['flow_id']}]"
         )
     if lines.write(level, text):
         return

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from fp_core.events import Api
 
 _MARKERS = (b"sealedResult", b"sealed_result")
-_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
+_BOM = b"\xef\xbb\xbf"
+# A byte order mark first: browsers drop it before parsing, so the agent reads the body.
+_OBJECT_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*\{")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +37,26 @@ def parse_open_response(body: bytes | bytearray | memoryview | str) -> OpenRespo
         return None
     if not might_be_open_response(data):
         return None
+    # Read as the agent's browser reads it: without a byte order mark, and with any
+    # invalid UTF-8 replaced (a broken byte in the sealed result then fails to unseal).
+    text = data.removeprefix(_BOM).decode("utf-8", "replace")
     try:
-        obj = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError):
+        obj = json.loads(text)
+    except RecursionError:
         return None
+    except ValueError:
+        # Not JSON, or an integer too long for Python's int (a browser takes it): the
+        # outer integers are never used, so read them as text.
+        try:
+            obj = _LENIENT.decode(text)
+        except (ValueError, RecursionError):
+            return None
     if not isinstance(obj, dict):
         return None
     return _from_object(obj)
+
+
+_LENIENT = json.JSONDecoder(parse_int=str)
 
 
 def might_be_open_response(data: bytes) -> bool:

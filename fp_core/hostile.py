@@ -90,7 +90,9 @@ def _wrong_type(c: _Ctx) -> Built:
 
 
 def _not_utf8(c: _Ctx) -> Built:
-    return b'{"requestId": "\xff\xfe", "sealedResult": "\xc3\x28"}', "ignored"
+    # Read as a browser reads it, invalid bytes replaced: an open response whose sealed
+    # result is not base64.
+    return b'{"requestId": "\xff\xfe", "sealedResult": "\xc3\x28"}', "bad_base64"
 
 
 def _deep_outer(c: _Ctx) -> Built:

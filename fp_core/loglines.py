@@ -199,3 +199,11 @@ class DirectLines:
             return None
         middle, tail = rest.split(_PROBE)
         return _Format(head, middle, tail)
+
+
+def printable(value: object) -> str:
+    """``value`` as text safe for one log line or comment: control characters (a line
+    break, a terminal's escape sequences) escaped. The outer JSON of a response, which
+    anyone on its path may write, must not be able to forge a line of its own."""
+    text = value if isinstance(value, str) else str(value)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

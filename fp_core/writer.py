@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import stat
 import sys
 import threading
 from collections.abc import Sequence
@@ -69,10 +70,19 @@ class WithoutEvent:
 
 
 def open_private(path: str, mode: str = "a") -> IO[str]:
-    """Open for appending/writing text; a file created here gets mode 0600."""
+    """Open for appending (``"a"``) or writing (``"w"``) text. A file created here gets
+    mode 0600; so does an existing regular file opened to be rewritten: what it held is
+    gone, and what it is given is private (an appended file keeps the mode its owner
+    chose, e.g. for a log shipper's group)."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
     fd = os.open(path, flags, 0o600)
-    return os.fdopen(fd, mode, encoding="utf-8")
+    try:
+        if mode == "w" and stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+        return os.fdopen(fd, mode, encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class JsonlSink:

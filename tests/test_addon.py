@@ -972,3 +972,237 @@ def test_scrubbed_lines_read_the_same_in_every_handler(addon) -> None:
         for handler in handlers:
             root.removeHandler(handler)
     assert seen[0] == seen[1] == ["100% of it, key [redacted]", "no arguments, %s stays"]
+
+
+# -- found by a bug hunt: secrets, fp.export, the log line, re-inspected flows ---------
+
+
+def test_a_reverted_edit_does_not_bring_the_proxy_secret_back(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    """mitmweb and the console back a flow up before an edit (an intercepted request):
+    "revert" must not put the secret back into the flow they show and save."""
+    tap, _ = addon
+    flow = make_flow(fp_body()[0], request_headers=[(b"FPJS-Proxy-Secret", SECRET.encode())])
+    tap.requestheaders(flow)
+    flow.backup()
+    flow.request.headers["x-edited"] = "1"
+    tap.responseheaders(flow)
+    tap.response(flow)
+    assert flow.request.headers["FPJS-Proxy-Secret"] == REDACTED
+    flow.revert()
+    assert "x-edited" not in flow.request.headers, "reverted"
+    assert flow.request.headers["FPJS-Proxy-Secret"] == REDACTED
+    assert SECRET not in json.dumps(flow.get_state(), default=repr)
+
+
+def test_requests_in_flight_at_shutdown_are_masked_by_done(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    """-w saves them at shutdown, with neither a response nor an error (e2e:
+    test_secrets)."""
+    tap, _ = addon
+    flow = make_flow(b"{}", request_headers=[(b"FPJS-Proxy-Secret", SECRET.encode())])
+    flow.response = None
+    tap.requestheaders(flow)
+    assert flow.request.headers["FPJS-Proxy-Secret"] == SECRET, "still to go upstream"
+    tap.done()
+    assert flow.request.headers["FPJS-Proxy-Secret"] == REDACTED
+
+
+def test_tracebacks_in_log_lines_are_scrubbed_too(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    """mitmproxy logs an addon's exception as "Addon error: <value>" with its traceback,
+    whose last line repeats <value>: another script's error message holding the
+    request's headers."""
+    from mitmproxy.addonmanager import safecall
+
+    tap, _ = addon
+    out: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            out.append(self.format(record))
+
+    handler = Keep(logging.DEBUG)
+    handler.setFormatter(MitmFormatter(colorize=False))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        tap.running()  # the scrubbing filter goes on every handler there is
+        flow = make_flow(b"{}", request_headers=[(b"FPJS-Proxy-Secret", SECRET.encode())])
+        tap.requestheaders(flow)
+        with safecall():
+            fail_with(f"unexpected request headers: {flow.request.headers}")
+    finally:
+        root.removeHandler(handler)
+        tap.done()
+    text = "\n".join(out)
+    assert "Addon error" in text
+    assert "Traceback (most recent call last)" in text
+    assert "ValueError: unexpected request headers" in text
+    assert SECRET not in text
+
+
+def fail_with(message: str) -> None:
+    """Another addon's bug (mypy sees through a bare raise in a with block)."""
+    raise ValueError(message)
+
+
+def test_the_outer_request_id_cannot_forge_log_lines_or_comments(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The outer JSON is anyone's to write: a line break or a terminal escape in it is
+    shown escaped."""
+    tap, _ = addon
+    caplog.set_level(logging.INFO)
+    forged = "1.x\nfp v4 1700000000000.abcdef trusted visitor=ZZZ bot=not_detected\x1b[2K"
+    body = json.dumps({"event_id": forged, "sealed_result": "AAAA"}).encode()
+    flow = run(tap, make_flow(body))
+    assert flow.metadata["fp"]["verdict"] == "error"
+    (line,) = [r.getMessage() for r in caplog.records if flow.id in r.getMessage()]
+    assert line.startswith("fp v4 1.x\\nfp v4 1700000000000.abcdef trusted visitor=ZZZ")
+    assert "\n" not in line
+    assert "\x1b" not in line
+    view = tap.view.prettify(body, contentviews.Metadata(flow=flow, http_message=flow.response))
+    assert view.splitlines()[0].endswith(
+        "request id 1.x\\nfp v4 1700000000000.abcdef trusted visitor=ZZZ bot=not_detected\\x1b[2K"
+    )
+
+
+def test_a_replayed_flow_gets_the_new_verdicts_comment_and_mark(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    """mitmproxy's client replay runs the same flow through the hooks again."""
+    tap, _ = addon
+    flow = make_flow(fp_body(bot="bad")[0])
+    flow.comment = "mine"
+    run(tap, flow)
+    assert flow.marked == fp_addon.MARK_SUSPICIOUS
+    flow.response = make_flow(fp_body()[0]).response  # the replay's response
+    run(tap, flow)
+    assert flow.metadata["fp"]["verdict"] == "trusted"
+    assert flow.marked == "", "the :warning: was fp-tap's, for the old response"
+    (mine, fp_line) = flow.comment.split("\n")
+    assert mine == "mine"
+    assert fp_line.startswith("fp trusted · visitor ")
+
+
+def test_a_mark_of_the_users_own_stays_through_a_replay(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    tap, _ = addon
+    flow = make_flow(fp_body()[0])
+    flow.marked = ":star:"
+    run(tap, flow)
+    flow.response = make_flow(fp_body()[0]).response
+    run(tap, flow)
+    assert flow.marked == ":star:"
+
+
+def test_flows_read_back_from_a_file_are_annotated_once(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    """mitmdump -r runs every loaded flow through the hooks again."""
+    tap, _ = addon
+    flow = run(tap, make_flow(fp_body()[0]))
+    loaded = http.HTTPFlow.from_state(flow.get_state())  # what -w, then -r, gives
+    assert isinstance(loaded, http.HTTPFlow)
+    run(tap, loaded)
+    assert "\n" not in loaded.comment
+    # Seen by this same tap before: a duplicate now.
+    assert loaded.comment.startswith("fp suspicious (duplicate) · visitor ")
+    assert loaded.marked == fp_addon.MARK_SUSPICIOUS
+
+
+def export(tap: fp_addon.FingerprintTap, flow: http.HTTPFlow, out: Path) -> dict[str, Any]:
+    tap.export_command([flow], str(out))
+    tap._background.join()
+    (record,) = [json.loads(x) for x in out.read_text().splitlines()]
+    return record
+
+
+def test_export_without_the_key_keeps_the_record_as_it_was_captured(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], tmp_path: Path
+) -> None:
+    """A flow captured trusted, exported by a tap without its key (a flow file read by
+    another tap)."""
+    tap, tctx = addon
+    flow = run(tap, make_flow(fp_body()[0]))
+    captured = flow.metadata["fp"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# none\n")
+    empty.chmod(0o600)
+    tctx.configure(tap, fp_keys_file=str(empty))
+    record = export(tap, flow, tmp_path / "export.jsonl")
+    assert (record["ok"], record["error"], record["verdict"]) == (True, None, "trusted")
+    assert record["summary"] == captured["summary"]
+    assert record["key_id"] == captured["key_id"]
+    assert "event" not in record, "it cannot be opened now"
+
+
+def test_export_after_the_key_arrived_keeps_the_record_as_it_was_captured(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], tmp_path: Path
+) -> None:
+    tap, tctx = addon
+    other = DecryptionKey.generate()
+    flow = run(tap, make_flow(fp_body(key=other)[0]))
+    assert flow.metadata["fp"]["verdict"] == "error"
+    both = tmp_path / "both.txt"
+    both.write_text(f"{KEY.to_base64()}\n{other.to_base64()}\n")
+    both.chmod(0o600)
+    tctx.configure(tap, fp_keys_file=str(both))
+    record = export(tap, flow, tmp_path / "export.jsonl")
+    assert (record["ok"], record["verdict"]) == (False, "error")
+    assert record["error"]["kind"] == "decrypt_failed"
+    assert "event" not in record
+
+
+def test_an_export_that_cannot_be_written_says_so(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tap, _ = addon
+    flow = run(tap, make_flow(fp_body()[0]))
+    out = tmp_path / "no-such-dir" / "x.jsonl"
+    tap.export_command([flow], str(out))
+    tap._background.join()
+    (warning,) = [r for r in caplog.records if r.getMessage().startswith("fp.export")]
+    assert warning.levelno == logging.WARNING
+    assert warning.getMessage() == f"fp.export: cannot write {out}: No such file or directory"
+
+
+def test_an_export_over_an_existing_file_makes_it_private(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], tmp_path: Path
+) -> None:
+    tap, _ = addon
+    flow = run(tap, make_flow(fp_body()[0]))
+    out = tmp_path / "export.jsonl"
+    out.write_text("old\n")
+    out.chmod(0o644)
+    assert export(tap, flow, out)["verdict"] == "trusted"
+    assert out.stat().st_mode & 0o777 == 0o600
+
+
+def _with_member(body: bytes, member: bytes) -> bytes:
+    return body[:-1] + b", " + member + b"}"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda b: b"\xef\xbb\xbf" + b, id="byte-order-mark"),
+        pytest.param(lambda b: _with_member(b, b'"n": ' + b"7" * 5000), id="huge-integer"),
+        pytest.param(lambda b: _with_member(b, b'"note": "caf\xe9"'), id="latin-1-byte"),
+    ],
+)
+def test_open_responses_the_agent_reads_are_inspected(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], make: Any
+) -> None:
+    """A browser's JSON reading takes these (test_envelope has the details)."""
+    tap, _ = addon
+    flow = run(tap, make_flow(make(fp_body()[0])))
+    assert tap.stats.get("open_responses") == 1
+    assert flow.metadata["fp"]["verdict"] == "trusted"

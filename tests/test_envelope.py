@@ -33,6 +33,25 @@ def test_leading_whitespace_and_str_input() -> None:
 
 
 @pytest.mark.parametrize(
+    ("content", "sealed"),
+    [
+        # A browser drops a byte order mark before parsing, so the agent reads these.
+        (b"\xef\xbb\xbf" + body({"event_id": "e", "sealed_result": "s"}), "s"),
+        (b"\xef\xbb\xbf \n" + body({"event_id": "e", "sealed_result": "s"}), "s"),
+        # An integer too long for Python's int (a float to a browser), never used.
+        (b'{"n": ' + b"7" * 5000 + b', "event_id": "e", "sealed_result": "s"}', "s"),
+        # Invalid UTF-8, which a browser replaces: elsewhere, or in the sealed result
+        # itself (which then fails to unseal, recorded as an error).
+        (b'{"note": "caf\xe9", "event_id": "e", "sealed_result": "s"}', "s"),
+        (b'{"event_id": "e", "sealed_result": "s\xff"}', "s\ufffd"),
+    ],
+    ids=["bom", "bom-and-space", "huge-integer", "latin-1-elsewhere", "latin-1-in-sealed"],
+)
+def test_what_a_browser_reads_is_read(content: bytes, sealed: str) -> None:
+    assert parse_open_response(content) == OpenResponse("v4", "e", sealed)
+
+
+@pytest.mark.parametrize(
     "content",
     [
         b"",

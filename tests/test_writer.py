@@ -105,12 +105,23 @@ def test_open_private_creates_mode_0600(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
 
 
-def test_open_private_write_mode_truncates(tmp_path: Path) -> None:
+def test_open_private_write_mode_truncates_and_makes_the_file_private(tmp_path: Path) -> None:
     path = tmp_path / "export.jsonl"
     path.write_text("old content that must go\n", encoding="utf-8")
+    path.chmod(0o644)
     with open_private(str(path), "w") as handle:
         handle.write("new\n")
     assert path.read_text(encoding="utf-8") == "new\n"
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_open_private_append_mode_keeps_an_existing_files_mode(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    path.write_text("", encoding="utf-8")
+    path.chmod(0o640)  # e.g. for a log shipper's group
+    with open_private(str(path)) as handle:
+        handle.write("x\n")
+    assert path.stat().st_mode & 0o777 == 0o640
 
 
 def test_jsonl_sink_writes_one_line_per_record_mode_0600(tmp_path: Path) -> None:

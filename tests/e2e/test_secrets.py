@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +98,54 @@ def test_nothing_written_holds_a_secret(tmp_path: Path, keys: Keys, endpoint: Se
         for name, variants in secrets.items():
             for form in variants:
                 assert form not in data, f"the {name} leaked into {path.relative_to(tmp_path)}"
+
+
+def test_a_request_in_flight_at_shutdown_is_saved_without_the_proxy_secret(
+    tmp_path: Path,
+) -> None:
+    """-w saves, at shutdown, flows with neither a response nor an error yet: here a
+    request an upstream read and never answered."""
+    upstream = socket.create_server(("127.0.0.1", 0))
+    arrived = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = upstream.accept()
+        held.append(conn)
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+            data += chunk
+        arrived.set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    flows = tmp_path / "flows.mitm"
+    proxy = start_mitmdump(
+        tmp_path,
+        MitmdumpConfig(
+            mode=f"reverse:http://127.0.0.1:{upstream.getsockname()[1]}", save_flows=flows
+        ),
+    )
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+        try:
+            conn.request("POST", "/agent", body=b"{}", headers={"FPJS-Proxy-Secret": PROXY_SECRET})
+            conn.getresponse().read()
+        except OSError:
+            pass  # the proxy goes away first
+        finally:
+            conn.close()
+
+    threading.Thread(target=client, daemon=True).start()
+    try:
+        assert arrived.wait(30), "the request never reached the upstream"
+        time.sleep(0.3)
+    finally:
+        assert proxy.stop() == 0
+        for conn in held:
+            conn.close()
+        upstream.close()
+    saved = flows.read_bytes()
+    assert b"/agent" in saved, "the flow in flight was saved"
+    assert PROXY_SECRET.encode() not in saved
+    assert b"[redacted]" in saved
