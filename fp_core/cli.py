@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from typing import IO, Any, NoReturn
 
 from fp_core.envelope import parse_open_response
-from fp_core.errors import FpError, KeyConfigError
+from fp_core.errors import FpError, InvalidJson, KeyConfigError
 from fp_core.events import event_api, inner_request_id
 from fp_core.generate import generate_event, open_response_body
+from fp_core.jsontext import encodable
 from fp_core.keys import ENV_VAR, DecryptionKey, load_keys, too_open_warning
 from fp_core.report import TOP_VISITORS, ReportError, build_report, format_report
-from fp_core.sealed import HEADER, seal_event, unseal_event
+from fp_core.sealed import HEADER, parse_event_text, seal_event, unseal_event
 
 EXIT_FAILED = 2
 EXIT_USAGE = 64
@@ -158,7 +159,7 @@ def _unseal(args: argparse.Namespace, inp: IO[bytes], out: IO[str]) -> int:
         sealed = data.decode("ascii", errors="replace").strip()
     event = unseal_event(sealed, keys)
     indent = 2 if args.pretty else None
-    print(json.dumps(event, indent=indent, ensure_ascii=False), file=out)
+    print(encodable(json.dumps(event, indent=indent, ensure_ascii=False)), file=out)
     return 0
 
 
@@ -167,8 +168,9 @@ def _seal(args: argparse.Namespace, inp: IO[bytes], out: IO[str]) -> int:
     if not keys:
         raise KeyConfigError(f"no key to seal with: set {ENV_VAR} or pass --keys-file")
     try:
-        event = json.loads(inp.read())
-    except (ValueError, RecursionError):
+        # As strict as unsealing it would be: no NaN, no numbers that overflow.
+        event = parse_event_text(inp.read().decode("utf-8"))
+    except (UnicodeDecodeError, InvalidJson):
         print("error: usage: stdin is not JSON", file=sys.stderr)
         return EXIT_USAGE
     sealed = seal_event(event, keys[0])

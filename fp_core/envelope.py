@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from fp_core.events import Api
+from fp_core.jsontext import encodable
 
 _MARKERS = (b"sealedResult", b"sealed_result")
 _BOM = b"\xef\xbb\xbf"
@@ -83,7 +84,9 @@ def _from_object(obj: dict[str, object]) -> OpenResponse | None:
     version = obj.get("v")
     return OpenResponse(
         api=api,
-        request_id=request_id,
+        # A "\ud800" escape someone wrote here has no UTF-8 form: written as its escape,
+        # the id can go into every file, column and saved flow.
+        request_id=encodable(request_id),
         sealed=sealed,
         version=version if isinstance(version, str) else None,
     )

@@ -6,7 +6,7 @@ summary can be made of whatever an authenticated payload holds.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeGuard
 
 Api = Literal["v3", "v4"]
@@ -74,7 +74,12 @@ def _iso_to_ms(value: object) -> int | None:
         return None
     if parsed.tzinfo is None:
         return None
-    return int(parsed.timestamp() * 1000)
+    # Exact, in integers: float seconds times 1000 truncates some instants 1 ms low.
+    return (parsed - _EPOCH) // _MILLISECOND
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 def inner_request_id(event: object) -> str | None:

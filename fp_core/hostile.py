@@ -69,6 +69,12 @@ def _ok_huge_outer_id(c: _Ctx) -> Built:
     return c.body(c.good(), rid="x" * c.rng.choice((0, 1, 100_000))), "ok"
 
 
+def _ok_surrogate_outer_id(c: _Ctx) -> Built:
+    # A lone surrogate's escape: Python reads a character with no UTF-8 form, which
+    # must not keep the record out of any file, column or saved flow.
+    return c.body(c.good(), rid=c.rng.choice(("\ud800", "x\udfff", "\udc80\ud800"))), "ok"
+
+
 def _ok_duplicate_keys(c: _Ctx) -> Built:
     # JSON parsers (Python's, the browser's) keep the last duplicate.
     good, key = c.good(), "sealed_result" if c.api == "v4" else "sealedResult"
@@ -192,6 +198,7 @@ VARIANTS: dict[str, Callable[[_Ctx], Built]] = {
         _ok,
         _ok_extra_keys,
         _ok_huge_outer_id,
+        _ok_surrogate_outer_id,
         _ok_duplicate_keys,
         _ok_mixed_names,
         _wrong_type,

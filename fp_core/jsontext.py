@@ -11,6 +11,7 @@ Fingerprint sealed it.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 # Built once (json.dumps() builds an encoder per call when given options). Records are
@@ -49,6 +50,25 @@ def dumps(value: Any) -> str:
     if type(value) is dict:
         event = value.get("event")
         if type(event) is JsonObject and event.text is not None:
-            head = _ENCODER.encode({k: v for k, v in value.items() if k != "event"})
+            head = encodable(_ENCODER.encode({k: v for k, v in value.items() if k != "event"}))
             return f'{head[:-1]}{"," if len(head) > 2 else ""}"event":{event.text}}}'
-    return _ENCODER.encode(value)
+    return encodable(_ENCODER.encode(value))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str) -> str:
+    """``text`` with any lone surrogate written as its ``\\uXXXX`` escape: the same JSON
+    string, now with a UTF-8 form. JSON anyone may write (a response's outer JSON) can
+    hold a ``"\\ud800"`` escape, which Python reads as a character no file, column or
+    socket can take; written as it is, it would fail its whole batch of records.
+    Nothing to do, and O(1), for ASCII text. (A sealed event's text is never touched:
+    it was decoded from UTF-8, so it holds no such character.)"""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text

@@ -45,20 +45,30 @@ class Fact(NamedTuple):
 
 def fact_of(record: dict[str, Any]) -> Fact:
     """The report's view of one record (a JSONL line, or a store row made into one)."""
-    error = record.get("error")
-    summary = record.get("summary") or {}
-    checks = record.get("checks") or {}
+    # A line of any JSON object gives a fact: what is not of its documented type reads
+    # as absent (the tallies sort and measure these as text).
+    error = _object(record.get("error"))
+    summary = _object(record.get("summary"))
+    checks = _object(record.get("checks"))
     return Fact(
-        time=record.get("time"),
-        request_id=record.get("request_id"),
+        time=_text(record.get("time")),
+        request_id=_text(record.get("request_id")),
         ok=bool(record.get("ok")),
-        verdict=record.get("verdict"),
-        error_kind=error.get("kind") if isinstance(error, dict) else None,
-        bot=summary.get("bot"),
-        visitor_id=summary.get("visitor_id"),
+        verdict=_text(record.get("verdict")),
+        error_kind=_text(error.get("kind")),
+        bot=_text(summary.get("bot")),
+        visitor_id=_text(summary.get("visitor_id")),
         id_match=checks.get("id_match"),
         duplicate=checks.get("duplicate"),
     )
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _object(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass

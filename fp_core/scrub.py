@@ -21,6 +21,8 @@ _HEADER_VALUE = re.compile(
     r"""(?i)(fpjs-proxy-secret(?:['"]?\s*[:=]\s*|['"]?,\s*b?['"]))([^\\\r\n'",;\s]+)"""
 )
 _MIN_LITERAL = 6  # shorter values would blank out ordinary words
+_STANDARD = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_URLSAFE = _STANDARD[:-2] + "-_"
 
 
 class Scrubber:
@@ -65,14 +67,22 @@ class Scrubber:
         self._literals = (*self._pinned, *self._seen)
 
     def add_key(self, raw: bytes) -> None:
-        """A key in every textual form it could take: base64 (both alphabets), hex."""
-        for form in (
-            base64.b64encode(raw).decode().rstrip("="),
-            base64.urlsafe_b64encode(raw).decode().rstrip("="),
-            raw.hex(),
-            raw.hex().upper(),
+        """A key in every textual form it could take: base64 (both alphabets, with any
+        trailing bits), hex."""
+        for alphabet, encoded in (
+            (_STANDARD, base64.b64encode(raw)),
+            (_URLSAFE, base64.urlsafe_b64encode(raw)),
         ):
-            self.pin(form)
+            text = encoded.decode().rstrip("=")
+            # The last character of a 32-byte key's base64 holds 4 of its bits and 2
+            # spare ones, which decoders (and parse_key) ignore: a key written with them
+            # set is the same key, in a text of its own.
+            spare = (1 << (6 - len(raw) * 8 % 6)) - 1 if len(raw) * 8 % 6 else 0
+            last = alphabet.index(text[-1])
+            for bits in range(spare + 1):
+                self.pin(text[:-1] + alphabet[last | bits])
+        self.pin(raw.hex())
+        self.pin(raw.hex().upper())
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret masked (unchanged, same object, when there is none)."""

@@ -30,6 +30,7 @@ from fp_core.errors import (
     TooShort,
 )
 from fp_core.events import event_api
+from fp_core.jsontext import encodable
 from fp_core.keys import KEY_SIZE, DecryptionKey, decode_base64_lenient, key_id
 
 HEADER = bytes.fromhex("9e85dced")
@@ -284,6 +285,10 @@ def seal_raw(payload: bytes, key: KeyLike, *, nonce: bytes | None = None) -> byt
 
 
 def seal_event(event: object, key: KeyLike, *, nonce: bytes | None = None) -> str:
-    """Seal a JSON value exactly as Fingerprint does; the inverse of :func:`unseal_event`."""
-    plaintext = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Seal a JSON value exactly as Fingerprint does; the inverse of :func:`unseal_event`.
+
+    Raises ``ValueError`` for what is not JSON, which unsealing would refuse: NaN or an
+    infinity. A lone surrogate in a string is sealed as its ``\\uXXXX`` escape."""
+    text = json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    plaintext = encodable(text).encode("utf-8")
     return base64.b64encode(seal_raw(deflate_raw(plaintext), key, nonce=nonce)).decode("ascii")

@@ -23,7 +23,7 @@ from contextlib import closing
 from datetime import datetime
 from typing import Any
 
-from fp_core.jsontext import dumps
+from fp_core.jsontext import dumps, encodable
 from fp_core.sqlite_files import (
     SqliteFileError,
     connect,
@@ -134,9 +134,9 @@ def row_of(record: dict[str, Any]) -> tuple[Any, ...]:
         *(_json_or_null(record.get(name)) for name in _JSON),
         _int_or_null(record.get("ok")),
         dumps(record["event"]) if "event" in record else None,
-        error.get("kind") if isinstance(error, dict) else None,
-        summary.get("visitor_id"),
-        summary.get("bot"),
+        _scalar(error.get("kind")) if isinstance(error, dict) else None,
+        _scalar(summary.get("visitor_id")),
+        _scalar(summary.get("bot")),
         _int_or_null(checks.get("duplicate")),
         dumps(extra) if extra else None,
     )
@@ -161,8 +161,11 @@ def record_of(row: sqlite3.Row) -> dict[str, Any]:
 
 def _scalar(value: Any) -> Any:
     # A value SQLite cannot bind would fail its batch again on every retry and hold up
-    # every record after it: store anything unexpected as its JSON text instead.
-    if value is None or isinstance(value, str | int | float):
+    # every record after it: store anything unexpected as its JSON text instead, and a
+    # string with a lone surrogate with that written as its escape.
+    if isinstance(value, str):
+        return encodable(value)
+    if value is None or isinstance(value, int | float):
         return value
     return dumps(value)
 
@@ -205,7 +208,7 @@ def recent_request_ids(path: str, since: float, limit: int) -> list[tuple[str, f
             rows = conn.execute(
                 "SELECT request_id, summary, time FROM records WHERE ok = 1 AND time >= ? "
                 "ORDER BY time DESC LIMIT ?",
-                (iso_time(since), limit),
+                (iso_time(max(since, 0.0)), limit),  # a ttl of centuries: every row
             ).fetchall()
         except sqlite3.Error as exc:
             raise SqliteFileError(f"cannot read {path}: {reason(exc)}") from None

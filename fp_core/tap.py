@@ -16,7 +16,7 @@ from fp_core.checks import CHECK_NAMES, CheckConfig, comparable_client_ip, evalu
 from fp_core.envelope import OpenResponse, parse_open_response
 from fp_core.errors import UnsealError
 from fp_core.events import summarize
-from fp_core.jsontext import JsonObject
+from fp_core.jsontext import JsonObject, encodable
 from fp_core.keys import DecryptionKey
 from fp_core.redact import Redactor
 from fp_core.replay import ReplayCache
@@ -153,6 +153,10 @@ class Tap:
         self, info: ResponseInfo, opened: OpenResponse, event: Any, remember: bool
     ) -> dict[str, Any]:
         summary = summarize(event)
+        if "\\ud" in event.text or "\\uD" in event.text:
+            # A lone surrogate's escape, maybe: no UTF-8 form, so none in what the flow
+            # keeps either (mitmproxy could not save it with -w).
+            summary = {k: encodable(v) if type(v) is str else v for k, v in summary.items()}
         seen_id = summary["request_id"] or opened.request_id
         duplicate = self.replay.check_and_add(seen_id, info.time) if remember else None
         checks = evaluate(

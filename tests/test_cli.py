@@ -167,3 +167,24 @@ def test_errors_never_echo_keys(keyfile: tuple[Path, DecryptionKey]) -> None:
     path, key = keyfile
     out = run(["unseal", "--keys-file", str(path)], b"AAAA" * 20)
     assert key.to_base64().encode() not in out.stdout + out.stderr
+
+
+def test_a_lone_surrogate_is_sealed_and_unsealed_as_its_escape(
+    keyfile: tuple[Path, DecryptionKey],
+) -> None:
+    """JSON may hold a "\\ud800" escape, which has no UTF-8 form of its own."""
+    event = b'{"event_id": "1700000000000.abcdef", "timestamp": 1, "x": "\\ud800"}'
+    sealed = run(["seal", "--keys-file", str(keyfile[0])], event)
+    assert (sealed.returncode, sealed.stderr) == (0, b"")
+    back = run(["unseal", "--keys-file", str(keyfile[0])], sealed.stdout)
+    assert (back.returncode, back.stderr) == (0, b"")
+    assert json.loads(back.stdout)["x"] == "\ud800"
+
+
+@pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"1e400"])
+def test_seal_refuses_what_unseal_would_refuse(
+    keyfile: tuple[Path, DecryptionKey], value: bytes
+) -> None:
+    event = b'{"event_id": "a", "timestamp": 1, "score": ' + value + b"}"
+    out = run(["seal", "--keys-file", str(keyfile[0])], event)
+    assert (out.returncode, out.stderr) == (64, b"error: usage: stdin is not JSON\n")

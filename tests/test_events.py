@@ -328,3 +328,13 @@ def test_reference_sees_every_signal(api: Api) -> None:
     signals = reference_summary(generate_event(api, rng=11))["signals"]
     assert isinstance(signals, dict)
     assert len(signals) >= 10
+
+
+@given(st.integers(min_value=0, max_value=4_102_444_800_000))  # 1970 to 2100, in ms
+@example(1_099_006_878_916)  # float seconds times 1000 truncate this one to ...915
+def test_an_iso_time_is_read_to_the_exact_millisecond(ms: int) -> None:
+    from datetime import UTC, datetime
+
+    text = datetime.fromtimestamp(ms // 1000, UTC).isoformat().replace("+00:00", "")
+    text += f".{ms % 1000:03d}Z"
+    assert _iso_to_ms(text) == ms

@@ -71,3 +71,16 @@ def test_a_changed_object_is_encoded_once_its_text_is_dropped() -> None:
     event["ip"] = "[redacted]"
     event.text = None  # as JsonObject asks of whoever changes it (the Redactor does)
     assert json.loads(dumps({"event": event})) == {"event": {"ip": "[redacted]"}}
+
+
+def test_a_lone_surrogate_is_written_as_its_escape() -> None:
+    """Python reads a "\\ud800" escape as a character with no UTF-8 form: written as it
+    is, the line (and the whole batch of lines with it) could not be encoded."""
+    value = {"request_id": "a\ud800", "url": "https://příklad.cz/"}
+    line = dumps(value)
+    assert line == '{"request_id":"a\\ud800","url":"https://příklad.cz/"}'
+    assert json.loads(line.encode("utf-8")) == value
+    event = JsonObject({"x": "\udfff"}, '{"x":"\\udfff"}')
+    assert dumps({"request_id": "\ud800", "event": event}) == (
+        '{"request_id":"\\ud800","event":{"x":"\\udfff"}}'
+    )

@@ -184,3 +184,16 @@ def test_cli_report_errors_exit_64(tmp_path: Path, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit) as info:
         run_cli(["report"])
     assert info.value.code == EXIT_USAGE
+
+
+def test_lines_with_values_of_other_types_read_as_absent(tmp_path: Path) -> None:
+    """Any JSON object on a line gives a fact: the tallies sort and measure text."""
+    path = tmp_path / "odd.jsonl"
+    path.write_text(
+        '{"verdict": 1, "summary": {"visitor_id": 7, "bot": ["x"]}, "error": "boom"}\n'
+        '{"verdict": "trusted", "ok": true, "summary": [1], "checks": "no", "time": 5}\n'
+    )
+    report = build_report(str(path))
+    assert report["records"] == 2
+    assert report["verdicts"] == {"none": 1, "trusted": 1}  # as a line without one
+    assert format_report(report)

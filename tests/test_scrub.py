@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from fp_core.keys import DecryptionKey
+from fp_core.keys import DecryptionKey, parse_key
 from fp_core.redact import REDACTED as MASK
 from fp_core.scrub import Scrubber
 
@@ -113,3 +113,20 @@ def test_adding_while_other_threads_scrub() -> None:
 def test_ordinary_lines_are_untouched() -> None:
     line = "fp v4 1.abc trusted visitor=xyz bot=not_detected"
     assert Scrubber().scrub(line) is line
+
+
+def test_a_key_with_its_spare_trailing_bits_set_is_masked_too() -> None:
+    """Decoders ignore the last base64 character's 2 spare bits: a key written with them
+    set (as some tools write keys) is the same key, in a text of its own."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    key = DecryptionKey.generate()
+    scrubber = Scrubber()
+    scrubber.add_key(key.raw())
+    canonical = key.to_base64()
+    for urlsafe in (False, True):
+        for bits in range(4):
+            text = canonical[:42] + alphabet[alphabet.index(canonical[42]) | bits] + "="
+            if urlsafe:
+                text = text.replace("+", "-").replace("/", "_")
+            assert parse_key(text, "test") == key
+            assert scrubber.scrub(f"FP_DECRYPTION_KEYS={text}") == f"FP_DECRYPTION_KEYS={MASK}="

@@ -194,6 +194,20 @@ def test_an_odd_value_cannot_block_the_store(store: SqliteStore) -> None:
     ]
 
 
+def test_a_lone_surrogate_cannot_block_the_store(store: SqliteStore) -> None:
+    """A string SQLite cannot take (a "\\ud800" escape someone wrote, read by Python as a
+    character with no UTF-8 form) would fail its batch on every retry."""
+    odd = ok_record(1)
+    odd["request_id"] = "a\ud800"
+    odd["summary"] = {**odd["summary"], "visitor_id": "v\udfff"}
+    store.write([odd, ok_record(2)])
+    assert store.held() == 0
+    store.close()
+    first, second = read_records(store.path)
+    assert (first["request_id"], first["summary"]["visitor_id"]) == ("a\\ud800", "v\udfff")
+    assert second["request_id"] == ok_record(2)["request_id"]
+
+
 def test_row_of_and_record_of_are_inverse() -> None:
     conn = sqlite3.connect(":memory:")
     conn.row_factory = sqlite3.Row
@@ -456,3 +470,11 @@ def test_read_records_while_another_connection_writes(store: SqliteStore) -> Non
     store.write([ok_record(2)])
     assert len(list(read_records(store.path))) == 2
     store.close()
+
+
+def test_recent_request_ids_with_a_ttl_of_centuries(store: SqliteStore) -> None:
+    """fp_replay_ttl has no upper bound: a date before year 1 must not be computed."""
+    store.write([ok_record(1)])
+    store.close()
+    got = recent_request_ids(store.path, since=time.time() - 10**12, limit=10)
+    assert [request_id for request_id, _ in got] == [ok_record(1)["request_id"]]

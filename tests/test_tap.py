@@ -502,3 +502,30 @@ def test_tap_uses_the_given_stats(key: DecryptionKey) -> None:
     tap.inspect(sealed_info(key))
     assert stats.get("unsealed") == 1
     assert tap.snapshot()["responses"] == 5
+
+
+# -- lone surrogates: a "\ud800" escape has no UTF-8 form ---------------------------------
+
+
+def test_a_lone_surrogate_in_the_outer_id_is_kept_as_its_escape(key: DecryptionKey) -> None:
+    """No key needed to send it: the record must still go into every file and column."""
+    record = new_tap(key).inspect(info_of(b'{"requestId": "\\ud800", "sealedResult": "x"}'))
+    assert record is not None
+    assert record["request_id"] == "\\ud800"
+    assert dumps(record).encode("utf-8")
+
+
+def test_a_lone_surrogate_in_the_event_is_kept_as_its_escape_in_the_summary(
+    key: DecryptionKey,
+) -> None:
+    """flow.metadata holds the summary, and mitmproxy saves flows (-w) as UTF-8."""
+    from mitmproxy.io import tnetstring
+
+    event = make_event()
+    event["linked_id"] = "a\ud800b"
+    record = new_tap(key).inspect(info_of(body_of(seal_event(event, key))))
+    assert record is not None
+    assert record["summary"]["linked_id"] == "a\\ud800b"
+    assert tnetstring.dumps(metadata_of(record))
+    line = dumps(record)
+    assert json.loads(line)["event"]["linked_id"] == "a\ud800b", "the event as sealed"

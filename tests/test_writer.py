@@ -471,3 +471,12 @@ def test_without_event_strips_the_event_and_keeps_the_rest() -> None:
     assert inner.retried.is_set()
     sink.close()
     assert inner.close_calls == 1
+
+
+def test_a_lone_surrogate_does_not_cost_its_batch_the_jsonl_line(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    sink = JsonlSink(str(path))
+    sink.write([{"request_id": "a\ud800"}, {"request_id": "b"}])  # one batch
+    sink.close()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["request_id"] for line in lines] == ["a\ud800", "b"]
