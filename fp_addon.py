@@ -679,9 +679,11 @@ class FingerprintTap:
             return None
 
     def done(self) -> None:
-        # Before mitmproxy's own done hooks (scripts come first), -w's among them.
-        for flow in list(self._unmasked):
-            _mask_proxy_secret(flow)
+        if _shutting_down():
+            # Before mitmproxy's own done hooks (scripts come first), -w's among them.
+            # Not on a script reload: those requests may still be on their way upstream.
+            for flow in list(self._unmasked):
+                _mask_proxy_secret(flow)
         if self._ticker is not None:
             self._ticker.cancel()
         self._settle()
@@ -1168,6 +1170,13 @@ class FingerprintView(contentviews.Contentview):
 
 def _options() -> Any:
     return ctx.options
+
+
+def _shutting_down() -> bool:
+    """mitmproxy is stopping (it sets should_exit before the done hooks), not unloading
+    or reloading this script while it goes on serving."""
+    should_exit = getattr(ctx.master, "should_exit", None)
+    return isinstance(should_exit, asyncio.Event) and should_exit.is_set()
 
 
 def _values(opts: Any) -> dict[str, Any]:

@@ -166,8 +166,10 @@ class Pipeline:
             config = tap_config(opts, keys)
             replay = self.tap.replay
             self.tap = Tap(config, self.stats)
-            if replay.ttl == config.replay_ttl:
-                self.tap.replay = replay  # keep what was seen across unrelated option changes
+            # What was seen stays seen across option changes; a new fp_replay_ttl applies
+            # to it from now on (expiry reads the ttl at each check).
+            replay.ttl = config.replay_ttl
+            self.tap.replay = replay
             self.keys = keys
             self._watches.set("keys", watch)
         if opts.fp_sqlite and updated & {"fp_sqlite", "fp_replay_ttl"}:

@@ -100,16 +100,14 @@ class Tap:
         opened = parse_open_response(info.body)
         if opened is None:
             return None
-        if remember:
-            self.stats.incr("open_responses")
         try:
             event = unseal_event(opened.sealed, self.config.keys, max_size=self.config.max_event)
         except UnsealError as exc:
-            if remember:
-                self.stats.incr_group("errors", exc.kind)
             record = self._error_record(info, opened, exc)
         else:
             record = self._event_record(info, opened, event, remember)
+        if remember:
+            count_record(self.stats, record)
         if self.config.redactor:
             self.config.redactor.apply(record)
         return record
@@ -168,11 +166,6 @@ class Tap:
             config=self.config.checks,
         )
         judged, reasons = verdict(checks, summary["bot"])
-        if remember:
-            self.stats.incr("unsealed")
-            self.stats.incr_group("verdicts", judged)
-            for reason in reasons:
-                self.stats.incr_group("reasons", reason)
         record = self._base(info, opened)
         record.update(
             ok=True,
@@ -187,6 +180,19 @@ class Tap:
             # With its text: sinks write that instead of encoding the event again.
             record["event"] = JsonObject(event, event.text)
         return record
+
+
+def count_record(stats: Stats, record: dict[str, Any]) -> None:
+    """Count an inspected open response: what the tap counts of each one, and what the
+    addon adds for those a worker answered and died before reporting."""
+    stats.incr("open_responses")
+    if record["ok"]:
+        stats.incr("unsealed")
+        stats.incr_group("verdicts", record["verdict"])
+        for reason in record["reasons"]:
+            stats.incr_group("reasons", reason)
+    else:
+        stats.incr_group("errors", record["error"]["kind"])
 
 
 def metadata_of(record: dict[str, Any]) -> dict[str, Any]:

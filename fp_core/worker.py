@@ -43,7 +43,8 @@ from typing import Any
 
 from fp_core.errors import ConfigError, FpError
 from fp_core.pipeline import Pipeline
-from fp_core.tap import RECORD_FIELDS, ResponseInfo
+from fp_core.stats import Stats, merge_counts
+from fp_core.tap import RECORD_FIELDS, ResponseInfo, count_record
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,9 @@ class WorkerClient:
         self.on_records = on_records
         self.on_exit = on_exit
         self.max_in_flight = max_in_flight
-        self.stats: dict[str, Any] = {}
+        #: The child's last report of its counters, and the records it answered since.
+        self._reported: dict[str, Any] = {}
+        self._unreported: list[dict[str, Any]] = []
         self.alive = False
         self.proc: subprocess.Popen[bytes] | None = None
         self._python = python
@@ -293,8 +296,21 @@ class WorkerClient:
             self.proc.wait()
         self.alive = False
         if final is not None:
-            self.stats = final
+            self._reported, self._unreported = final, []
         return final
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The child's counters as far as this side knows them: its last report (at most
+        ``STATS_EVERY`` old), plus the responses it answered since, counted here as it
+        counted them. A child killed between two reports takes only its writes' and
+        deliveries' latest counts with it, not its answers'."""
+        if not self._unreported:
+            return self._reported
+        answered = Stats()
+        for record in self._unreported:
+            count_record(answered, record)
+        return merge_counts(self._reported, answered.snapshot())
 
     def take_pending(self) -> list[Any]:
         """Forget every queued response (the worker is gone); their contexts."""
@@ -387,8 +403,12 @@ class WorkerClient:
             kind = frame[0]
             if kind == "record":
                 records.append((pending.pop(frame[1], None), frame[2]))
+                if frame[2] is not None:
+                    self._unreported.append(frame[2])
             elif kind == "stats":
-                self.stats = frame[1]
+                # It counts every answer sent before it (the child reports between
+                # batches of answers, in the same pipe).
+                self._reported, self._unreported = frame[1], []
             elif kind == "log":
                 logging.getLogger(frame[2]).log(frame[1], "%s", frame[3])
             elif kind == "reply":

@@ -205,7 +205,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=REPO / "bench-out", help="scratch folder (bench-out/)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        # Said now, not after the sections before the proxy's have run for minutes.
+        parser.error("--pin needs at least 2 CPUs (mitmdump alone on one, the rest on others)")
+    return args
 
 
 def _report_unseal(rows: list[bench_unseal.ThroughputRow]) -> list[Target]:

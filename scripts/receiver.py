@@ -332,7 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     secret = os.environ.get(SECRET_ENV_VAR) or None
     if args.secret_file:
-        secret = Path(args.secret_file).read_text(encoding="utf-8").strip()
+        try:
+            secret = Path(args.secret_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+            print(f"receiver: cannot read {args.secret_file}: {why}", file=sys.stderr)
+            return 2
     config = ReceiverConfig(
         secret=secret,
         delay_s=args.delay_ms / 1000,

@@ -39,13 +39,22 @@ MSG
         fi
         echo "setting up $VENV with $python ($("$python" --version 2>&1))" >&2
         rm -rf "$VENV"
-        "$python" -m venv "$VENV" || return 1
+        # A Python without ensurepip (Debian's python3.X without python3.X-venv) leaves
+        # a .venv without pip, which the next run would take for a working one.
+        "$python" -m venv "$VENV" || { rm -rf "$VENV"; return 1; }
     fi
     # Reinstall only when the dependency list changed; one stamp per set of extras, so
     # running the demo after the tests (or the other way round) installs nothing.
     want="$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16)"
     stamp="$VENV/.fp-tap-deps${extras:+-$extras}"
     if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return 0; fi
+    if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+        # Left by a run whose venv creation failed half-way: start again next time.
+        echo "error: $VENV has no pip (made by a Python without ensurepip?); removing it." >&2
+        echo "Install the venv module for that Python (e.g. apt-get install python3.12-venv) and run again." >&2
+        rm -rf "$VENV"
+        return 1
+    fi
     echo "installing dependencies into $VENV ..." >&2
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip \
         2> >(grep -v "is ignored: it is neither" >&2) >&2 || return 1

@@ -1001,13 +1001,26 @@ def test_requests_in_flight_at_shutdown_are_masked_by_done(
 ) -> None:
     """-w saves them at shutdown, with neither a response nor an error (e2e:
     test_secrets)."""
-    tap, _ = addon
+    tap, tctx = addon
     flow = make_flow(b"{}", request_headers=[(b"FPJS-Proxy-Secret", SECRET.encode())])
     flow.response = None
     tap.requestheaders(flow)
     assert flow.request.headers["FPJS-Proxy-Secret"] == SECRET, "still to go upstream"
+    tctx.master.should_exit.set()  # what mitmproxy does before its done hooks
     tap.done()
     assert flow.request.headers["FPJS-Proxy-Secret"] == REDACTED
+
+
+def test_a_script_reload_leaves_requests_not_yet_sent_upstream_alone(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    """mitmproxy runs done() when it reloads a script, and goes on serving."""
+    tap, tctx = addon
+    flow = make_flow(b"{}", request_headers=[(b"FPJS-Proxy-Secret", SECRET.encode())])
+    flow.response = None
+    tap.requestheaders(flow)
+    tctx.master.addons.remove(tap)  # what a reload does first
+    assert flow.request.headers["FPJS-Proxy-Secret"] == SECRET
 
 
 def test_tracebacks_in_log_lines_are_scrubbed_too(

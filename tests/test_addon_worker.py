@@ -259,6 +259,28 @@ async def test_a_negative_value_is_refused_before_a_worker_could_refuse_it(
 
 
 @on_loop
+async def test_what_a_killed_worker_answered_stays_counted(keyfile: Path, tmp_path: Path) -> None:
+    """It reports its counters every 0.1 s at most: the answers after its last report are
+    counted here, as it counted them."""
+    out = tmp_path / "out.jsonl"
+    with tap_with(keyfile, fp_jsonl=str(out), fp_hold=True) as (tap, _tctx):
+        await started(tap)
+        worker = worker_of(tap)
+        await asyncio.sleep(0.3)  # idle: its counters are reported
+        flows = [make_flow(fp_body()[0]), make_flow(fp_body(bot="bad")[0])]
+        held = [tap.response(flow) for flow in flows]
+        await asyncio.wait_for(asyncio.gather(*held), 30)
+        os.kill(worker.proc.pid, signal.SIGKILL)  # at once: no report after the answers
+        await until(lambda: tap.pipeline is not None, "in-process work")
+        stats: dict[str, Any] = json.loads(tap.stats_command())
+        tap.done()
+    assert [f.metadata["fp"]["verdict"] for f in flows] == ["trusted", "suspicious"]
+    assert (stats["open_responses"], stats["unsealed"]) == (2, 2), stats
+    assert stats["verdicts"] == {"trusted": 1, "suspicious": 1}
+    assert stats["reasons"] == {"bad_bot": 1}
+
+
+@on_loop
 async def test_a_dead_worker_is_replaced_by_in_process_work(
     keyfile: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

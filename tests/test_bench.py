@@ -131,3 +131,16 @@ def test_proxy_throughput_counts_only_scenarios_that_did_all_their_work(
     assert not any(bench_proxy.CEILING in name for name in targets)
     ceiling = next(line for line in printed.splitlines() if bench_proxy.CEILING in line)
     assert "0.500" in ceiling  # in the table all the same
+
+
+def test_pin_on_one_cpu_is_refused_before_any_section_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--pin", "--out", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "--pin needs at least 2 CPUs" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing ran"

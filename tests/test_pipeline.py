@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -107,7 +108,7 @@ def test_a_writer_retired_by_a_change_finishes_before_the_spool_closes(tmp_path:
     assert len(out.read_text().splitlines()) == count
 
 
-def test_the_replay_memory_survives_unrelated_changes() -> None:
+def test_the_replay_memory_survives_option_changes_a_new_ttl_included() -> None:
     pipeline = Pipeline()
     pipeline.configure(opts(), OPTIONS, [KEY])
     body = fp_body()[0]
@@ -117,9 +118,12 @@ def test_the_replay_memory_survives_unrelated_changes() -> None:
     assert again is not None
     assert again["checks"]["duplicate"] is True
     pipeline.configure(opts(fp_replay_ttl=60), {"fp_replay_ttl"}, [KEY])
-    fresh = pipeline.inspect(info(body))
-    assert fresh is not None
-    assert fresh["checks"]["duplicate"] is False, "a new ttl is a new memory"
+    still = pipeline.inspect(info(body))
+    assert still is not None
+    assert still["checks"]["duplicate"] is True, "seen before the change: still seen"
+    later = pipeline.inspect(replace(info(body), time=time.time() + 61))
+    assert later is not None
+    assert later["checks"]["duplicate"] is False, "the new ttl applies to it"
 
 
 @pytest.mark.parametrize(

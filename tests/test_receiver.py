@@ -98,3 +98,27 @@ def test_as_a_process_with_a_log(tmp_path: Path) -> None:
     (line,) = [json.loads(x) for x in log.read_text().splitlines()]
     assert (line["event_id"], line["signature"], line["verdict"]) == ("v3-id", "valid", "trusted")
     assert secret not in log.read_text() + service.output()
+
+
+def test_a_secret_file_it_cannot_read_is_a_bad_setup(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from scripts.harness import REPO
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "receiver.py"),
+            "--secret-file",
+            str(tmp_path / "none"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert (
+        result.stderr == f"receiver: cannot read {tmp_path / 'none'}: No such file or directory\n"
+    )

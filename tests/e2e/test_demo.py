@@ -14,12 +14,12 @@ from scripts.harness import REPO, clean_env
 pytestmark = pytest.mark.e2e
 
 
-def run_demo(out: Path) -> subprocess.CompletedProcess[str]:
+def run_demo(out: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out)],
         capture_output=True,
         text=True,
-        env=clean_env(),
+        env=clean_env(env),
         timeout=180,
         check=False,
     )
@@ -44,3 +44,14 @@ def test_demo_refuses_to_clear_a_foreign_folder(tmp_path: Path) -> None:
     result = run_demo(tmp_path)
     assert result.returncode != 0
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_the_demo_talks_to_its_own_proxy_whatever_http_proxy_says(tmp_path: Path) -> None:
+    """A newcomer behind a corporate proxy, with no no_proxy for 127.0.0.1."""
+    proxy = "http://127.0.0.1:9"  # nothing listens there
+    result = run_demo(
+        tmp_path / "demo",
+        {"http_proxy": proxy, "HTTP_PROXY": proxy, "no_proxy": "", "NO_PROXY": ""},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "demo finished: every verdict as expected" in result.stdout
