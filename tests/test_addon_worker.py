@@ -269,7 +269,8 @@ async def test_what_a_killed_worker_answered_stays_counted(keyfile: Path, tmp_pa
         await asyncio.sleep(0.3)  # idle: its counters are reported
         flows = [make_flow(fp_body()[0]), make_flow(fp_body(bot="bad")[0])]
         held = [tap.response(flow) for flow in flows]
-        await asyncio.wait_for(asyncio.gather(*held), 30)
+        assert None not in held, "held: fp_hold"
+        await asyncio.wait_for(asyncio.gather(*[h for h in held if h is not None]), 30)
         os.kill(worker.proc.pid, signal.SIGKILL)  # at once: no report after the answers
         await until(lambda: tap.pipeline is not None, "in-process work")
         stats: dict[str, Any] = json.loads(tap.stats_command())
