@@ -36,7 +36,7 @@ from mitmproxy.net.http import url
 from fp_core.content import ContentError, decode_content
 from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import ConfigError, FpError, UnsealError
-from fp_core.jsontext import dumps
+from fp_core.jsontext import dumps, encodable
 from fp_core.keys import ENV_VAR, DecryptionKey, describe_keys, too_open_warning, with_env_keys
 from fp_core.loglines import DirectLines, printable
 from fp_core.pipeline import (
@@ -771,6 +771,7 @@ class FingerprintTap:
         self.stats.incr("responses")
         info = self._response_info(flow, count=True)
         if info is None:
+            _forget(flow)  # inspected before (a replay), answered now by something else
             return None
         if self._worker_wanted:
             self._start_wanted()
@@ -791,6 +792,8 @@ class FingerprintTap:
             try:
                 if record is not None:
                     self._show(flow, record, late=held is None)
+                else:
+                    _forget(flow)
             except Exception as exc:  # one bad answer must not stop the rest, nor hold
                 self.stats.incr_group("errors", "internal")
                 log.warning("fp-tap: internal error on flow %s: %s", flow.id, type(exc).__name__)
@@ -988,6 +991,8 @@ class FingerprintTap:
             record = pipeline.inspect(info)
             if record is not None:
                 self._show(flow, record, late=late)
+            else:
+                _forget(flow)
         else:
             # Neither a worker nor a pipeline: the worker died and the fallback could not
             # start (logged then). Counted, until an option change starts one.
@@ -1076,6 +1081,9 @@ class FingerprintTap:
                 if not stored.get("ok"):
                     record.pop("event", None)
             record.update({k: stored[k] for k in kept if k in stored})
+            if kept is METADATA_FIELDS and self.tap.config.redactor:
+                # Redacted when captured, maybe under other settings: these as well.
+                self.tap.config.redactor.apply(record)
         if record is not None and not self.include_event:
             record.pop("event", None)  # the tap keeps it for the webhook only
         return record
@@ -1133,7 +1141,9 @@ class FingerprintView(contentviews.Contentview):
         return "fingerprint"
 
     def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:
-        if not isinstance(metadata.http_message, http.Response):
+        if not isinstance(metadata.http_message, http.Response) or not self.addon._has_view:
+            # Not chosen by itself where nobody opens it: mitmdump's flow dump (flow_detail
+            # 3 and 4, often a log file) shows the outer JSON, never the unsealed event.
             return -1
         # Above the JSON view (1), so open responses open here by default.
         return 2 if parse_open_response(data) is not None else -1
@@ -1165,7 +1175,10 @@ class FingerprintView(contentviews.Contentview):
                 outer = data.decode("utf-8", "replace")
             return "\n".join(lines) + "\n" + outer
         lines.append(f"# unsealed with key {event.key_id} (#{event.key_index + 1})")
-        return "\n".join(lines) + "\n" + json.dumps(event, indent=2, ensure_ascii=False)
+        # A lone surrogate in the event (a "\ud800" escape) has no UTF-8 form: the UIs'
+        # highlighter could not take the text.
+        pretty = encodable(json.dumps(event, indent=2, ensure_ascii=False))
+        return "\n".join(lines) + "\n" + pretty
 
 
 def _options() -> Any:
@@ -1294,14 +1307,23 @@ def _annotate(flow: http.HTTPFlow, record: dict[str, Any]) -> None:
         flow.marked = _mark(record)
 
 
+def _forget(flow: http.HTTPFlow) -> None:
+    """Drop fp-tap's annotation of an earlier response of this flow (a client replay
+    answered with something that is not an open response)."""
+    previous = flow.metadata.pop(METADATA_KEY, None)
+    if isinstance(previous, dict):
+        _unannotate(flow, previous)
+
+
 def _unannotate(flow: http.HTTPFlow, previous: dict[str, Any]) -> None:
     try:
         comment, mark = _comment(previous), _mark(previous)
     except (KeyError, TypeError, AttributeError):  # metadata from an older or odd file
         return
     lines = flow.comment.split("\n")
-    if lines[-1] == comment:
-        flow.comment = "\n".join(lines[:-1])
+    if comment in lines:  # the last such line: a user may have written after it
+        del lines[len(lines) - 1 - lines[::-1].index(comment)]
+        flow.comment = "\n".join(lines)
     if mark and flow.marked == mark:
         flow.marked = ""
 

@@ -9,9 +9,13 @@ they are imported lazily, so fp_core itself needs only the standard library.
 
 from __future__ import annotations
 
+import sys
 import zlib
 from collections.abc import Callable
 from typing import Any
+
+#: Content codings one body may list, at most (real servers use one, rarely two).
+MAX_CODINGS = 4
 
 
 class ContentError(Exception):
@@ -29,6 +33,14 @@ def decode_content(raw: bytes, encoding: str | None, limit: int) -> bytes:
     ``unsupported_encoding``.
     """
     codings = [c.strip().lower() for c in (encoding or "").split(",") if c.strip()]
+    # A limit meant as "no limit" must still fit the decoders' C sizes (limit + 1).
+    limit = min(limit, sys.maxsize - 1)
+    # Each coding may give up to ``limit`` bytes: a small body that lists hundreds of them
+    # would cost the event loop as many full decodes. No real server stacks more.
+    if len(codings) > MAX_CODINGS:
+        raise ContentError(
+            "unsupported_encoding", f"{len(codings)} content codings (at most {MAX_CODINGS})"
+        )
     data = raw
     if not data:
         # HEAD, 204 and 304 responses carry a Content-Encoding but no body.

@@ -46,8 +46,8 @@ def parse_open_response(body: bytes | bytearray | memoryview | str) -> OpenRespo
     except RecursionError:
         return None
     except ValueError:
-        # Not JSON, or an integer too long for Python's int (a browser takes it): the
-        # outer integers are never used, so read them as text.
+        # Not JSON, or an integer too long for Python's int (a browser takes it, as a
+        # float): read as one (infinity), never as the text an id or result must be.
         try:
             obj = _LENIENT.decode(text)
         except (ValueError, RecursionError):
@@ -57,7 +57,7 @@ def parse_open_response(body: bytes | bytearray | memoryview | str) -> OpenRespo
     return _from_object(obj)
 
 
-_LENIENT = json.JSONDecoder(parse_int=str)
+_LENIENT = json.JSONDecoder(parse_int=float)
 
 
 def might_be_open_response(data: bytes) -> bool:

@@ -10,6 +10,7 @@ chance to retry them whenever the queue is idle.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -71,14 +72,18 @@ class WithoutEvent:
 
 def open_private(path: str, mode: str = "a") -> IO[str]:
     """Open for appending (``"a"``) or writing (``"w"``) text. A file created here gets
-    mode 0600; so does an existing regular file opened to be rewritten: what it held is
-    gone, and what it is given is private (an appended file keeps the mode its owner
-    chose, e.g. for a log shipper's group)."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    mode 0600; so does an existing regular file of this user's opened to be rewritten:
+    what it held is gone, and what it is given is private (an appended file keeps the
+    mode its owner chose, e.g. for a log shipper's group)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else 0)
     fd = os.open(path, flags, 0o600)
     try:
         if mode == "w" and stat.S_ISREG(os.fstat(fd).st_mode):
-            os.fchmod(fd, 0o600)
+            # Made private before anything is written; a file of another user's (only
+            # its owner may chmod it) keeps the mode they gave it.
+            with contextlib.suppress(PermissionError):
+                os.fchmod(fd, 0o600)
+            os.ftruncate(fd, 0)
         return os.fdopen(fd, mode, encoding="utf-8")
     except BaseException:
         os.close(fd)

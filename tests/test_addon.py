@@ -539,8 +539,17 @@ def test_jsonl_file_is_private(addon, tmp_path: Path) -> None:
     assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o600
 
 
+def interactive(tap: fp_addon.FingerprintTap, tctx: taddons.context) -> None:
+    """As in mitmproxy's console or mitmweb: their flow list (the view addon) is there."""
+    from mitmproxy.addons.view import View
+
+    tctx.master.addons.add(View())
+    tap.running()
+
+
 def test_content_view(addon) -> None:
-    tap, _ = addon
+    tap, tctx = addon
+    interactive(tap, tctx)
     body, event = fp_body(bot="bad")
     flow = run(tap, make_flow(body, content_encoding="gzip"))
     result = contentviews.prettify_message(response(flow), flow)
@@ -558,7 +567,8 @@ def test_content_view(addon) -> None:
 
 
 def test_view_never_offered_for_requests(addon) -> None:
-    tap, _ = addon
+    tap, tctx = addon
+    interactive(tap, tctx)
     body, _ = fp_body()
     flow = make_flow(body)
     meta = contentviews.Metadata(flow=flow, http_message=flow.request)
@@ -1218,4 +1228,97 @@ def test_open_responses_the_agent_reads_are_inspected(
     tap, _ = addon
     flow = run(tap, make_flow(make(fp_body()[0])))
     assert tap.stats.get("open_responses") == 1
+    assert flow.metadata["fp"]["verdict"] == "trusted"
+
+
+def test_mitmdumps_flow_dump_never_shows_the_unsealed_event(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    """At flow_detail 3 and 4 mitmdump prints bodies in the view mitmproxy picks: the
+    fingerprint view would put every unsealed event (fp_redact or not) into its output,
+    often a log file."""
+    from mitmproxy.addons import dumper
+
+    tap, tctx = addon
+    tap.running()  # mitmdump: no flow list (view addon)
+    body, event = fp_body(ip="198.51.100.23")
+    flow = run(tap, make_flow(body))
+    out = io.StringIO()
+    dump = dumper.Dumper(out)
+    tctx.master.addons.add(dump)
+    tctx.configure(dump, flow_detail=3)
+    dump.response(flow)
+    printed = out.getvalue()
+    assert "sealed_result" in printed, "the outer JSON is shown"
+    assert "198.51.100.23" not in printed
+    assert event["identification"]["visitor_id"] not in printed
+
+
+def test_the_view_shows_an_event_with_a_lone_surrogate(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    """The UIs' highlighter takes only text with a UTF-8 form."""
+    from mitmproxy_rs import syntax_highlight
+
+    tap, tctx = addon
+    interactive(tap, tctx)
+    event = generate_event("v4")
+    event["linked_id"] = "\ud800"  # sealed as its escape
+    body = json.dumps(open_response_body("v4", event["event_id"], seal_event(event, KEY)))
+    flow = run(tap, make_flow(body.encode()))
+    result = contentviews.prettify_message(response(flow), flow)
+    assert result.view_name == "fingerprint"
+    assert '"linked_id": "\\ud800"' in result.text
+    assert syntax_highlight.highlight(result.text, "yaml")
+
+
+def test_a_replay_gets_the_new_comment_line_even_after_a_users_line(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    tap, _ = addon
+    flow = run(tap, make_flow(fp_body(bot="bad")[0]))
+    flow.comment += "\nlooked at this, ok"
+    flow.response = make_flow(fp_body()[0]).response
+    run(tap, flow)
+    (looked, fp_line) = flow.comment.split("\n")
+    assert looked == "looked at this, ok"
+    assert fp_line.startswith("fp trusted · ")
+
+
+def test_a_replay_answered_by_something_else_drops_the_old_annotation(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    tap, _ = addon
+    flow = make_flow(fp_body(bot="bad")[0])
+    flow.comment = "mine"
+    run(tap, flow)
+    flow.response = make_flow(b"<html>maintenance</html>").response
+    run(tap, flow)
+    assert "fp" not in flow.metadata
+    assert (flow.marked, flow.comment) == ("", "mine")
+
+
+def test_an_export_by_a_tap_without_the_key_applies_its_redaction(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], tmp_path: Path
+) -> None:
+    tap, tctx = addon
+    ip, url = "198.51.100.23", "https://shop.example/cart?user=alice"
+    flow = run(tap, make_flow(fp_body(ip=ip, url=url)[0]))
+    assert flow.metadata["fp"]["summary"]["ip"] == ip
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# none\n")
+    empty.chmod(0o600)
+    tctx.configure(tap, fp_keys_file=str(empty), fp_redact=["pii"])
+    record = export(tap, flow, tmp_path / "export.jsonl")
+    assert record["verdict"] == "trusted", "as captured"
+    assert (record["summary"]["ip"], record["summary"]["url"]) == (REDACTED, REDACTED)
+
+
+def test_a_huge_fp_max_body_still_inspects_compressed_responses(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    tap, tctx = addon
+    tctx.configure(tap, fp_max_body=2**63 - 1)
+    flow = run(tap, make_flow(fp_body()[0], content_encoding="gzip"))
+    assert tap.stats.group("errors") == {}
     assert flow.metadata["fp"]["verdict"] == "trusted"

@@ -395,3 +395,25 @@ def test_zstd_multiple_frames_are_concatenated() -> None:
     half = len(PAYLOAD) // 2
     data = enc_zstd(PAYLOAD[:half]) + enc_zstd(PAYLOAD[half:])
     assert decode_content(data, "zstd", len(PAYLOAD)) == PAYLOAD
+
+
+def test_a_body_listing_many_codings_is_refused_before_any_is_undone() -> None:
+    """Each coding may give up to the limit: hundreds of them, on a body of a few KB,
+    would be as many full decodes on the event loop."""
+    from fp_core.content import MAX_CODINGS
+
+    layered = PAYLOAD
+    for _ in range(MAX_CODINGS):
+        layered = enc_gzip(layered)
+    assert decode_content(layered, ",".join(["gzip"] * MAX_CODINGS), 10 * len(PAYLOAD)) == PAYLOAD
+    with pytest.raises(ContentError, match=f"{MAX_CODINGS + 1} content codings") as info:
+        decode_content(enc_gzip(layered), ",".join(["gzip"] * (MAX_CODINGS + 1)), 10**6)
+    assert info.value.reason == "unsupported_encoding"
+
+
+@pytest.mark.parametrize("limit", [2**63 - 1, 2**64, 10**30])
+def test_a_limit_meant_as_none_still_decodes(limit: int) -> None:
+    """A huge fp_max_body: the decoders' C sizes cannot take limit + 1 as it is."""
+    assert decode_content(enc_gzip(PAYLOAD), "gzip", limit) == PAYLOAD
+    assert decode_content(zlib.compress(PAYLOAD), "deflate", limit) == PAYLOAD
+    assert decode_content(brotli.compress(PAYLOAD), "br", limit) == PAYLOAD

@@ -111,3 +111,16 @@ def test_property_shapes(obj: dict[str, object]) -> None:
     assert (result is not None) == (has_sealed and has_id)
     if result is not None:
         assert result.api == ("v3" if isinstance(obj.get("requestId"), str) else "v4")
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        '{"requestId": %s, "sealedResult": "AAAA"}',
+        '{"event_id": %s, "sealed_result": "AAAA"}',
+        '{"requestId": "rid", "sealedResult": %s}',
+    ],
+)
+def test_a_number_is_never_an_id_or_a_sealed_result_however_long(template: str) -> None:
+    assert parse_open_response((template % "5").encode()) is None
+    assert parse_open_response((template % ("9" * 5000)).encode()) is None

@@ -480,3 +480,22 @@ def test_a_lone_surrogate_does_not_cost_its_batch_the_jsonl_line(tmp_path: Path)
     sink.close()
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["request_id"] for line in lines] == ["a\ud800", "b"]
+
+
+def test_open_private_rewrites_a_file_it_may_not_chmod(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user's file, writable by this one: only its owner may chmod it. It is
+    written all the same, in the mode its owner gave it (and nothing is lost first)."""
+    path = tmp_path / "shared.jsonl"
+    path.write_text("old content\n", encoding="utf-8")
+    path.chmod(0o666)
+
+    def not_the_owner(fd: int, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", not_the_owner)
+    with open_private(str(path), "w") as handle:
+        handle.write("new\n")
+    assert path.read_text(encoding="utf-8") == "new\n"
+    assert path.stat().st_mode & 0o777 == 0o666
