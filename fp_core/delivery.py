@@ -25,7 +25,15 @@ from fp_core.spool import Outcomes, Spool, Spooled
 from fp_core.stats import Stats
 from fp_core.store import KEEP_FOREVER
 from fp_core.throttle import Throttle
-from fp_core.webhook import HttpPoster, PostResult, WebhookSecret, describe_url, request_headers
+from fp_core.webhook import (
+    HeldEvents,
+    HttpPoster,
+    PostResult,
+    WebhookSecret,
+    WebhookSink,
+    describe_url,
+    request_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +120,8 @@ class Delivery:
         self._stopping = threading.Event()
         self._deadline = float("inf")
         self._next_expiry = 0.0  # monotonic
+        #: Events the record writers could not spool yet (shared by their sinks).
+        self.held = HeldEvents()
         self._warnings = Throttle()
         self._thread = threading.Thread(target=self._run, name="fp-tap-delivery", daemon=True)
 
@@ -180,6 +190,9 @@ class Delivery:
             self._thread.join(max(drain, 0.0) + IDLE_WAIT + 5)
         for _ in self._workers:
             self._jobs.put(None)
+        # The writers are closed by now: one last try for what they could not spool.
+        WebhookSink(self.spool, self.stats, limit=self.max_events, held=self.held).close()
+        self.held.give_up(self.stats, "the spool could not take them before it closed")
         if self._thread.is_alive():
             log.warning("fp-tap: webhook delivery did not stop; the spool stays open")
             return False

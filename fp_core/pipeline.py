@@ -330,7 +330,13 @@ class Pipeline:
         if delivery is not None:
             # The limit read at each write: a change of it alone keeps this writer.
             sinks.append(
-                WebhookSink(delivery.spool, self.stats, delivery.wake, delivery.max_events)
+                WebhookSink(
+                    delivery.spool,
+                    self.stats,
+                    delivery.wake,
+                    delivery.max_events,
+                    held=delivery.held,
+                )
             )
         files = _file_sinks(opts, self.stats)
         if delivery is not None and not opts.fp_include_event:

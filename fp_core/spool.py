@@ -37,6 +37,12 @@ LOCK_FILE = "webhook-spool.lock"
 #: Seconds to wait for the lock: a tap that was just stopped (or killed: its worker
 #: process then closes the spool itself) may still be letting go of it.
 LOCK_WAIT = 5.0
+#: How long SQLite waits for another connection's lock once the spool is open: the
+#: writer holds events it cannot spool (fp_core.webhook.HeldEvents), and delivery
+#: tries again at its next turn.
+BUSY_TIMEOUT_MS = 250
+#: Parked rows that fp.resend and fp.discard take per transaction.
+STEP = 1_000
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -137,6 +143,10 @@ class Spool:
                 )
             with self._sqlite():
                 self._pending, self._parked = self._count()
+                # Taken (above, a tap just stopped may still have it a moment): from now
+                # on a lock held by another connection fails fast, as the store's does,
+                # rather than stall the writer thread, which feeds the other sinks too.
+                self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except BaseException:
             self.close()
             raise
@@ -230,24 +240,36 @@ class Spool:
     def resend(self) -> int:
         """Make every parked event pending again, due now, with a fresh give-up clock."""
         now = self._clock()
-        with self._lock, self._sqlite():
-            with transaction(self._conn):
-                count = self._conn.execute(
-                    "UPDATE events SET parked = 0, parked_at = NULL, attempts = 0, "
-                    "next_attempt = ?, window_start = ? WHERE parked = 1",
-                    (now, now),
-                ).rowcount
-            self._pending += count
-            self._parked -= count
-        return count
+        return self._in_steps(
+            "UPDATE events SET parked = 0, parked_at = NULL, attempts = 0, next_attempt = ?, "
+            "window_start = ? WHERE id IN (SELECT id FROM events WHERE parked = 1 LIMIT ?)",
+            (now, now),
+            pending=1,
+        )
 
     def discard(self) -> int:
         """Delete every parked event; how many."""
-        with self._lock, self._sqlite():
-            with transaction(self._conn):
-                count = self._conn.execute("DELETE FROM events WHERE parked = 1").rowcount
-            self._parked -= count
-        return count
+        return self._in_steps(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE parked = 1 LIMIT ?)",
+            (),
+            pending=0,
+        )
+
+    def _in_steps(self, statement: str, values: tuple[float, ...], *, pending: int) -> int:
+        """Run ``statement`` on parked rows, :data:`STEP` at a time, each in its own
+        transaction with the lock let go in between: a million parked events must not
+        keep the writer and delivery out for seconds. Each row taken stops being parked
+        (and is ``pending`` or gone); how many rows in all."""
+        total = 0
+        while True:
+            with self._lock, self._sqlite():
+                with transaction(self._conn):
+                    count = self._conn.execute(statement, (*values, STEP)).rowcount
+                self._parked -= count
+                self._pending += count * pending
+            total += count
+            if count < STEP:
+                return total
 
     def expire(self, before: float, limit: int) -> int:
         """Delete up to ``limit`` events parked before ``before`` (epoch seconds), the

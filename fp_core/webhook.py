@@ -208,10 +208,41 @@ def request_headers(
 #: holds its lock, the disk is full); beyond, the oldest are lost (``webhook.lost``).
 MAX_HELD = 10_000
 #: While the spool cannot be written: the first wait before trying again, doubling per
-#: failure up to the last (each try may wait out SQLite's busy timeout on the writer
+#: failure up to the last (each try may wait out the spool's busy timeout on the writer
 #: thread, which the other sinks share).
 HOLD_RETRY_FIRST = 0.5
 HOLD_RETRY_MAX = 5.0
+
+
+class HeldEvents:
+    """Events a spool could not take yet, in order, with when to try again.
+
+    One per spool, shared by every :class:`WebhookSink` that feeds it: a record writer
+    replaced by an option change leaves what it holds to the next one, and only the
+    spool's owner (the delivery) gives up on them, when it closes the spool.
+    """
+
+    def __init__(
+        self, *, max_held: int = MAX_HELD, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_held = max_held
+        self.clock = clock
+        #: Held by whoever reads or changes the rest (the writers' threads).
+        self.lock = threading.Lock()
+        self.items: list[Outgoing] = []
+        self.retry_at = float("-inf")
+        self.retry_delay = HOLD_RETRY_FIRST
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def give_up(self, stats: Stats, why: str) -> None:
+        """Count what is still held as lost (once the spool is closing)."""
+        with self.lock:
+            if self.items:
+                stats.incr_group("webhook", "lost", len(self.items))
+                log.warning("fp-tap: %d webhook event(s) never spooled: %s", len(self.items), why)
+                self.items = []
 
 
 class WebhookSink:
@@ -219,8 +250,8 @@ class WebhookSink:
 
     Only a transaction on the writer thread: the HTTP requests are made by the
     delivery threads (:mod:`fp_core.delivery`), so a slow receiver never slows it.
-    Events the spool cannot take right now are held and spooled later, in order
-    (:meth:`retry_held`, the writer's idle tick), as the SQLite store holds its rows.
+    Events the spool cannot take right now are held (``held``, shared with the other
+    sinks of this spool) and spooled later, in order, as the SQLite store holds its rows.
     """
 
     name = "webhook"
@@ -232,41 +263,37 @@ class WebhookSink:
         notify: Callable[[], None] | None = None,
         limit: Callable[[], int] | None = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
-        max_held: int = MAX_HELD,
+        held: HeldEvents | None = None,
     ) -> None:
         self.spool = spool
         self.stats = stats
         self._notify = notify
         self._limit = limit
-        self._clock = clock
-        self.max_held = max_held
-        self._held: list[Outgoing] = []
-        self._retry_at = float("-inf")
-        self._retry_delay = HOLD_RETRY_FIRST
+        self.held = held if held is not None else HeldEvents()
         self._warnings = Throttle()
         self._hold_warnings = Throttle()
 
-    def held(self) -> int:
-        """Events waiting for the spool (non-zero only while it cannot be written)."""
-        return len(self._held)
-
     def write(self, records: Sequence[dict[str, Any]]) -> None:
-        self._held.extend(item for r in records if (item := outgoing(r)) is not None)
-        excess = len(self._held) - self.max_held
-        if excess > 0:
-            del self._held[:excess]
-            self.stats.incr_group("webhook", "lost", excess)
-        if self._clock() >= self._retry_at:
-            self._spool_held()
+        held = self.held
+        with held.lock:
+            held.items.extend(item for r in records if (item := outgoing(r)) is not None)
+            excess = len(held.items) - held.max_held
+            if excess > 0:
+                del held.items[:excess]
+                self.stats.incr_group("webhook", "lost", excess)
+            if held.clock() >= held.retry_at:
+                self._spool_held()
 
     def retry_held(self) -> None:
         """Spool the held events once their retry time has come."""
-        if self._held and self._clock() >= self._retry_at:
-            self._spool_held()
+        held = self.held
+        with held.lock:
+            if held.items and held.clock() >= held.retry_at:
+                self._spool_held()
 
     def _spool_held(self) -> None:
-        items = self._held
+        held = self.held
+        items = held.items
         if not items:
             return
         # A receiver down for days must not fill the disk: past the limit, new events
@@ -276,8 +303,8 @@ class WebhookSink:
             taken = self.spool.add(items, limit)
         except FpError as exc:  # the spool's file: locked by another connection, disk full
             self.stats.incr_group("webhook", "spool_errors")
-            self._retry_at = self._clock() + self._retry_delay
-            self._retry_delay = min(self._retry_delay * 2, HOLD_RETRY_MAX)
+            held.retry_at = held.clock() + held.retry_delay
+            held.retry_delay = min(held.retry_delay * 2, HOLD_RETRY_MAX)
             if self._hold_warnings.ready():
                 log.warning(
                     "fp-tap: cannot spool webhook events (%s); holding %d and retrying",
@@ -285,8 +312,8 @@ class WebhookSink:
                     len(items),
                 )
             return
-        self._held = []
-        self._retry_at, self._retry_delay = float("-inf"), HOLD_RETRY_FIRST
+        held.items = []
+        held.retry_at, held.retry_delay = float("-inf"), HOLD_RETRY_FIRST
         if limit is not None and taken < len(items):
             self._refuse(len(items) - taken, limit)
         if not taken:
@@ -307,16 +334,10 @@ class WebhookSink:
             )
 
     def close(self) -> None:
-        """Spool what is held, one last try. (The spool belongs to the delivery, which
-        closes it last.)"""
-        self._spool_held()
-        if self._held:
-            self.stats.incr_group("webhook", "lost", len(self._held))
-            log.warning(
-                "fp-tap: %d webhook event(s) could not be spooled before closing",
-                len(self._held),
-            )
-            self._held = []
+        """Spool what is held, one more try; the rest stays held for this spool's next
+        sink, or for the delivery to give up on when it closes the spool."""
+        with self.held.lock:
+            self._spool_held()
 
 
 @dataclass(frozen=True, slots=True)

@@ -485,7 +485,10 @@ class _Child:
         elif kind == "configure":
             answers.append(("reply", frame[1], *self._configure(frame[2], set(frame[3]))))
         elif kind == "spool":
-            self.pipeline.spool_command(frame[1])
+            # In the background, as in mitmproxy's process: a large backlog takes a while,
+            # and the answers to responses must not wait for it.
+            pipeline, name = self.pipeline, frame[1]
+            pipeline.background.run(lambda: pipeline.spool_command(name))
         elif kind == "close":
             self.pipeline.close(frame[2])
             answers.append(("reply", frame[1], True, self.pipeline.snapshot()))

@@ -284,3 +284,55 @@ def test_a_secret_in_use_is_not_read_again_for_another_delivery_option(
         assert pipeline.delivery.config.timeout == 3
     finally:
         pipeline.close(0)
+
+
+def test_webhook_events_held_for_a_locked_spool_outlive_a_replaced_writer(tmp_path: Path) -> None:
+    """An option change replaces the record writer: what its webhook sink held goes on
+    being held for the spool, not lost."""
+    import sqlite3
+
+    from fp_core.spool import SPOOL_FILE
+
+    state = tmp_path / "state"
+    common = {"fp_webhook_url": "http://127.0.0.1:9/hook", "fp_state_dir": str(state)}
+    pipeline = Pipeline()
+    pipeline.configure(opts(fp_jsonl=str(tmp_path / "a.jsonl"), **common), OPTIONS, [KEY])
+    shell = sqlite3.connect(state / SPOOL_FILE, isolation_level=None)
+    shell.execute("BEGIN EXCLUSIVE")
+    try:
+        assert pipeline.inspect(info(fp_body()[0])) is not None
+        deadline = time.monotonic() + 30
+        while pipeline.stats.group("webhook").get("spool_errors", 0) < 1:
+            assert time.monotonic() < deadline, "the spool refusing the event"
+            time.sleep(0.05)
+        pipeline.configure(opts(fp_jsonl=str(tmp_path / "b.jsonl"), **common), {"fp_jsonl"})
+        pipeline.background.join()  # the old writer retired
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+    deadline = time.monotonic() + 30
+    while pipeline.snapshot()["webhook_pending"] != 1:
+        assert time.monotonic() < deadline, f"spooled by the new writer: {pipeline.snapshot()}"
+        time.sleep(0.05)
+    assert "lost" not in pipeline.stats.group("webhook")
+    pipeline.close(0)
+
+
+def test_webhook_events_the_spool_never_took_are_lost_when_it_closes(tmp_path: Path) -> None:
+    import sqlite3
+
+    from fp_core.spool import SPOOL_FILE
+
+    state = tmp_path / "state"
+    pipeline = Pipeline()
+    webhook = {"fp_webhook_url": "http://127.0.0.1:9/hook", "fp_state_dir": str(state)}
+    pipeline.configure(opts(**webhook), OPTIONS, [KEY])
+    shell = sqlite3.connect(state / SPOOL_FILE, isolation_level=None)
+    shell.execute("BEGIN EXCLUSIVE")
+    try:
+        pipeline.inspect(info(fp_body()[0]))
+        pipeline.close(0)
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+    assert pipeline.stats.group("webhook")["lost"] == 1

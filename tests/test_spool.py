@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -280,3 +281,32 @@ def test_an_unusable_state_dir_is_an_error(tmp_path: Path, clock: Clock) -> None
     blocker.write_text("not a directory")
     with pytest.raises(SqliteFileError, match="cannot create"):
         Spool(str(blocker / "state"), clock=clock)
+
+
+@pytest.mark.parametrize("command", ["resend", "discard"])
+def test_resend_and_discard_go_in_steps(
+    spool: Spool, clock: Clock, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """A transaction per STEP rows, the lock let go in between: a million parked events
+    must not keep the writer and delivery out for seconds."""
+    from fp_core import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "STEP", 2)
+    park(spool, clock, *range(5))
+    spool.add([item(9)])
+    steps: list[int] = []
+    real = spool._conn
+
+    class Counting:
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql.startswith(("UPDATE events SET parked = 0", "DELETE FROM events WHERE id IN")):
+                steps.append(1)
+            return real.execute(sql, *args)
+
+    monkeypatch.setattr(spool, "_conn", Counting())
+    assert getattr(spool, command)() == 5
+    assert len(steps) == 3, "2 + 2 + 1"
+    monkeypatch.setattr(spool, "_conn", real)
+    assert spool.parked == 0
+    assert spool.pending == (6 if command == "resend" else 1)
+    assert request_ids(spool, parked=1) == []

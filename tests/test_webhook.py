@@ -30,6 +30,7 @@ from fp_core.webhook import (
     SECRET_ENV_VAR,
     SIGNATURE_HEADER,
     VERDICT_HEADER,
+    HeldEvents,
     HttpPoster,
     WebhookConfigError,
     WebhookSecret,
@@ -311,15 +312,15 @@ def test_events_a_locked_spool_cannot_take_are_held_and_spooled_later_in_order(
     stats = Stats()
     spool = Spool(str(tmp_path / "state"))
     clock = [0.0]
-    sink = WebhookSink(spool, stats, clock=lambda: clock[0])
+    sink = WebhookSink(spool, stats, held=HeldEvents(clock=lambda: clock[0]))
     shell = sqlite3.connect(spool.path, isolation_level=None)
     shell.execute("BEGIN EXCLUSIVE")  # an operator's sqlite3 shell, a backup tool
     try:
         with caplog.at_level(logging.WARNING, logger="fp_core.webhook"):
-            sink.write([numbered(1)])  # waits out SQLite's busy timeout once
-        assert sink.held() == 1
+            sink.write([numbered(1)])  # waits out the spool's busy timeout once
+        assert len(sink.held) == 1
         sink.write([numbered(2)])  # before the retry time: held, no second wait
-        assert sink.held() == 2
+        assert len(sink.held) == 2
     finally:
         shell.execute("ROLLBACK")
         shell.close()
@@ -328,10 +329,10 @@ def test_events_a_locked_spool_cannot_take_are_held_and_spooled_later_in_order(
     assert warning.startswith("fp-tap: cannot spool webhook events (webhook spool ")
     assert warning.endswith("database is locked); holding 1 and retrying")
     sink.retry_held()
-    assert sink.held() == 2, "not before its time"
+    assert len(sink.held) == 2, "not before its time"
     clock[0] += 0.5
     sink.retry_held()
-    assert sink.held() == 0
+    assert len(sink.held) == 0
     assert spooled_ids(spool) == ["1795730334960.req1", "1795730334960.req2"]
     assert stats.group("webhook") == {"spool_errors": 1, "spooled": 2}
     sink.close()
@@ -352,13 +353,14 @@ class FailingSpool:
         return len(items)
 
 
-def test_held_events_are_bounded_retried_with_backoff_and_counted_lost_at_close(
+def test_held_events_are_bounded_retried_with_backoff_and_shared_by_the_next_sink(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     stats, spool, clock = Stats(), FailingSpool(), [0.0]
-    sink = WebhookSink(spool, stats, clock=lambda: clock[0], max_held=3)  # type: ignore[arg-type]
+    held = HeldEvents(clock=lambda: clock[0], max_held=3)
+    sink = WebhookSink(spool, stats, held=held)  # type: ignore[arg-type]
     sink.write([numbered(n) for n in range(5)])
-    assert sink.held() == 3
+    assert len(held) == 3
     assert stats.group("webhook") == {"lost": 2, "spool_errors": 1}, "the oldest go"
     for wait in (0.5, 1.0, 2.0, 4.0, 5.0, 5.0):  # doubling, up to 5 s
         errors = stats.group("webhook")["spool_errors"]
@@ -377,11 +379,21 @@ def test_held_events_are_bounded_retried_with_backoff_and_counted_lost_at_close(
     assert spool.added == [f"1795730334960.req{n}" for n in (3, 4, 5)]
     spool.failing = True
     sink.write([numbered(6)])
+    sink.close()  # a writer replaced by an option change: its events stay held...
+    assert len(held) == 1
+    assert stats.group("webhook")["lost"] == 3
+    spool.failing = False
+    clock[0] += 5
+    next_sink = WebhookSink(spool, stats, held=held)  # type: ignore[arg-type]
+    next_sink.retry_held()  # ... for the next writer's sink
+    assert spool.added[-1] == "1795730334960.req6"
+    spool.failing = True
+    sink.write([numbered(7)])
     with caplog.at_level(logging.WARNING, logger="fp_core.webhook"):
-        sink.close()
-    assert sink.held() == 0
+        held.give_up(stats, "the spool closed")  # what the delivery does last
+    assert len(held) == 0
     assert stats.group("webhook")["lost"] == 4
-    assert "1 webhook event(s) could not be spooled before closing" in caplog.text
+    assert "1 webhook event(s) never spooled: the spool closed" in caplog.text
 
 
 # -- HttpPoster against real servers -------------------------------------------------

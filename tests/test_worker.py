@@ -413,3 +413,30 @@ def test_a_worker_that_cannot_get_its_pipes_is_a_config_error_and_leaks_nothing(
         client.start()
     assert client.proc is None
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_spool_command_runs_beside_the_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp.discard on a large backlog takes a while: the child's loop, which answers the
+    responses, does not wait for it."""
+    import threading
+
+    from fp_core.worker import _Child
+
+    child = _Child()
+    gate, ran = threading.Event(), threading.Event()
+
+    def slow(name: str) -> None:
+        ran.set()
+        gate.wait(30)
+
+    monkeypatch.setattr(child.pipeline, "spool_command", slow)
+    loop = threading.Thread(target=child.handle, args=(("spool", "discard"), []))
+    loop.start()
+    try:
+        assert ran.wait(10), "the command ran"
+        loop.join(5)
+        assert not loop.is_alive(), "the loop is free while the command is still running"
+    finally:
+        gate.set()
+        loop.join(10)
+        child.pipeline.background.join()
