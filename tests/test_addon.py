@@ -1094,15 +1094,19 @@ def test_the_outer_request_id_cannot_forge_log_lines_or_comments(
     )
 
 
+@pytest.mark.parametrize("mine_after", [False, True], ids=["mine-before", "mine-after"])
 def test_a_replayed_flow_gets_the_new_verdicts_comment_and_mark(
-    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], mine_after: bool
 ) -> None:
-    """mitmproxy's client replay runs the same flow through the hooks again."""
+    """mitmproxy's client replay runs the same flow through the hooks again: the new
+    comment line replaces fp-tap's old one wherever it is among the user's."""
     tap, _ = addon
     flow = make_flow(fp_body(bot="bad")[0])
-    flow.comment = "mine"
+    flow.comment = "" if mine_after else "mine"
     run(tap, flow)
     assert flow.marked == fp_addon.MARK_SUSPICIOUS
+    if mine_after:
+        flow.comment += "\nmine"
     flow.response = make_flow(fp_body()[0]).response  # the replay's response
     run(tap, flow)
     assert flow.metadata["fp"]["verdict"] == "trusted"
@@ -1270,19 +1274,6 @@ def test_the_view_shows_an_event_with_a_lone_surrogate(
     assert result.view_name == "fingerprint"
     assert '"linked_id": "\\ud800"' in result.text
     assert syntax_highlight.highlight(result.text, "yaml")
-
-
-def test_a_replay_gets_the_new_comment_line_even_after_a_users_line(
-    addon: tuple[fp_addon.FingerprintTap, taddons.context],
-) -> None:
-    tap, _ = addon
-    flow = run(tap, make_flow(fp_body(bot="bad")[0]))
-    flow.comment += "\nlooked at this, ok"
-    flow.response = make_flow(fp_body()[0]).response
-    run(tap, flow)
-    (looked, fp_line) = flow.comment.split("\n")
-    assert looked == "looked at this, ok"
-    assert fp_line.startswith("fp trusted · ")
 
 
 def test_a_replay_answered_by_something_else_drops_the_old_annotation(

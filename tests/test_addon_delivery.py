@@ -212,14 +212,22 @@ def test_the_proxy_never_waits_for_the_receiver(start: Callable[..., Tap], tmp_p
     stuck.close()
 
 
-def test_parked_events_are_sent_again_by_fp_resend(
-    start: Callable[..., Tap], tmp_path: Path, secret: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def two_parked(
+    start: Callable[..., Tap], tmp_path: Path, secret: str
+) -> tuple[Tap, Receiver, Path]:
+    """A tap whose receiver answers 500 until ``gate`` exists, with two events parked."""
     gate = tmp_path / "gate"
     failing = Receiver(ReceiverConfig(secret=secret, gate=gate, closed="fail"))
     tap = start(fp_webhook_url=failing.url, fp_webhook_give_up=1)
     tap.send(fp_body()[0], fp_body()[0])
     wait_until(lambda: stats(tap)["webhook_parked"] == 2, "parking")
+    return tap, failing, gate
+
+
+def test_parked_events_are_sent_again_by_fp_resend(
+    start: Callable[..., Tap], tmp_path: Path, secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    tap, failing, gate = two_parked(start, tmp_path, secret)
     assert stats(tap)["webhook"]["parked"] == 2
     assert "gave up on" in caplog.text
     gate.touch()
@@ -236,11 +244,7 @@ def test_parked_events_are_sent_again_by_fp_resend(
 def test_parked_events_are_deleted_by_fp_discard(
     start: Callable[..., Tap], tmp_path: Path, secret: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    gate = tmp_path / "gate"
-    failing = Receiver(ReceiverConfig(secret=secret, gate=gate, closed="fail"))
-    tap = start(fp_webhook_url=failing.url, fp_webhook_give_up=1)
-    tap.send(fp_body()[0], fp_body()[0])
-    wait_until(lambda: stats(tap)["webhook_parked"] == 2, "parking")
+    tap, failing, gate = two_parked(start, tmp_path, secret)
     assert "fp.discard deletes them" in caplog.text
     caplog.set_level(logging.INFO)
     tap.tctx.command(tap.addon.discard_command)

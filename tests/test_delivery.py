@@ -206,12 +206,18 @@ def test_retry_after_is_honoured(rig: Rig) -> None:
     assert next_due >= before + 60
 
 
-def test_events_failing_past_the_give_up_age_are_parked_then_resent(rig: Rig) -> None:
+def parked(rig: Rig, count: int) -> tuple[Sender, Delivery]:
+    """A delivery to a receiver that is down, once ``count`` events were parked."""
     sender = Sender(lambda n: DOWN)
-    delivery = rig.start(sender, config(give_up=0.2))
-    delivery.spool.add(items(3))
+    delivery = rig.start(sender, config(give_up=0.1))
+    delivery.spool.add(items(count))
     delivery.wake()
-    wait_until(lambda: delivery.spool.parked == 3, "parking")
+    wait_until(lambda: delivery.spool.parked == count, "parking")
+    return sender, delivery
+
+
+def test_events_failing_past_the_give_up_age_are_parked_then_resent(rig: Rig) -> None:
+    sender, delivery = parked(rig, 3)
     attempts = len(sender.calls)
     assert attempts >= 3
     assert webhook(rig.stats)["parked"] == 3
@@ -229,11 +235,7 @@ def test_events_failing_past_the_give_up_age_are_parked_then_resent(rig: Rig) ->
 
 
 def test_discard_deletes_the_parked_events_and_counts_them(rig: Rig) -> None:
-    sender = Sender(lambda n: DOWN)
-    delivery = rig.start(sender, config(give_up=0.2))
-    delivery.spool.add(items(3))
-    delivery.wake()
-    wait_until(lambda: delivery.spool.parked == 3, "parking")
+    sender, delivery = parked(rig, 3)
     sender.answer = lambda n: OK
     delivery.spool.add(items(1, start=3))
     delivery.wake()
@@ -253,11 +255,7 @@ def test_parked_events_expire_after_keep_parked_a_backlog_in_batches(
 ) -> None:
     caplog.set_level(logging.INFO, logger="fp_core.delivery")
     monkeypatch.setattr(delivery_module, "EXPIRE_BATCH", 2)  # a backlog of 5 takes 3 steps
-    sender = Sender(lambda n: DOWN)
-    delivery = rig.start(sender, config(give_up=0.1))
-    delivery.spool.add(items(5))
-    delivery.wake()
-    wait_until(lambda: delivery.spool.parked == 5, "parking")
+    _, delivery = parked(rig, 5)
     parked_at = time.time()
     delivery.configure(config(give_up=0.1, keep_parked=0.5))
     wait_until(lambda: delivery.spool.parked == 0, "expiry")
@@ -270,11 +268,7 @@ def test_parked_events_expire_after_keep_parked_a_backlog_in_batches(
 
 
 def test_without_keep_parked_parked_events_stay(rig: Rig) -> None:
-    sender = Sender(lambda n: DOWN)
-    delivery = rig.start(sender, config(give_up=0.1))
-    delivery.spool.add(items(2))
-    delivery.wake()
-    wait_until(lambda: delivery.spool.parked == 2, "parking")
+    _, delivery = parked(rig, 2)
     for keep in (0, 10**12):  # 0, and a keep too long for the clock: both keep all
         delivery.configure(config(give_up=0.1, keep_parked=keep))
         time.sleep(1.5)  # more than a turn of the dispatcher (IDLE_WAIT)

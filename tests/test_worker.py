@@ -224,6 +224,15 @@ def test_counters_follow_the_answers(
     assert client.stats["unsealed"] == 5
 
 
+def with_webhook(
+    start: Callable[..., tuple[WorkerClient, Answers]], keyfile: Path, state: Path
+) -> tuple[WorkerClient, Answers]:
+    """A worker with a webhook nobody answers (port 9) and its spool in ``state``."""
+    return start(
+        fp_keys_file=str(keyfile), fp_webhook_url="http://127.0.0.1:9/hook", fp_state_dir=str(state)
+    )
+
+
 def test_the_childs_log_lines_reach_the_parents_logging(
     start: Callable[..., tuple[WorkerClient, Answers]],
     keyfile: Path,
@@ -231,11 +240,7 @@ def test_the_childs_log_lines_reach_the_parents_logging(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    client, _ = start(
-        fp_keys_file=str(keyfile),
-        fp_webhook_url="http://127.0.0.1:9/hook",
-        fp_state_dir=str(tmp_path / "state"),
-    )
+    client, _ = with_webhook(start, keyfile, tmp_path / "state")
     pump(client, lambda: "events are not signed" in caplog.text, "the forwarded warning")
     (line,) = [r for r in caplog.records if "events are not signed" in r.getMessage()]
     assert (line.levelno, line.name) == (logging.WARNING, "fp_core.pipeline")
@@ -249,11 +254,7 @@ def test_a_spool_command_on_a_locked_spool_is_a_warning_not_the_workers_death(
 ) -> None:
     caplog.set_level(logging.INFO)
     state = tmp_path / "state"
-    client, answers = start(
-        fp_keys_file=str(keyfile),
-        fp_webhook_url="http://127.0.0.1:9/hook",
-        fp_state_dir=str(state),
-    )
+    client, answers = with_webhook(start, keyfile, state)
     shell = sqlite3.connect(state / SPOOL_FILE, isolation_level=None)
     shell.execute("BEGIN EXCLUSIVE")  # an operator's sqlite3 shell on the spool
     try:
