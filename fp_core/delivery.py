@@ -196,6 +196,9 @@ class Delivery:
         if self._thread.is_alive():
             log.warning("fp-tap: webhook delivery did not stop; the spool stays open")
             return False
+        # Attempts still out are abandoned (their answers are not waited for): their
+        # events are among the pending, for the next start, not in flight any more.
+        self._in_flight.clear()
         left = self.spool.pending
         self.spool.close()
         if left:

@@ -77,6 +77,12 @@ def parse_paths(values: Iterable[str]) -> tuple[Path, ...]:
             )
         if parts[0] in ("client_ip", "host", "path") and len(parts) > 1:
             raise ValueError(f"redaction path {value!r}: {parts[0]} has no parts")
+        if parts == ("event",):
+            # The webhook's body is the event, and records' event field an object.
+            raise ValueError(
+                f"redaction path {value!r}: the event as a whole stays (name its fields, "
+                "e.g. event.ip_address, or leave it out of records with fp_include_event=false)"
+            )
         if parts[0] == "summary" and (len(parts) == 1 or parts[1] in _SUMMARY_KEPT):
             # The replay memory is reloaded from stored summaries' request ids, and the
             # comment, the log line and the store read the summary as an object.

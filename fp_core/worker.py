@@ -526,7 +526,12 @@ class _Child:
 def main(argv: list[str] | None = None) -> int:
     """The child: ``python -m fp_core.worker FD`` (FD: where its answers go)."""
     args = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent says when to stop
+    # The parent says when to stop. A service manager's stop (systemd's default
+    # KillMode=control-group) signals every process of the service at once: the worker
+    # must go on writing and delivering until mitmproxy has it drain. It ends when the
+    # parent's pipe closes, however the parent went.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         # Background work: when the CPUs are short, proxying goes first. Measured in
         # scripts/bench on two cores, where the worker otherwise takes CPU time from

@@ -276,6 +276,19 @@ def test_without_keep_parked_parked_events_stay(rig: Rig) -> None:
     assert "expired" not in webhook(rig.stats)
 
 
+def test_attempts_abandoned_at_close_are_pending_not_in_flight(rig: Rig) -> None:
+    sender = Sender()
+    sender.gate.clear()  # the receiver never answers
+    delivery = rig.start(sender, config(concurrency=2))
+    delivery.spool.add(items(3))
+    delivery.wake()
+    wait_until(lambda: sender.active == 2, "two requests in flight")
+    assert delivery.close(drain=0.2) is False, "events left"
+    snapshot = delivery.snapshot()
+    assert (snapshot["webhook_in_flight"], snapshot["webhook_pending"]) == (0, 3)
+    sender.gate.set()
+
+
 def test_concurrency_is_bounded(rig: Rig) -> None:
     sender = Sender()
     sender.gate.clear()  # every request hangs, as with a stuck receiver

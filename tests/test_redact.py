@@ -130,6 +130,9 @@ def test_whole_subtrees_and_scalars_in_the_way() -> None:
         "summary.api",
         "summary.*",
         "summary.request_id.x",
+        # The webhook's body: redacted whole, it would stop every delivery.
+        "event",
+        " event ",
     ],
 )
 def test_bad_paths_are_rejected_with_the_entry_named(bad: str) -> None:
@@ -151,3 +154,10 @@ def test_error_records_are_redacted_too() -> None:
     record = tap.inspect(ResponseInfo("f", 1.0, "h", "/", "POST", 200, body, peer_ip="8.8.8.8"))
     assert record is not None
     assert record["client_ip"] == REDACTED
+
+
+def test_the_whole_event_is_refused_with_what_to_do_instead() -> None:
+    with pytest.raises(ValueError, match="the event as a whole stays") as info:
+        parse_paths(["event"])
+    assert "fp_include_event=false" in str(info.value)
+    assert parse_paths(["event.ip_address"]) == (("event", "ip_address"),)

@@ -31,6 +31,7 @@ from scripts.harness import (
     REPO,
     MitmdumpConfig,
     Service,
+    children,
     make_tls_files,
     start_mitmdump,
     start_receiver,
@@ -356,6 +357,30 @@ def spool_rows(state: Path) -> int:
         return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
     finally:
         conn.close()
+
+
+def test_sigterm_to_the_whole_service_still_drains(rig: Rig) -> None:
+    """A service manager's stop (systemd's default KillMode=control-group) sends SIGTERM
+    to every process of the service at once, the worker too: mitmproxy still has it
+    deliver for up to fp_drain_timeout, and the summary still has its counts."""
+    receiver, url = rig.receiver("--delay-ms", "300")
+    proxy = rig.tap(url, fp_webhook_concurrency=1, fp_drain_timeout=20)
+    try:
+        ids = rig.send(proxy, 8, with_error=False)
+        wait_until(lambda: len(rig.records()) == len(rig.sent), "the records")
+        (worker,) = children(proxy.proc.pid)
+        assert len(rig.delivered()) < len(ids), "still delivering"
+        os.kill(proxy.proc.pid, signal.SIGTERM)
+        time.sleep(0.3)  # the worker's a moment later, after mitmdump's shutdown began
+        os.kill(worker, signal.SIGTERM)
+        assert proxy.wait_exit(60) == 0
+    finally:
+        receiver.stop()
+    rig.check_nothing_lost()
+    summary = summary_of(proxy.output())
+    assert "worker_exit" not in summary.get("errors", {}), summary
+    assert (summary["webhook"]["sent"], summary["webhook_pending"]) == (len(ids), 0)
+    assert summary["written"] == {"jsonl": len(ids), "sqlite": len(ids), "webhook": len(ids)}
 
 
 def test_a_slow_receiver_does_not_slow_the_proxy(rig: Rig) -> None:
