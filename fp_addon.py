@@ -77,6 +77,9 @@ record_log = logging.getLogger(f"{__name__}.records")
 
 PROXY_SECRET_HEADER = "FPJS-Proxy-Secret"  # noqa: S105 (a header name, not a secret)
 CLIENT_IP_HEADER = "FPJS-Proxy-Client-IP"
+#: Marks fp-tap's own lines (records, counters): they hold no proxy secret, so the values
+#: requests carried in that header are not masked in them (see Scrubber.scrub).
+OWN_LINE = {"fp_own": True}
 MARK_SUSPICIOUS = ":warning:"
 MARK_ERROR = ":x:"
 METADATA_KEY = "fp"
@@ -514,7 +517,11 @@ class FingerprintTap:
             try:
                 if 0 < opts.fp_stats_every <= since_stats:
                     since_stats = 0.0
-                    log.info("fp-tap stats: %s", json.dumps(self.snapshot(), sort_keys=True))
+                    log.info(
+                        "fp-tap stats: %s",
+                        json.dumps(self.snapshot(), sort_keys=True),
+                        extra=OWN_LINE,
+                    )
                 if 0 < opts.fp_secrets_reload <= since_check:
                     since_check = 0.0
                     await self.reload_files()
@@ -697,7 +704,7 @@ class FingerprintTap:
         self._final = self.snapshot()  # what fp.stats says from now on
         self.worker = self.pipeline = None
         self._background.join()
-        log.info("fp-tap summary: %s", json.dumps(self._final, sort_keys=True))
+        log.info("fp-tap summary: %s", json.dumps(self._final, sort_keys=True), extra=OWN_LINE)
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
             handler.removeFilter(_NOT_RECORDS)
@@ -1112,6 +1119,7 @@ class _ScrubFilter(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):
             return True
+        own = getattr(record, "fp_own", False)
         # A traceback's last line repeats the exception's message (mitmproxy logs an
         # addon's exception that way): scrubbed with the message, which then carries it.
         if record.exc_info:
@@ -1122,7 +1130,7 @@ class _ScrubFilter(logging.Filter):
             record.stack_info = None
         # Formatted once: the handlers after this one (and their formatters) read the
         # message again, now without formatting it.
-        record.msg, record.args = self.scrubber.scrub(message), None
+        record.msg, record.args = self.scrubber.scrub(message, seen=not own), None
         return True
 
 
@@ -1374,7 +1382,7 @@ def _log_record(record: dict[str, Any], lines: DirectLines) -> None:
     if lines.write(level, text):
         return
     line = record_log.makeRecord(
-        record_log.name, level, __file__, _LOG_RECORD_LINE, text, (), None, "_log_record"
+        record_log.name, level, __file__, _LOG_RECORD_LINE, text, (), None, "_log_record", OWN_LINE
     )
     record_log.handle(line)
 

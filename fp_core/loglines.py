@@ -127,7 +127,10 @@ class DirectLines:
         if level < handler.level:
             return True
         form = target.formats[level]
-        line = f"{form.head}{self._stamp(time.time_ns())}{form.middle}{self.scrubber.scrub(text)}"
+        # A record line holds no proxy secret: the values requests carried are not
+        # applied (see Scrubber.scrub), the configured secrets are.
+        text = self.scrubber.scrub(text, seen=False)
+        line = f"{form.head}{self._stamp(time.time_ns())}{form.middle}{text}"
         try:
             with handler.lock or contextlib.nullcontext():  # whole lines from any thread
                 target.stream.write(f"{line}{form.tail}\n")

@@ -39,6 +39,7 @@ class Scrubber:
         self._lock = threading.Lock()
         #: What scrub() reads: replaced whole, never changed in place.
         self._literals: tuple[str, ...] = ()
+        self._pinned_literals: tuple[str, ...] = ()
 
     def pin(self, secret: str) -> None:
         """Remember a configured secret (a key, the webhook secret) for good: what
@@ -65,6 +66,7 @@ class Scrubber:
 
     def _publish(self) -> None:
         self._literals = (*self._pinned, *self._seen)
+        self._pinned_literals = tuple(self._pinned)
 
     def add_key(self, raw: bytes) -> None:
         """A key in every textual form it could take: base64 (both alphabets, with any
@@ -84,9 +86,14 @@ class Scrubber:
         self.pin(raw.hex())
         self.pin(raw.hex().upper())
 
-    def scrub(self, text: str) -> str:
-        """``text`` with every secret masked (unchanged, same object, when there is none)."""
-        for literal in self._literals:
+    def scrub(self, text: str, *, seen: bool = True) -> str:
+        """``text`` with every secret masked (unchanged, same object, when there is none).
+
+        ``seen=False`` leaves out the values requests carried: for fp-tap's own lines
+        (records, counters), which never hold one. Any client can send any value in the
+        header, and a value such as ``suspicious`` would otherwise mask that word in the
+        lines about every other visitor."""
+        for literal in self._literals if seen else self._pinned_literals:
             if literal in text:
                 text = text.replace(literal, REDACTED)
         if "ecret" in text:  # cheap test before the regular expression

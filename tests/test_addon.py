@@ -893,10 +893,13 @@ def test_mitmdump_terminal_lines_follow_termlog_verbosity(
 
 
 def test_mitmdump_terminal_lines_are_scrubbed(addon, mitmdump_logging) -> None:
+    """Of the configured secrets (here a key, in the outer id a response may hold). The
+    values requests carried in FPJS-Proxy-Secret are not applied to record lines: any
+    client can send any value there (test_a_clients_header_value_cannot_rewrite_...)."""
     tap, _ = addon
     out, _, made = mitmdump_logging
     flow = make_flow(
-        json.dumps({"requestId": f"x{SECRET}", "sealedResult": "AAAA"}).encode(),
+        json.dumps({"requestId": f"x{KEY.to_base64()}", "sealedResult": "AAAA"}).encode(),
         request_headers=[(b"FPJS-Proxy-Secret", SECRET.encode())],
     )
     tap.requestheaders(flow)
@@ -905,7 +908,7 @@ def test_mitmdump_terminal_lines_are_scrubbed(addon, mitmdump_logging) -> None:
     printed = out.getvalue()
     assert f"x{REDACTED}" in printed
     assert flow.id in printed
-    assert SECRET not in printed
+    assert KEY.to_base64()[:42] not in printed
     assert made == []
 
 
@@ -1313,3 +1316,31 @@ def test_a_huge_fp_max_body_still_inspects_compressed_responses(
     flow = run(tap, make_flow(fp_body()[0], content_encoding="gzip"))
     assert tap.stats.group("errors") == {}
     assert flow.metadata["fp"]["verdict"] == "trusted"
+
+
+@pytest.mark.parametrize("sent", ["verdicts", "suspicious", "not_detected"])
+def test_a_clients_header_value_cannot_rewrite_fp_taps_own_lines(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+    caplog: pytest.LogCaptureFixture,
+    sent: str,
+) -> None:
+    """Any client can send any value in FPJS-Proxy-Secret; the scrubber masks the values
+    it saw in other lines (mitmproxy's, at proxy_debug), but not in the record lines
+    about other visitors, nor in the counters' JSON, which never hold one."""
+    tap, _ = addon
+    caplog.set_level(logging.INFO)
+    tap.running()
+    client = make_flow(b"{}", request_headers=[(b"FPJS-Proxy-Secret", sent.encode())])
+    tap.requestheaders(client)
+    tap.responseheaders(client)  # masks the value in the stored flow
+    tap.response(client)
+    other = run(tap, make_flow(fp_body(bot="bad")[0]))
+    (line,) = [r.getMessage() for r in caplog.records if other.id in r.getMessage()]
+    assert " suspicious (bad_bot) " in line
+    assert " bot=bad " in line
+    logging.getLogger("mitmproxy.proxy").info(f"raw bytes: x={sent}")  # not fp-tap's
+    assert f"x={REDACTED}" in caplog.text, "still masked where it may be the secret"
+    tap.done()
+    (summary,) = [r.getMessage() for r in caplog.records if "fp-tap summary" in r.getMessage()]
+    assert summary == f"fp-tap summary: {tap.stats_command()}"  # the JSON fp.stats returns
+    assert json.loads(summary.split(": ", 1)[1])["verdicts"] == {"suspicious": 1}

@@ -17,6 +17,7 @@ from fp_core.redact import REDACTED
 from fp_core.scrub import Scrubber
 
 SECRET = "direct-lines-secret-4c1d"
+SEEN = "suspicious"
 STAMP = re.compile(r"\d\d:\d\d:\d\d\.\d\d\d")
 
 
@@ -77,7 +78,8 @@ class Setup:
         self.terminal = Terminal(self.out)
         self.terminal.setFormatter(ClockFormatter())
         self.scrubber = Scrubber()
-        self.scrubber.add(SECRET)
+        self.scrubber.pin(SECRET)  # a configured secret (a key, the webhook secret)
+        self.scrubber.add(SEEN)  # a value a request carried in FPJS-Proxy-Secret
         self.scrub = Scrub(self.scrubber)
         self.terminal.addFilter(self.scrub)
         self.logger.addHandler(self.terminal)
@@ -143,6 +145,14 @@ def test_secrets_are_scrubbed(setup: Setup) -> None:
     assert done
     assert SECRET not in out
     assert f"id-{REDACTED} trusted" in out
+
+
+def test_values_requests_carried_are_not_applied_to_record_lines(setup: Setup) -> None:
+    """Any client can send any value in the header: one that is a word of the record
+    lines would otherwise mask it in the lines about every other visitor."""
+    done, out = setup.direct(logging.INFO, "fp v4 id-1 suspicious (bad_bot) visitor=v")
+    assert done
+    assert "id-1 suspicious (bad_bot) visitor=v" in out
 
 
 def test_another_reader_sends_the_line_through_logging(setup: Setup) -> None:
