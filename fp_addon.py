@@ -540,9 +540,13 @@ class FingerprintTap:
         # Copies are checked, and put in use here with their values: the watches in use
         # always go with the keys and secret in use (_in_use hands both to a pipeline).
         checked = self._watches.copy()
-        for change in await asyncio.to_thread(checked.check):
+        changes = await asyncio.to_thread(checked.check)
+        # All of them, those that found nothing new too (their memory of a bad content
+        # may have moved on), unless an option change replaced one meanwhile.
+        self._watches.adopt_all(checked)
+        for change in changes:
             value = change.reload.value
-            if not self._watches.adopt(change, checked) or value is None:
+            if not self._watches.current(change) or value is None:
                 continue
             if change.name == "keys":
                 self._adopt_keys(with_env_keys(value))

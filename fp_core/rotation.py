@@ -215,14 +215,14 @@ class Watches:
             twin._by_name[name], twin._origins[name] = watch.copy(), watch
         return twin
 
-    def adopt(self, change: FileChange, checked: Watches) -> bool:
-        """Put the watch of ``change``, found by ``checked`` (a :meth:`copy` of these),
-        in use in place of the one it was copied from, if that one is still in use (an
-        option change may have replaced it meanwhile); whether it did."""
-        if self._by_name.get(change.name) is not checked._origins.get(change.name):
-            return False
-        self._by_name[change.name] = change.watch
-        return True
+    def adopt_all(self, checked: Watches) -> None:
+        """Put every watch of ``checked`` (a :meth:`copy` of these, checked) in use in
+        place of the one it was copied from, where that one is still in use: those that
+        found no change too, whose memory may have moved (a bad content followed by the
+        good one again makes the bad one news again)."""
+        for name, watch in checked._by_name.items():
+            if self._by_name.get(name) is checked._origins.get(name):
+                self._by_name[name] = watch
 
     def current(self, change: FileChange) -> bool:
         """Whether ``change`` comes from the watch in use (not one an option change

@@ -113,6 +113,30 @@ def test_a_file_being_written_keeps_the_keys_in_use(keyfile: Path, caplog) -> No
     no_key_in(caplog.text)
 
 
+def test_a_bad_content_back_after_the_good_one_is_news_again_after_a_handover(
+    keyfile: Path, caplog
+) -> None:
+    """The watches this process hands a new pipeline (fp_worker switched, a dead worker)
+    carry what its checks learnt, the file being back as it was included: the same
+    half-written content later is warned about and counted again."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False)
+        half = NEW.to_base64()[:30]
+        rotate(keyfile, half)
+        assert asyncio.run(tap.reload_files()) == []
+        rotate(keyfile, KEY.to_base64())  # back as it was (the same bytes)
+        assert asyncio.run(tap.reload_files()) == []
+        tctx.configure(tap, fp_worker=False)  # a new pipeline, from this process's watches
+        rotate(keyfile, half)  # caught half-written again
+        assert asyncio.run(tap.reload_files()) == []
+        assert verdict_for(tap, KEY) == "trusted"
+        errors = json.loads(tap.stats_command())["errors"]
+        tap.done()
+    assert len(messages(caplog, "keeping")) == 2
+    assert errors == {"keys_reload": 2}
+
+
 def test_new_keys_are_scrubbed_from_log_lines(keyfile: Path, caplog) -> None:
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:

@@ -221,7 +221,8 @@ def test_checked_copies_leave_the_watches_in_use_until_adopted(keyfile: Path) ->
     reload = twin.copy().check()
     assert reload is not None
     assert reload.value == [NEW]
-    assert watches.adopt(change, checked)
+    watches.adopt_all(checked)
+    assert watches.current(change)
     assert watches.get("keys") is change.watch
     assert watches.copy().check() == [], "adopted: in use with its value"
 
@@ -230,5 +231,6 @@ def test_a_checked_copy_is_not_adopted_over_a_newer_watch(keyfile: Path) -> None
     watches, checked, change = rotated_and_checked(keyfile)
     newer = key_file_watch(keyfile)
     watches.set("keys", newer)  # an option change meanwhile
-    assert not watches.adopt(change, checked)
+    watches.adopt_all(checked)
+    assert not watches.current(change)
     assert watches.get("keys") is newer
