@@ -476,7 +476,7 @@ class FingerprintTap:
         queue_size = self.queue_size = positive(opts, "fp_queue_size")
         nothing = self.pipeline is None and self.worker is None and self._replacing is None
         if "fp_worker" in updated or nothing:
-            self._start_pipeline(opts)
+            self._start_pipeline(opts, keys_just_read=read_keys)
         elif names := updated & PIPELINE_OPTIONS:
             # A dead worker's replacement is waited for, then takes the change: other
             # options (mitmproxy's own) leave it to be made off the event loop.
@@ -484,7 +484,7 @@ class FingerprintTap:
             if self.worker is None and self.pipeline is None:
                 # It failed, or was given up on: these options start one afresh (also
                 # after mitmproxy rolled back values it was being made with).
-                self._start_pipeline(opts)
+                self._start_pipeline(opts, keys_just_read=read_keys)
             elif self.worker is not None:
                 self.worker.max_in_flight = queue_size
                 # Waits (blocking the event loop) for the worker to open the outputs, so
@@ -586,9 +586,10 @@ class FingerprintTap:
             secret_watch=secret.copy() if secret else None,
         )
 
-    def _start_pipeline(self, opts: Any) -> None:
+    def _start_pipeline(self, opts: Any, *, keys_just_read: bool) -> None:
         """Run the pipeline where ``fp_worker`` says, retiring the one running before
-        (its queued records written out, undelivered events left in the spool)."""
+        (its queued records written out, undelivered events left in the spool).
+        ``keys_just_read``: this process read the key file in this configuration."""
         self._stop_pipeline(drain=0)
         self._worker_wanted = False
         if opts.fp_worker and getattr(sys, "frozen", False):
@@ -597,7 +598,7 @@ class FingerprintTap:
             # Outputs are opened (and their errors reported) now; without any, the
             # process starts once mitmproxy runs (no process for a mere option check).
             if self._running or _has_outputs(opts):
-                self._spawn_worker(opts)
+                self._spawn_worker(opts, keys_just_read)
             else:
                 self._worker_wanted = True
             return
@@ -606,7 +607,7 @@ class FingerprintTap:
     def _run_in_process(self, opts: Any) -> None:
         self.pipeline = _in_process_pipeline(self.stats, opts, self._in_use())
 
-    def _spawn_worker(self, opts: Any) -> None:
+    def _spawn_worker(self, opts: Any, keys_just_read: bool) -> None:
         """Start the worker process; if it cannot start, work in this process."""
         self._worker_wanted = False
         worker = self._new_worker(positive(opts, "fp_queue_size"))
@@ -619,9 +620,16 @@ class FingerprintTap:
         try:
             # Always waited for: a worker that refuses its first options (a key file
             # caught half-written since this process read it) must not run without keys.
-            worker.configure(
-                self._worker_values(opts), PIPELINE_OPTIONS, wait=True, timeout=WORKER_TIMEOUT
-            )
+            # With the ids of the keys this process read when it has just read them (a
+            # rotation since is refused, and reported by the work in this process that
+            # follows); else with those the key file holds now, as a dead worker's
+            # successor gets them: this process's check may be up to fp_secrets_reload
+            # behind (or off), and a finished rotation is no reason to refuse fp_worker.
+            if keys_just_read:
+                values = self._worker_values(opts)
+            else:
+                values = self._successor_values(_values(opts), self._watches.copy(), self.keys)
+            worker.configure(values, PIPELINE_OPTIONS, wait=True, timeout=WORKER_TIMEOUT)
         except ConfigError:
             worker.close(drain=0)
             raise
@@ -923,11 +931,12 @@ class FingerprintTap:
     def _successor_values(
         self, values: dict[str, Any], probe: Watches, keys: list[DecryptionKey]
     ) -> dict[str, Any]:
-        """The options of a dead worker's successor, which reads the files itself, with
-        the ids of the keys the key file holds now: the dead worker may have taken a
-        rotation this process has not checked yet. ``probe`` is a throwaway copy of this
-        process's watches (which take the change on their own, at their next check);
-        what it finds is masked in log lines before the successor uses it."""
+        """The options of a new worker (a dead one's successor, or one an option change
+        starts), which reads the files itself, with the ids of the keys the key file
+        holds now: a worker may have taken a rotation this process has not checked yet.
+        ``probe`` is a throwaway copy of this process's watches (which take the change on
+        their own, at their next check); what it finds is masked in log lines before the
+        new worker uses it."""
         for change in probe.check():
             if (value := change.reload.value) is None:
                 continue

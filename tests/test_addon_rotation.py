@@ -137,6 +137,25 @@ def test_a_bad_content_back_after_the_good_one_is_news_again_after_a_handover(
     assert errors == {"keys_reload": 2}
 
 
+@on_loop
+async def test_switching_the_worker_on_after_a_whole_rotation_starts_one(keyfile: Path) -> None:
+    """This process's own check may lag (fp_secrets_reload, or 0: never): the worker gets
+    the ids of what the file holds now, as a dead worker's successor does."""
+    tap = fp_addon.FingerprintTap()
+    with taddons.context(tap) as tctx:
+        tctx.configure(
+            tap, fp_keys_file=str(keyfile), fp_worker=False, fp_secrets_reload=0, fp_hold=True
+        )
+        await started(tap)
+        rotate(keyfile, NEW.to_base64(), KEY.to_base64())  # a finished rotation
+        tctx.configure(tap, fp_worker=True)
+        assert tap.worker is not None
+        flow = make_flow(fp_body(key=NEW)[0])
+        await annotated(tap, flow)
+        assert flow.metadata["fp"]["verdict"] == "trusted", "unsealed with the new key"
+        tap.done()
+
+
 def test_new_keys_are_scrubbed_from_log_lines(keyfile: Path, caplog) -> None:
     tap = fp_addon.FingerprintTap()
     with taddons.context(tap) as tctx:
