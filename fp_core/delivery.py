@@ -30,7 +30,6 @@ from fp_core.webhook import (
     HttpPoster,
     PostResult,
     WebhookSecret,
-    WebhookSink,
     describe_url,
     request_headers,
 )
@@ -190,8 +189,8 @@ class Delivery:
             self._thread.join(max(drain, 0.0) + IDLE_WAIT + 5)
         for _ in self._workers:
             self._jobs.put(None)
-        # The writers are closed by now: one last try for what they could not spool.
-        WebhookSink(self.spool, self.stats, limit=self.max_events, held=self.held).close()
+        # The writers are closed by now, each after one last try (WebhookSink.close): what
+        # they could not spool is lost with the spool.
         self.held.give_up(self.stats, "the spool could not take them before it closed")
         if self._thread.is_alive():
             log.warning("fp-tap: webhook delivery did not stop; the spool stays open")

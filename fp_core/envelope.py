@@ -17,7 +17,7 @@ from fp_core.jsontext import encodable
 _MARKERS = (b"sealedResult", b"sealed_result")
 _BOM = b"\xef\xbb\xbf"
 # A byte order mark first: browsers drop it before parsing, so the agent reads the body.
-_OBJECT_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*\{")
+_OBJECT_START = re.compile(b"(?:" + re.escape(_BOM) + rb")?[ \t\r\n]*\{")
 
 
 @dataclass(frozen=True, slots=True)
