@@ -329,7 +329,7 @@ def _plugin(r: random.Random) -> dict[str, Any]:
 
 def _v3(r: random.Random, f: _Fields, sparse: bool, identification_failed: bool) -> dict[str, Any]:
     ua, (bname, bmajor, bfull, os_name, os_version) = _user_agent(r, f.bot)
-    iso = _iso(f.timestamp_ms)
+    iso = iso_from_ms(f.timestamp_ms)
     bot_result: dict[str, Any] = {"result": {"not_detected": "notDetected"}.get(f.bot, f.bot)}
     if f.bot == "bad":
         bot_result["type"] = r.choice(_V3_BAD_BOTS)
@@ -470,7 +470,7 @@ def _v3(r: random.Random, f: _Fields, sparse: bool, identification_failed: bool)
     return {"products": products}
 
 
-def _iso(timestamp_ms: int) -> str:
+def iso_from_ms(timestamp_ms: int) -> str:
     seconds, ms = divmod(timestamp_ms, 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
