@@ -128,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         targets += _report_growth(growth_rows, fits)
     if "proxy" in only or "memory" in only:
-        with bench_proxy.Bench(args.out) as bench:
-            print(f"\n(load generator: {bench.loadgen.name})")
+        with bench_proxy.Bench(args.out, args.endpoint) as bench:
+            print(f"\n(load generator: {bench.loadgen.name}; endpoint: {args.endpoint} stand-in)")
             if "proxy" in only:
                 print("\n== 3. proxy overhead (mitmdump reverse proxy, stand-in endpoint)")
                 if args.pin:
@@ -201,6 +201,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--keep",
         action="store_true",
         help="proxy section: keep each scenario's records and mitmdump output in --out",
+    )
+    parser.add_argument(
+        "--endpoint",
+        choices=bench_proxy.ENDPOINTS,
+        default="lean",
+        help="proxy and memory sections: the stand-in behind mitmdump (lean)",
     )
     parser.add_argument(
         "--out", type=Path, default=REPO / "bench-out", help="scratch folder (bench-out/)"
@@ -305,6 +311,7 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
                 "vs no addon",
                 "mitmdump CPU ms/req",
                 "worker CPU ms/req",
+                "endpoint CPU ms/req",
                 "p50 ms @1",
                 "p50 +ms",
                 "p99 ms @1",
@@ -321,6 +328,7 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
                     r.vs_baseline.show(3),
                     r.cpu_ms.show(2),
                     r.worker_cpu_ms.show(2),
+                    r.endpoint_cpu_ms.show(2),
                     r.p50_ms.show(2),
                     r.p50_delta_ms.show(2),
                     r.p99_ms.show(2),
@@ -335,7 +343,10 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
         )
     )
     if proxy.endpoint_direct is not None:
-        print(f"stand-in endpoint without a proxy: {proxy.endpoint_direct.show()} req/s @8")
+        print(
+            f"{proxy.endpoint} stand-in endpoint without a proxy: "
+            f"{proxy.endpoint_direct.show()} req/s @8"
+        )
     for name in proxy.skipped:
         print(f"{name}: skipped: not available in this build")
     targets: list[Target] = []

@@ -34,6 +34,8 @@ from fp_core.replay import ReplayCache
 from scripts.bench_stats import Spread
 from scripts.harness import (
     ADDON,
+    ENDPOINT,
+    LEAN_ENDPOINT,
     MitmdumpConfig,
     Service,
     addon_summary,
@@ -357,6 +359,8 @@ class ScenarioRuns:
     cpu_ms: list[float] = field(default_factory=list)
     #: The same for its worker process (fp_worker), 0 without one.
     worker_cpu_ms: list[float] = field(default_factory=list)
+    #: The same for the stand-in endpoint (which shares the machine's CPUs).
+    endpoint_cpu_ms: list[float] = field(default_factory=list)
     #: The baseline's (throughput, latency) measured next to each of this scenario's.
     paired_base: list[tuple[LoadResult, LoadResult]] = field(default_factory=list)
     addon_summaries: list[dict[str, Any]] = field(default_factory=list)
@@ -371,6 +375,7 @@ class ProxyRow:
     vs_baseline: Spread
     cpu_ms: Spread
     worker_cpu_ms: Spread
+    endpoint_cpu_ms: Spread
     p50_ms: Spread
     p99_ms: Spread
     p50_delta_ms: Spread
@@ -396,12 +401,24 @@ class ProxyResults:
     rows: list[ProxyRow]
     skipped: list[str]
     endpoint_direct: Spread | None
+    #: Which stand-in answered (``ENDPOINTS``).
+    endpoint: str = "lean"
+
+
+#: The stand-ins the proxy section can put behind mitmdump. The lean one (the default)
+#: answers the benchmark's requests at a fifth of the full one's CPU, which on a
+#: two-CPU machine competes with mitmdump and its worker (BENCHMARKS.md, "An eleventh
+#: pass"); the full one is how runs before it were made.
+ENDPOINTS = {"lean": LEAN_ENDPOINT, "stand-in": ENDPOINT}
 
 
 class Bench:
     """The shared setup: scratch folder, key file, stand-in endpoint, load generator."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, endpoint: str = "lean") -> None:
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
+        self.endpoint_name = endpoint
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
         # Services append to their logs and are found by the port they print: a log
@@ -413,7 +430,9 @@ class Bench:
         self.endpoint: Service | None = None
 
     def __enter__(self) -> Bench:
-        self.endpoint = start_endpoint(self.out, self.key_file)
+        self.endpoint = start_endpoint(
+            self.out, self.key_file, script=ENDPOINTS[self.endpoint_name]
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -530,7 +549,13 @@ def proxy_overhead(
             if not keep:
                 _clear(proxies[scenario.name].log.parent)
     rows = [_row(runs[s.name]) for s in active]
-    return ProxyResults(bench.loadgen.name, rows, skipped, Spread.of(direct) if direct else None)
+    return ProxyResults(
+        bench.loadgen.name,
+        rows,
+        skipped,
+        Spread.of(direct) if direct else None,
+        bench.endpoint_name,
+    )
 
 
 def split_cpus() -> tuple[set[int], set[int]]:
@@ -554,7 +579,9 @@ def _url(proxy: Service) -> str:
 
 def _throughput_slice(bench: Bench, proxy: Service, runs: ScenarioRuns, seconds: int) -> None:
     pid = proxy.proc.pid
-    cpu, worker = cpu_seconds(pid), children_cpu_seconds(pid)
+    assert bench.endpoint is not None
+    endpoint = bench.endpoint.proc.pid
+    cpu, worker, upstream = cpu_seconds(pid), children_cpu_seconds(pid), cpu_seconds(endpoint)
     result = bench.loadgen.run(_url(proxy), 8, seconds)
     # The writer may still be busy with the last records: count its CPU too.
     time.sleep(0.3)
@@ -562,6 +589,7 @@ def _throughput_slice(bench: Bench, proxy: Service, runs: ScenarioRuns, seconds:
     runs.throughput.append(result)
     runs.cpu_ms.append((cpu_seconds(pid) - cpu) * per_request)
     runs.worker_cpu_ms.append((children_cpu_seconds(pid) - worker) * per_request)
+    runs.endpoint_cpu_ms.append((cpu_seconds(endpoint) - upstream) * per_request)
 
 
 def _row(runs: ScenarioRuns) -> ProxyRow:
@@ -587,6 +615,7 @@ def _row(runs: ScenarioRuns) -> ProxyRow:
         vs_baseline=Spread.of([r for r in ratios if r is not None]),
         cpu_ms=Spread.of(runs.cpu_ms),
         worker_cpu_ms=Spread.of(runs.worker_cpu_ms),
+        endpoint_cpu_ms=Spread.of(runs.endpoint_cpu_ms),
         p50_ms=Spread.of(p50),
         p99_ms=Spread.of([r.p99_ms for r in runs.latency]),
         p50_delta_ms=Spread.of(deltas),

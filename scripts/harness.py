@@ -38,6 +38,8 @@ from fp_core.writer import open_private
 REPO = Path(__file__).resolve().parents[1]
 ADDON = REPO / "fp_addon.py"
 ENDPOINT = REPO / "scripts" / "endpoint.py"
+#: The proxy benchmark's stand-in: fresh open responses at a fifth of the CPU.
+LEAN_ENDPOINT = REPO / "scripts" / "lean_endpoint.py"
 RECEIVER = REPO / "scripts" / "receiver.py"
 _ENDPOINT_READY = re.compile(r"listening on https?://127\.0\.0\.1:(\d+)")
 _RECEIVER_READY = re.compile(r"receiver on (https?://127\.0\.0\.1:(\d+)\S*)")
@@ -159,9 +161,10 @@ def start_endpoint(
     tls: tuple[Path, Path] | None = None,
     extra_args: Sequence[str] = (),
     name: str = "endpoint",
+    script: Path = ENDPOINT,
 ) -> Service:
-    """The stand-in Fingerprint endpoint on a free port (``service.port``)."""
-    args = [sys.executable, str(ENDPOINT), "--keys-file", str(keys_file), "--port", "0"]
+    """The stand-in Fingerprint endpoint (``script``) on a free port (``service.port``)."""
+    args = [sys.executable, str(script), "--keys-file", str(keys_file), "--port", "0"]
     if log is not None:
         args += ["--log", str(log)]
     if tls is not None:

@@ -82,6 +82,7 @@ def proxy_row(name: str, ratio: float, **kw: Any) -> bench_proxy.ProxyRow:
         vs_baseline=Spread.of([ratio]),
         cpu_ms=one,
         worker_cpu_ms=one,
+        endpoint_cpu_ms=one,
         p50_ms=one,
         p99_ms=one,
         p50_delta_ms=Spread.of([0.2]),

@@ -51,6 +51,7 @@ def test_a_rows_rounds_stay_in_order_beside_its_summary() -> None:
         runs.latency.append(_load(rate, p50))
         runs.cpu_ms.append(1.0)
         runs.worker_cpu_ms.append(0.5)
+        runs.endpoint_cpu_ms.append(0.2)
         runs.paired_base.append((_load(base_rate, base_p50), _load(base_rate, base_p50)))
     row = bench_proxy._row(runs)
     assert row.round_ratios == (0.9, None, 0.9)
@@ -128,11 +129,14 @@ def test_pinning_moves_every_thread_of_a_process() -> None:
         child.communicate(b"\n\n")
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["cleared", "kept"])
+@pytest.mark.parametrize(
+    ("keep", "endpoint"), [(False, "lean"), (True, "stand-in")], ids=["cleared", "kept"]
+)
 def test_proxy_section_counts_records_and_keeps_them_when_asked(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool, endpoint: str
 ) -> None:
-    """One short round of the baseline and the JSONL scenario, through real mitmdumps."""
+    """One short round of the baseline and the JSONL scenario, through real mitmdumps,
+    in front of either stand-in."""
     jsonl = next(s for s in SCENARIOS if s.name == "addon + JSONL")
     ceiling = next(s for s in SCENARIOS if s.name == bench_proxy.CEILING)
     monkeypatch.setattr(bench_proxy, "SCENARIOS", (SCENARIOS[0], ceiling, jsonl))
@@ -141,9 +145,13 @@ def test_proxy_section_counts_records_and_keeps_them_when_asked(
     # What an earlier run with --keep left: not to be appended to, nor counted.
     (folder / "state").mkdir(parents=True)
     records.write_text('{"stale": true}\n')
-    with bench_proxy.Bench(tmp_path) as bench:
+    with bench_proxy.Bench(tmp_path, endpoint) as bench:
+        assert bench.endpoint is not None
+        assert list(bench.endpoint.proc.args)[1] == str(bench_proxy.ENDPOINTS[endpoint])  # type: ignore[arg-type]
         results = bench_proxy.proxy_overhead(bench, 1, 1, 1, keep=keep)
+    assert results.endpoint == endpoint
     row = next(r for r in results.rows if r.name == jsonl.name)
+    assert row.endpoint_cpu_ms.median > 0  # it answered every request through the proxy
     written = row.written["jsonl"]
     assert written > 0
     assert row.open_responses == written  # every open response has its record
