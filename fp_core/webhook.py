@@ -368,6 +368,40 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
         raise WebhookConfigError(f"CA file {ca_file}: cannot load ({why})") from None
 
 
+#: Informational (1xx) answers skipped before a final one; more is a protocol error.
+MAX_INFORMATIONAL = 16
+_MAX_HEADER_LINES = 100
+_MAX_LINE = 65536
+
+
+class _FinalResponse(http.client.HTTPResponse):
+    """A response that skips every informational answer (102 Processing, 103 Early Hints
+    from a CDN in front of the receiver, ...), as a client must (RFC 9110 15.2).
+    http.client skips only 100 Continue and returns any other 1xx as the answer, with an
+    empty body: the final answer would then stay in the socket and be read as the answer
+    to the next event's POST on the kept-alive connection."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        # http.client's own hook (begin() reads each status line through it, and skips
+        # 100 Continue itself): unchanged since Python 3.0.
+        for _ in range(MAX_INFORMATIONAL):
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 101 < status < 200:  # 101 Switching Protocols ends the exchange
+                return version, status, reason
+            _skip_headers(self.fp)
+        raise http.client.HTTPException("too many informational answers")
+
+
+def _skip_headers(fp: Any) -> None:
+    for _ in range(_MAX_HEADER_LINES):
+        line = fp.readline(_MAX_LINE + 1)
+        if len(line) > _MAX_LINE:
+            raise http.client.LineTooLong("header line")
+        if line in (b"\r\n", b"\n", b""):
+            return
+    raise http.client.HTTPException("too many headers in an informational answer")
+
+
 class HttpPoster:
     """POSTs to one URL with ``http.client``; each thread keeps its own connection alive.
 
@@ -412,11 +446,15 @@ class HttpPoster:
             conn.close()
 
     def _connect(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection
         if self._tls is not None:
-            return http.client.HTTPSConnection(
+            conn = http.client.HTTPSConnection(
                 self.host, self.port, timeout=self.timeout, context=self._tls
             )
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        conn.response_class = _FinalResponse
+        return conn
 
     def _exchange(
         self, conn: http.client.HTTPConnection, body: bytes, headers: Mapping[str, str]
@@ -424,10 +462,11 @@ class HttpPoster:
         conn.request("POST", self.target, body=body, headers=dict(headers))
         response = conn.getresponse()
         response.read(MAX_ANSWER)
-        # Whatever is left unread (or a receiver that closes) rules out reuse.
-        if response.will_close or not response.isclosed():
-            self.close_local()
         status = response.status
+        # Whatever is left unread (or a receiver that closes, or switches protocols)
+        # rules out reuse.
+        if response.will_close or not response.isclosed() or status < 200:
+            self.close_local()
         if 200 <= status < 300:
             return PostResult(status, None)
         retry_after = None

@@ -572,3 +572,173 @@ def test_retry_after_is_read_from_503(counting: _Counting) -> None:
     result = poster.post(b"{}", {})
     assert (result.status, result.error, result.retry_after) == (503, "http_503", None)
     poster.close_local()
+
+
+# --- informational (1xx) answers: a raw server, one connection at a time -------------
+
+
+def _read_request(conn: socket.socket, buf: bytearray) -> bytes | None:
+    """One HTTP request (head + Content-Length body) from ``conn``; None at EOF."""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf.extend(data)
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(rest) < length:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        rest += data
+    buf[:] = rest[length:]
+    return head + b"\r\n\r\n" + rest[:length]
+
+
+class RawServer:
+    """``answer(n, conn)`` writes the raw answer to the n-th request (from 1)."""
+
+    def __init__(self, answer: Any) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            conn.settimeout(10)
+            buf = bytearray()
+            with conn:
+                try:
+                    while (request := _read_request(conn, buf)) is not None:
+                        self.requests.append(request)
+                        self.answer(len(self.requests), conn)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop = True
+        self.listener.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def raw_servers() -> Iterator[list[RawServer]]:
+    servers: list[RawServer] = []
+    yield servers
+    for server in servers:
+        server.close()
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+
+
+def hints_then_200_then_500(n: int, conn: socket.socket) -> None:
+    """The first POST: 103 Early Hints (as a CDN sends it, on its own), then 200; every
+    later one: 500."""
+    if n == 1:
+        conn.sendall(EARLY_HINTS)
+        time.sleep(0.2)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    else:
+        conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\nno")
+
+
+def test_informational_answers_are_skipped_and_never_taken_for_the_next_event(
+    raw_servers: list[RawServer],
+) -> None:
+    """RFC 9110 15.2: any 1xx may come before the final answer. http.client skipped only
+    100: the 103 was the answer, and its 200 was read as the next event's."""
+    server = RawServer(hints_then_200_then_500)
+    raw_servers.append(server)
+    poster = HttpPoster(server.url, timeout=5)
+    try:
+        first = poster.post(b'{"event_id":"a"}', {})
+        time.sleep(0.3)  # the first event's final answer has arrived
+        second = poster.post(b'{"event_id":"b"}', {})
+    finally:
+        poster.close_local()
+    assert (first.status, first.error) == (200, None)
+    assert (second.status, second.error) == (500, "http_500")
+    assert server.connections == 1  # the connection was kept alive, and in step
+
+
+def test_endless_informational_answers_are_a_protocol_error(
+    raw_servers: list[RawServer],
+) -> None:
+    server = RawServer(lambda n, conn: conn.sendall(EARLY_HINTS * 40))
+    raw_servers.append(server)
+    result = HttpPoster(server.url, timeout=5).post(b"{}", {})
+    assert (result.status, result.error, result.detail) == (None, "protocol", "HTTPException")
+
+
+def test_101_switching_protocols_is_a_failure_that_closes_the_connection(
+    raw_servers: list[RawServer],
+) -> None:
+    def answer(n: int, conn: socket.socket) -> None:
+        if n == 1:
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")
+        else:
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    server = RawServer(answer)
+    raw_servers.append(server)
+    poster = HttpPoster(server.url, timeout=5)
+    try:
+        first = poster.post(b"{}", {})
+        second = poster.post(b"{}", {})
+    finally:
+        poster.close_local()
+    assert (first.status, first.error) == (101, "http_101")
+    assert (second.status, second.error) == (204, None)
+    assert server.connections == 2
+
+
+def test_an_event_refused_after_another_ones_103_stays_in_the_spool(
+    raw_servers: list[RawServer], tmp_path: Path
+) -> None:
+    """Through the real delivery: B, which the receiver only ever refused, was deleted
+    from the spool and counted as sent on A's 200, and A was sent again and again."""
+    from fp_core.delivery import Delivery, DeliveryConfig
+    from fp_core.webhook import Outgoing
+
+    server = RawServer(hints_then_200_then_500)
+    raw_servers.append(server)
+    spool = Spool(str(tmp_path / "state"))
+    spool.add([Outgoing("A", b'{"event_id":"A"}'), Outgoing("B", b'{"event_id":"B"}')])
+    stats = Stats()
+    config = DeliveryConfig(
+        url=server.url, timeout=5, concurrency=1, retry_first=0.05, retry_max=0.2
+    )
+    delivery = Delivery(spool, config, stats)
+    delivery.start()
+    try:
+        deadline = time.monotonic() + 15
+        while len(server.requests) < 5:
+            assert time.monotonic() < deadline, "no retries within 15 s"
+            time.sleep(0.02)
+    finally:
+        delivery.close(drain=0)
+    assert stats.group("webhook").get("sent", 0) == 1
+    reopened = Spool(str(tmp_path / "state"))
+    try:
+        left = [s.request_id for s in reopened.due(time.time() + 1e6, 10)]
+    finally:
+        reopened.close()
+    assert left == ["B"]
