@@ -164,7 +164,13 @@ class Handler(BaseHTTPRequestHandler):
         pass  # --log is the record of what arrived
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length", "0") or 0)
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not (text.isascii() and text.isdigit()):
+            # Not a length (or a negative one, which read() would take as "to the end")
+            self._answer(400, b"")
+            self.close_connection = True
+            return
+        length = int(text)
         if length > MAX_BODY:
             self._answer(413, b"")
             self.close_connection = True
@@ -228,12 +234,16 @@ def _event_id(body: bytes) -> str | None:
         return None
     if isinstance(event.get("event_id"), str):
         return str(event["event_id"])
-    products = event.get("products") or {}
     for product in ("identification", "botd"):
-        data = (products.get(product) or {}).get("data") or {}
+        data = _object(_object(_object(event.get("products")).get(product)).get("data"))
         if isinstance(data.get("requestId"), str):
             return str(data["requestId"])
     return None
+
+
+def _object(value: object) -> dict[str, Any]:
+    """``value`` when a JSON object, else an empty one: any body is answered."""
+    return value if isinstance(value, dict) else {}
 
 
 class Receiver:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -39,6 +40,40 @@ def test_signatures_are_checked_with_the_sdk() -> None:
     assert [r.signature for r in receiver.received] == ["valid", "invalid", "missing"]
     assert receiver.received[0].request_id == "e-1"
     assert receiver.received[0].event_id == "e-1"
+
+
+def ask(port: int, raw: bytes) -> bytes:
+    """The first bytes of the answer to a raw request (a marker if none in 3 s)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        sock.sendall(raw)
+        try:
+            return sock.recv(200)
+        except TimeoutError:
+            return b"<no answer in 3 s>"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b'Content-Length: 14\r\n\r\n{"products":1}', b"401"),
+        (b'Content-Length: 16\r\n\r\n{"products":[1]}', b"401"),
+        (b'Content-Length: 34\r\n\r\n{"products":{"botd":{"data":[1]}}}', b"401"),
+        (b"Content-Length: abc\r\n\r\n{}", b"400"),
+        (b"Content-Length: -1\r\n\r\n{}", b"400"),
+    ],
+    ids=["products-int", "products-list", "data-list", "length-not-a-number", "length-negative"],
+)
+def test_every_post_is_answered_and_logged(raw: bytes, status: bytes) -> None:
+    """Bad bodies and lengths got no answer (a traceback and a dropped connection, or a
+    wait for the client to close), though every POST is to be answered."""
+    receiver = Receiver(ReceiverConfig(secret="receiver-secret"))
+    try:
+        answer = ask(receiver.server.server_port, b"POST /webhook HTTP/1.1\r\nHost: x\r\n" + raw)
+    finally:
+        receiver.close()
+    assert answer.startswith(b"HTTP/1.1 " + status), answer
+    if status == b"401":  # read, so logged
+        assert [(r.status, r.event_id) for r in receiver.received] == [(401, None)]
 
 
 def test_refuse_until_the_gate_opens(tmp_path: Path) -> None:
