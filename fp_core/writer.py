@@ -106,13 +106,35 @@ class JsonlSink:
         self.path = path
         self._handle: IO[str] = sys.stdout if path == "-" else open_private(path)
         self._identity = None if path == "-" else _identity(os.fstat(self._handle.fileno()))
+        # The file may end in half a line: a tap killed mid-batch, or a write that
+        # failed part-way (a full disk). The next batch then starts on a line of its own,
+        # so that only the broken line is unreadable, not the first record after it.
+        self._torn = self._identity is not None and _ends_mid_line(self._handle, path)
         self._warnings = Throttle()
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
-        if self._identity is not None:
-            self._follow_path()
-        self._handle.write("".join(dumps(r) + "\n" for r in records))
-        self._handle.flush()
+        if self._identity is None:
+            self._handle.write("".join(dumps(r) + "\n" for r in records))
+            self._handle.flush()
+            return
+        self._follow_path()
+        lines = [(dumps(r) + "\n").encode("utf-8") for r in records]
+        start = b"\n" if self._torn else b""
+        # Straight to the file, not through a buffer: a failed write leaves nothing
+        # behind to come out later (after the batch was counted as failed).
+        self._torn = True
+        done = _write_all(self._handle.fileno(), start + b"".join(lines))
+        if done is not None:  # failed part-way: the whole lines written count as written
+            written, exc = done
+            whole, boundary = 0, len(start)
+            for line in lines:
+                if boundary + len(line) > written:
+                    break
+                boundary += len(line)
+                whole += 1
+            self._torn = written != boundary
+            raise PartialWrite(whole, exc) from exc
+        self._torn = False
 
     def _follow_path(self) -> None:
         try:
@@ -135,6 +157,7 @@ class JsonlSink:
             return
         self._handle.close()
         self._handle, self._identity = handle, _identity(os.fstat(handle.fileno()))
+        self._torn = _ends_mid_line(handle, self.path)
         log.info("fp-tap: %s was moved or removed; records go to a new file there", self.path)
 
     def close(self) -> None:
@@ -144,6 +167,44 @@ class JsonlSink:
 
 def _identity(status: os.stat_result) -> tuple[int, int]:
     return status.st_dev, status.st_ino
+
+
+class PartialWrite(Exception):
+    """A sink wrote the first ``written`` records of a batch, then failed (``cause``)."""
+
+    def __init__(self, written: int, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.written = written
+
+
+def _write_all(fd: int, data: bytes) -> tuple[int, OSError] | None:
+    """Write all of ``data``; else how much was written before the error, and the error."""
+    view, written = memoryview(data), 0
+    while written < len(data):
+        try:
+            written += os.write(fd, view[written:])
+        except OSError as exc:
+            return written, exc
+    return None
+
+
+def _ends_mid_line(handle: IO[str], path: str) -> bool:
+    """Whether the file ``handle`` appends to is not empty and does not end in a newline
+    (read through a second descriptor: the handle is write-only)."""
+    fd = -1
+    for name in (f"/proc/self/fd/{handle.fileno()}", path):  # the same file; else its path
+        with contextlib.suppress(OSError):
+            fd = os.open(name, os.O_RDONLY)
+            break
+    if fd < 0:
+        return False  # cannot tell: as before
+    try:
+        size = os.fstat(fd).st_size
+        return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class RecordWriter:
@@ -228,9 +289,15 @@ class RecordWriter:
             try:
                 sink.write(batch)
             except Exception as exc:  # a broken sink must not stop the others
-                self.stats.incr_group("sink_errors", sink.name, len(batch))
+                written = exc.written if isinstance(exc, PartialWrite) else 0
+                if written:
+                    self.stats.incr_group("written", sink.name, written)
+                self.stats.incr_group("sink_errors", sink.name, len(batch) - written)
                 log.warning(
-                    "fp-tap: %s sink failed to write %d records: %s", sink.name, len(batch), exc
+                    "fp-tap: %s sink failed to write %d records: %s",
+                    sink.name,
+                    len(batch) - written,
+                    exc,
                 )
             else:
                 self.stats.incr_group("written", sink.name, len(batch))

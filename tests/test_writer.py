@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Sequence
@@ -499,3 +502,138 @@ def test_open_private_rewrites_a_file_it_may_not_chmod(
         handle.write("new\n")
     assert path.read_text(encoding="utf-8") == "new\n"
     assert path.stat().st_mode & 0o777 == 0o666
+
+
+def readable_lines(path: Path) -> tuple[list[Any], int]:
+    """The JSON lines of ``path``, and how many lines are not JSON."""
+    good: list[Any] = []
+    bad = 0
+    for line in path.read_bytes().split(b"\n")[:-1]:
+        try:
+            good.append(json.loads(line))
+        except ValueError:
+            bad += 1
+    return good, bad
+
+
+def test_a_file_ending_in_half_a_line_gets_the_next_record_on_a_line_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """What a tap killed mid-batch leaves: the next tap's first record was glued to the
+    half line, and lost to every JSONL reader with it."""
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"earlier":"run"}\n{"request_id":"half","ok":tr', encoding="utf-8")
+    sink = JsonlSink(str(path))
+    sink.write([record(1)])
+    sink.write([record(2)])
+    sink.close()
+    assert readable_lines(path) == ([{"earlier": "run"}, record(1), record(2)], 1)
+    whole = tmp_path / "whole.jsonl"
+    whole.write_text('{"earlier":"run"}\n', encoding="utf-8")
+    sink = JsonlSink(str(whole))
+    sink.write([record(1)])
+    sink.close()
+    assert whole.read_bytes().count(b"\n") == 2  # no blank line where nothing was torn
+
+
+@pytest.mark.parametrize("whole", [0, 1])
+def test_a_write_that_fails_part_way_leaves_only_its_own_half_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole: int
+) -> None:
+    """A full disk: the kernel writes what fits, then refuses. The records written whole
+    count as written, the rest as failed; nothing of them may come out later (from a
+    buffer), and the first batch once there is room again starts on a line of its own."""
+    path = tmp_path / "records.jsonl"
+    sink = JsonlSink(str(path))
+    sink.write([record(1)])
+    real_write = os.write
+    fits = whole * len(dumps(record(2)) + "\n") + 10
+    calls: list[int] = []
+
+    def full_disk(fd: int, data: Any) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:fits]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(writer_module.PartialWrite, match="No space") as failed:
+        sink.write([record(2), record(3)])
+    assert failed.value.written == whole
+    monkeypatch.setattr(os, "write", real_write)
+    sink.write([record(4)])
+    sink.close()
+    assert readable_lines(path) == ([record(1), *[record(2)] * whole, record(4)], 1)
+
+
+def test_the_writer_counts_the_records_a_failed_write_got_out(tmp_path: Path) -> None:
+    class HalfDone(RecordingSink):
+        def write(self, records: Sequence[dict[str, Any]]) -> None:
+            raise writer_module.PartialWrite(1, OSError(28, "No space left on device"))
+
+    stats = Stats()
+    writer = RecordWriter([HalfDone()], stats)
+    for i in range(3):
+        writer.submit(record(i))
+    assert writer.close(PATIENCE)
+    assert (stats.group("written"), stats.group("sink_errors")) == (
+        {"recording": 1},
+        {"recording": 2},
+    )
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a short write at RLIMIT_FSIZE, as Linux does")
+def test_records_written_after_a_real_full_disk_stay_readable(tmp_path: Path) -> None:
+    """The same with the kernel's own short write: RLIMIT_FSIZE in a child process (with
+    SIGXFSZ ignored, a write past it fails as on a full disk) through the real writer."""
+    path = tmp_path / "events.jsonl"
+    script = textwrap.dedent(
+        """
+        import json, os, resource, signal, sys, time
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        from fp_core.stats import Stats
+        from fp_core.writer import JsonlSink, RecordWriter
+
+        stats = Stats()
+        writer = RecordWriter([JsonlSink(sys.argv[1])], stats)
+        writer.start()
+
+        def wait_for(done):
+            deadline = time.monotonic() + 20
+            while not done():
+                assert time.monotonic() < deadline, "timed out"
+                time.sleep(0.01)
+
+        def rec(i, pad):
+            return {"request_id": f"r{i}", "ok": True, "pad": pad * 1000}
+
+        for i in range(3):
+            writer.submit(rec(i, "a"))
+        wait_for(lambda: stats.group("written").get("jsonl", 0) == 3)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(sys.argv[1]) + 2500, hard))
+        for i in range(3, 23):
+            writer.submit(rec(i, "b"))
+        wait_for(lambda: stats.group("sink_errors").get("jsonl", 0) > 0)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        for i in range(100, 103):
+            writer.submit(rec(i, "c"))
+        assert writer.close(20)
+        print(json.dumps(stats.group("written")))
+        """
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = json.loads(done.stdout.splitlines()[-1])["jsonl"]
+    ids = [r["request_id"] for r in readable_lines(path)[0]]
+    assert ids[:3] == ["r0", "r1", "r2"]
+    assert ids[-3:] == ["r100", "r101", "r102"]
+    assert len(ids) == written  # every record counted as written is readable, no other
