@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fp_core.checks import CheckConfig, parse_origins
 from fp_core.errors import ConfigError, FpError
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     # use sqlite3, which mitmproxy's standalone binaries do not bundle, and the rest of
     # the tap must load there all the same.
     from fp_core.delivery import Delivery, DeliveryConfig
+    from fp_core.store import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +320,10 @@ class Pipeline:
                 raise
         self.writer, self.delivery = writer, delivery
         self._watches.set("webhook_secret", secret_watch)
+        old_store, new_store = _store_of(old_writer), _store_of(writer)
+        if old_store is not None and new_store is not None:
+            # Records held for a locked file go on to the new writer (same file), not lost.
+            old_store.succeeded_by(new_store)
         if old_writer is not None or retired is not None:
             self.background.run(_retire(old_writer, retired))
 
@@ -523,6 +528,15 @@ def _file_sinks(opts: Any, stats: Stats) -> list[Sink]:
             sink.close()
         raise
     return sinks
+
+
+def _store_of(writer: RecordWriter | None) -> SqliteStore | None:
+    """The writer's SQLite store, if it has one."""
+    for sink in writer.sinks if writer is not None else ():
+        inner = sink.sink if isinstance(sink, WithoutEvent) else sink
+        if type(inner).__name__ == "SqliteStore":  # not imported: sqlite3 may be missing
+            return cast("SqliteStore", inner)
+    return None
 
 
 def _retire(writer: RecordWriter | None, delivery: Delivery | None) -> Callable[[], None]:

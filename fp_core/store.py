@@ -13,10 +13,12 @@ that also feeds the other sinks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
@@ -264,6 +266,12 @@ class SqliteStore:
             self._conn.close()
             raise
         self._held: list[tuple[Any, ...]] = []
+        # Rows a replaced store of the same file handed over (from the thread retiring
+        # it), taken in by this store's own writer thread.
+        self._handed: list[tuple[Any, ...]] = []
+        self._handed_lock = threading.Lock()
+        self._successor: SqliteStore | None = None
+        self._closed = False
         self._retry_at = float("-inf")
         self._retry_delay = RETRY_FIRST
         self._warnings = Throttle(clock=self._clock)
@@ -271,9 +279,45 @@ class SqliteStore:
 
     def held(self) -> int:
         """Records waiting to be written (non-zero only while the file is unwritable)."""
-        return len(self._held)
+        with self._handed_lock:
+            return len(self._held) + len(self._handed)
+
+    def succeeded_by(self, successor: SqliteStore) -> None:
+        """``successor`` (a new writer's store) takes over: when this one closes, the
+        records it still holds are handed to it rather than given up on after
+        :data:`CLOSE_PATIENCE`, if it writes the same file."""
+        with contextlib.suppress(OSError):
+            if os.path.samefile(self.path, successor.path):
+                self._successor = successor
+
+    def _take_handed(self, rows: list[tuple[Any, ...]]) -> None:
+        with self._handed_lock:
+            if not self._closed:
+                self._handed += rows
+                return
+        # Closed meanwhile (retirements run side by side): on to what replaced it.
+        self._give_up_or_hand_on(rows)
+
+    def _give_up_or_hand_on(self, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        if self._successor is not None:
+            self._successor._take_handed(rows)
+            return
+        self.stats.incr_group("store", "lost", len(rows))
+        log.warning(
+            "fp-tap: %d record(s) could not be written to %s before closing", len(rows), self.path
+        )
+
+    def _adopt_handed(self) -> None:
+        """The handed-over rows go before this store's own: they were written first."""
+        with self._handed_lock:
+            if self._handed:
+                self._held[:0] = self._handed
+                self._handed = []
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
+        self._adopt_handed()
         self._held.extend(row_of(r) for r in records)
         self._bound_held()
         if self._clock() < self._retry_at:
@@ -288,6 +332,8 @@ class SqliteStore:
     def retry_held(self) -> None:
         """Try the held records again once their retry time has come, and delete rows
         past the retention when due (the writer's idle tick)."""
+        self._adopt_handed()
+        self._bound_held()
         if self._clock() < self._retry_at:
             return
         if self._flush():
@@ -319,17 +365,17 @@ class SqliteStore:
             self._prune_at = next_turn
 
     def close(self) -> None:
-        deadline = self._clock() + CLOSE_PATIENCE
+        self._adopt_handed()
+        successor = self._successor
+        # One try at once; then a successor on the same file takes what is left (it
+        # retries as this one would), else up to CLOSE_PATIENCE more.
+        deadline = self._clock() + (0 if successor is not None else CLOSE_PATIENCE)
         while self._held and not self._flush() and self._clock() < deadline:
             time.sleep(0.1)
-        if self._held:
-            self.stats.incr_group("store", "lost", len(self._held))
-            log.warning(
-                "fp-tap: %d record(s) could not be written to %s before closing",
-                len(self._held),
-                self.path,
-            )
-            self._held = []
+        with self._handed_lock:
+            self._closed = True
+            left, self._held, self._handed = self._held + self._handed, [], []
+        self._give_up_or_hand_on(left)
         self._conn.close()
 
     def _flush(self) -> bool:

@@ -318,6 +318,91 @@ def test_webhook_events_held_for_a_locked_spool_outlive_a_replaced_writer(tmp_pa
     pipeline.close(0)
 
 
+@pytest.mark.parametrize("changes", [1, 3], ids=["one-change", "three-changes"])
+def test_records_held_for_a_locked_store_survive_option_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: int
+) -> None:
+    """An option change replaces the record writer while another connection locks the
+    store: the retired writer's store gave up on what it held after CLOSE_PATIENCE, as
+    at shutdown, though the new writer writes the same file (found by a files hunt).
+    Several changes in a row retire their writers side by side."""
+    import sqlite3
+
+    from fp_core import store as store_module
+
+    monkeypatch.setattr(store_module, "CLOSE_PATIENCE", 0.3)  # what is at stake: not waiting
+    db = tmp_path / "events.sqlite3"
+    pipeline = Pipeline()
+    pipeline.configure(opts(fp_sqlite=str(db)), OPTIONS, [KEY])
+    ids = []
+
+    def respond(n: int) -> None:
+        body, event = fp_body()
+        ids.append(event["event_id"])
+        assert pipeline.inspect(info(body, n)) is not None
+
+    def wait_for(done: Any, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline, f"{what}: {pipeline.snapshot()}"
+            time.sleep(0.02)
+
+    respond(0)
+    wait_for(lambda: pipeline.stats.group("store").get("rows") == 1, "the first row")
+    shell = sqlite3.connect(db, isolation_level=None)
+    shell.execute("BEGIN EXCLUSIVE")
+    try:
+        for n in range(1, 6):
+            respond(n)
+        wait_for(lambda: pipeline.stats.group("store").get("deferred", 0) >= 5, "held")
+        for change in range(changes):
+            jsonl = str(tmp_path / f"events-{change}.jsonl")
+            pipeline.configure(opts(fp_sqlite=str(db), fp_jsonl=jsonl), {"fp_jsonl"}, [KEY])
+            respond(10 + change)
+        time.sleep(1)  # the lock outlasts the retired writers' patience
+        pipeline.background.join()
+        assert "lost" not in pipeline.stats.group("store")
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+    respond(20)
+    pipeline.close(0)
+    stored = [r["request_id"] for r in read_records(str(db))]
+    assert sorted(stored) == sorted(ids)
+    assert "lost" not in pipeline.stats.group("store")
+
+
+def test_records_held_for_a_store_the_change_moved_elsewhere_are_given_up_on_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another file: the new writer cannot take them; the retired store gives them its
+    patience, then counts them lost, as before."""
+    import sqlite3
+
+    from fp_core import store as store_module
+
+    monkeypatch.setattr(store_module, "CLOSE_PATIENCE", 0.3)
+    db = tmp_path / "events.sqlite3"
+    pipeline = Pipeline()
+    pipeline.configure(opts(fp_sqlite=str(db)), OPTIONS, [KEY])
+    shell = sqlite3.connect(db, isolation_level=None)
+    shell.execute("BEGIN EXCLUSIVE")
+    try:
+        pipeline.inspect(info(fp_body()[0]))
+        deadline = time.monotonic() + 30
+        while not pipeline.stats.group("store").get("deferred"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        other = str(tmp_path / "other.sqlite3")
+        pipeline.configure(opts(fp_sqlite=other), {"fp_sqlite"}, [KEY])
+        pipeline.background.join()
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+    pipeline.close(0)
+    assert pipeline.stats.group("store")["lost"] == 1
+
+
 def test_webhook_events_the_spool_never_took_are_lost_when_it_closes(tmp_path: Path) -> None:
     import sqlite3
 
