@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from fp_core.errors import FpError
 from fp_core.sqlite_files import SqliteFileError
@@ -137,14 +137,11 @@ class Tally:
         }
 
 
-def file_format(path: str) -> str:
-    """``sqlite`` or ``jsonl``, from the file's first bytes."""
+def _open(path: str) -> BinaryIO:
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(len(SQLITE_MAGIC))
+        return open(path, "rb")  # the caller closes it
     except OSError as exc:
         raise ReportError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return "sqlite" if head == SQLITE_MAGIC else "jsonl"
 
 
 def sqlite_facts(path: str) -> Iterator[Fact]:
@@ -169,45 +166,60 @@ def sqlite_facts(path: str) -> Iterator[Fact]:
             )
 
 
-def jsonl_records(path: str, tally: Tally | None = None) -> Iterator[dict[str, Any]]:
-    """Records from a JSONL file. A last line without its newline is still being written
-    and is skipped; other lines that are not a JSON object count as unreadable."""
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 (closed below; a generator holds it)
-    except OSError as exc:
-        raise ReportError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    with handle:
-        for line in handle:
-            if not line.endswith(b"\n"):
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if isinstance(record, dict):
-                yield record
-            elif tally is not None:
-                tally.unreadable_lines += 1
+def jsonl_records(lines: Iterable[bytes], tally: Tally | None = None) -> Iterator[dict[str, Any]]:
+    """Records from a JSONL file's lines. A last line without its newline is still being
+    written and is skipped; other lines that are not a JSON object count as unreadable."""
+    for line in lines:
+        if not line.endswith(b"\n"):
+            break
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            yield record
+        elif tally is not None:
+            tally.unreadable_lines += 1
+
+
+def _lines(head: bytes, handle: BinaryIO) -> Iterator[bytes]:
+    """The lines of a file whose first bytes, ``head``, were read already: the file may
+    be a pipe (``report <(zcat events.jsonl.1.gz)``), which cannot be read twice."""
+    *whole, rest = head.split(b"\n")
+    for line in whole:
+        yield line + b"\n"
+    if rest:
+        yield rest + handle.readline()
+    yield from handle
 
 
 def build_report(path: str, top: int = TOP_VISITORS) -> dict[str, Any]:
-    """The report for a store or a JSONL file."""
-    fmt = file_format(path)
+    """The report for a store or a JSONL file (or a pipe giving one)."""
     tally = Tally()
     facts: Iterable[Fact]
-    if fmt == "sqlite":
-        facts = sqlite_facts(path)
-    else:
-        facts = (fact_of(r) for r in jsonl_records(path, tally))
-    try:
-        for fact in facts:
-            tally.add(fact)
-    except SqliteFileError as exc:
-        raise ReportError(exc.message) from None
-    except Exception as exc:  # a corrupt row: say so rather than print half a report
-        raise ReportError(f"{path}: cannot read a record ({type(exc).__name__}: {exc})") from None
+    with _open(path) as handle:
+        # Read once, the format told by the first bytes: a pipe cannot be opened again.
+        try:
+            head = handle.read(len(SQLITE_MAGIC))
+        except OSError as exc:
+            raise ReportError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        fmt = "sqlite" if head == SQLITE_MAGIC else "jsonl"
+        if fmt == "sqlite":
+            facts = sqlite_facts(path)
+        else:
+            facts = (fact_of(r) for r in jsonl_records(_lines(head, handle), tally))
+        try:
+            for fact in facts:
+                tally.add(fact)
+        except SqliteFileError as exc:
+            raise ReportError(exc.message) from None
+        except OSError as exc:
+            raise ReportError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        except Exception as exc:  # a corrupt row: say so rather than print half a report
+            what = f"{type(exc).__name__}: {exc}"
+            raise ReportError(f"{path}: cannot read a record ({what})") from None
     if not tally.records and tally.unreadable_lines:
         # Lines, but not one record: some other file (a tap that has written nothing
         # yet leaves an empty file, which is a report of nothing).

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +199,28 @@ def test_lines_with_values_of_other_types_read_as_absent(tmp_path: Path) -> None
     assert report["records"] == 2
     assert report["verdicts"] == {"none": 1, "trusted": 1}  # as a line without one
     assert format_report(report)
+
+
+def test_a_pipe_is_read_once(tmp_path: Path) -> None:
+    """``report <(zcat events.jsonl.1.gz)``: a pipe read once for its format and again for
+    its lines reported 0 records (found by a files hunt)."""
+    jsonl = tmp_path / "events.jsonl"
+    write_jsonl(jsonl, records())
+    done = subprocess.run(
+        [sys.executable, "-m", "fp_core", "report", "--json", "/dev/stdin"],
+        input=jsonl.read_bytes(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert without_source(json.loads(done.stdout)) == without_source(build_report(str(jsonl)))
+
+
+def test_lines_shorter_than_the_format_check_are_all_read(tmp_path: Path) -> None:
+    """The first bytes read to tell the format may hold several lines, or end mid-line."""
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b'{}\n[]\n{"a":\n1}\n{"request_id":"r1","ok":true}\n{"b"')
+    report = build_report(str(path))
+    assert (report["records"], report["unreadable_lines"]) == (2, 3)
