@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -1092,16 +1093,18 @@ class FingerprintTap:
         record = self.tap.inspect(info, remember=False) if info else None
         stored = flow.metadata.get(METADATA_KEY)
         if record is not None and isinstance(stored, dict):
-            if stored.get("ok") is record["ok"]:
+            if stored.get("ok") is True and record["ok"] is True:
                 kept: tuple[str, ...] = ("checks", "verdict", "reasons")
             else:
                 # Unsealed then and not now (a key gone: a flow file read by another tap),
-                # or the other way round: the record as it was, without an event it did
-                # not have or that cannot be opened now.
+                # or the other way round, or an error then: the record as it was (its
+                # error with its reasons), without an event it did not have or that
+                # cannot be opened now.
                 kept = METADATA_FIELDS
                 if not stored.get("ok"):
                     record.pop("event", None)
-            record.update({k: stored[k] for k in kept if k in stored})
+            # Copies: an export only reads the flow (redaction below must not reach it).
+            record.update({k: copy.deepcopy(stored[k]) for k in kept if k in stored})
             if kept is METADATA_FIELDS and self.tap.config.redactor:
                 # Redacted when captured, maybe under other settings: these as well.
                 self.tap.config.redactor.apply(record)

@@ -1303,9 +1303,49 @@ def test_an_export_by_a_tap_without_the_key_applies_its_redaction(
     empty.write_text("# none\n")
     empty.chmod(0o600)
     tctx.configure(tap, fp_keys_file=str(empty), fp_redact=["pii"])
+    before = copy.deepcopy(flow.metadata["fp"])
     record = export(tap, flow, tmp_path / "export.jsonl")
     assert record["verdict"] == "trusted", "as captured"
     assert (record["summary"]["ip"], record["summary"]["url"]) == (REDACTED, REDACTED)
+    # An export only reads the flow: its annotation (saved with -w, read when the flow
+    # is inspected again) was redacted in place (found by a trust hunt).
+    assert flow.metadata["fp"] == before
+
+
+def test_a_flow_exported_then_inspected_again_keeps_one_fp_comment_line(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], tmp_path: Path
+) -> None:
+    tap, tctx = addon
+    flow = run(tap, make_flow(fp_body()[0]))
+    assert flow.comment.startswith("fp trusted")
+    key_file = tctx.options.fp_keys_file
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# none\n")
+    empty.chmod(0o600)
+    tctx.configure(tap, fp_keys_file=str(empty), fp_redact=["summary.visitor_id"])
+    export(tap, flow, tmp_path / "export.jsonl")
+    tctx.configure(tap, fp_keys_file=key_file, fp_redact=[])
+    run(tap, flow)  # a client replay
+    assert flow.comment.split("\n") == [flow.comment]
+    assert flow.comment.startswith("fp suspicious (duplicate)")
+
+
+def test_the_export_of_a_failed_flow_keeps_its_error_with_its_reasons(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], tmp_path: Path
+) -> None:
+    """Failed then (not our key), exported by a tap with no key: the error was the one
+    of now (no_keys), the reasons those of then (decrypt_failed)."""
+    tap, tctx = addon
+    flow = run(tap, make_flow(fp_body(key=DecryptionKey.generate())[0]))
+    assert flow.metadata["fp"]["reasons"] == ["decrypt_failed"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# none\n")
+    empty.chmod(0o600)
+    tctx.configure(tap, fp_keys_file=str(empty))
+    record = export(tap, flow, tmp_path / "export.jsonl")
+    assert record["error"]["kind"] == "decrypt_failed"
+    assert record["reasons"] == ["decrypt_failed"]
+    assert "event" not in record
 
 
 def test_a_huge_fp_max_body_still_inspects_compressed_responses(
