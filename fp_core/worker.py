@@ -204,7 +204,9 @@ class WorkerClient:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (ROOT, env.get("PYTHONPATH"))))
         try:
             self.proc = subprocess.Popen(
-                [self._python, "-m", "fp_core.worker", str(to_parent)],
+                # -P: not the current directory first on sys.path, as -m puts it: an
+                # fp_core there (an older copy, anyone's in /tmp) would run with the keys.
+                [self._python, "-P", "-m", "fp_core.worker", str(to_parent)],
                 stdin=requests,
                 pass_fds=(to_parent,),
                 env=env,

@@ -100,6 +100,29 @@ def test_records_come_back_in_order_with_their_contexts(
     assert client.proc.returncode == 0
 
 
+def test_the_worker_runs_the_fp_core_beside_the_addon_not_one_where_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start: Callable[..., Any]
+) -> None:
+    """``python -m`` puts the current directory first on sys.path: an fp_core in the
+    directory mitmproxy was started from (an older copy, anyone's in /tmp) ran in the
+    worker, with the keys in its environment (found by a worker hunt)."""
+    marker = tmp_path / "shadow-imported"
+    shadow = tmp_path / "cwd" / "fp_core"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('imported')\n"
+    )
+    (shadow / "worker.py").write_text("")
+    monkeypatch.chdir(shadow.parent)
+    monkeypatch.setenv(ENV_VAR, KEY.to_base64())
+    client, answers = start()  # the real worker answers its configuration
+    assert client.submit(info(fp_body()[0]), "ctx")
+    pump(client, lambda: len(answers.records) == 1, "the answer")
+    assert answers.records[0][1] is not None
+    assert answers.records[0][1]["verdict"] == "trusted"
+    assert not marker.exists()
+
+
 def test_the_child_takes_keys_from_the_environment(
     start: Callable[..., tuple[WorkerClient, Answers]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
