@@ -663,11 +663,23 @@ class FingerprintTap:
         worker, pipeline = self.worker, self.pipeline
         self.worker = self.pipeline = None
         if worker is not None:
-            worker.close(drain)
+            self._close_worker(worker, drain)
             self._carry(worker.stats)
             self._drop_unanswered(worker)
         if pipeline is not None:
             pipeline.close(drain)
+
+    def _close_worker(self, worker: WorkerClient, drain: float) -> None:
+        """Close the worker; one that dies meanwhile is an error, as at any other time."""
+        worker.close(drain)
+        if worker.died_closing:
+            code = worker.proc.returncode if worker.proc is not None else None
+            log.error(
+                "fp-tap: the worker process stopped (exit code %s) while writing out what "
+                "it held; records and deliveries it had not finished are lost",
+                code,
+            )
+            self.stats.incr_group("errors", "worker_exit")
 
     def _carry(self, stats: dict[str, Any]) -> None:
         self._carried = merge_counts(self._carried, without_gauges(stats))
@@ -710,7 +722,7 @@ class FingerprintTap:
         self._hand_over_waiting()  # any left by a replacement given up on: dropped
         worker, pipeline = self.worker, self.pipeline
         if worker is not None:
-            worker.close(self.drain_timeout)
+            self._close_worker(worker, self.drain_timeout)
             self._drop_unanswered(worker)
         if pipeline is not None:
             pipeline.close(self.drain_timeout)

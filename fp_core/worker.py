@@ -154,6 +154,10 @@ def slim(record: dict[str, Any] | None) -> dict[str, Any] | None:
 # -- the parent's side ------------------------------------------------------------------
 
 
+class WorkerExited(ConfigError):
+    """The worker process exited while an answer was waited for."""
+
+
 class WorkerClient:
     """Starts the worker process and talks to it, all on the caller's thread.
 
@@ -196,6 +200,8 @@ class WorkerClient:
         self._reader: FrameReader | None = None
         self._to_child = -1
         self._closing = False
+        #: The child died while :meth:`close` waited for it to write out (not a timeout).
+        self.died_closing = False
 
     def start(self) -> None:
         """Start the child; raises :class:`ConfigError` when it cannot be started."""
@@ -288,7 +294,9 @@ class WorkerClient:
             try:
                 ok, payload = self._wait(seq, drain + 30)
                 final = payload if ok else None
-            except ConfigError as exc:
+            except WorkerExited:  # died while writing out: for the caller to report
+                self.died_closing = True
+            except ConfigError as exc:  # it did not answer in time: killed below
                 log.warning("fp-tap: %s", exc.message)
         self._detach()
         try:
@@ -383,7 +391,7 @@ class WorkerClient:
         while seq not in self._replies:
             left = deadline - time.monotonic()
             if not self.alive or self._reader is None:
-                raise ConfigError("the worker process exited")
+                raise WorkerExited("the worker process exited")
             if left <= 0:
                 raise ConfigError(f"the worker process did not answer in {timeout:.0f} s")
             self.poll(left)

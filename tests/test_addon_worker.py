@@ -793,3 +793,39 @@ async def test_a_worker_death_during_a_refused_option_change_leaves_the_old_opti
         await until(lambda: "fp" in flow.metadata, "the annotation")
         tap.done()
     assert len(good.read_text().splitlines()) == 1
+
+
+@on_loop
+async def test_a_worker_that_dies_while_writing_out_at_shutdown_is_an_error_and_counted(
+    keyfile: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed 1 s into the drain (its delivery hanging on a receiver that never answers):
+    only a WARNING, and no errors.worker_exit in the summary (found by a worker hunt)."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+    try:
+        with tap_with(
+            keyfile,
+            fp_webhook_url=url,
+            fp_state_dir=str(tmp_path / "state"),
+            fp_drain_timeout=20,
+            fp_hold=True,
+        ) as (tap, _tctx):
+            await started(tap)
+            await annotated(tap, make_flow(fp_body()[0]))
+            process = worker_of(tap).proc
+            assert process is not None
+            await asyncio.sleep(0.5)  # its delivery attempt hangs on the silent receiver
+            threading.Timer(1.0, os.kill, (process.pid, signal.SIGKILL)).start()
+            began = time.monotonic()
+            tap.done()
+            assert time.monotonic() - began < 15, "done() waited on for a dead worker"
+            summary = json.loads(tap.stats_command())
+    finally:
+        silent.close()
+    assert summary["open_responses"] == 1
+    assert summary["errors"] == {"worker_exit": 1}
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("worker process stopped (exit code -9) while writing out" in m for m in errors)
