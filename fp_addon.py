@@ -778,7 +778,9 @@ class FingerprintTap:
         if self.worker is not None:
             self.worker.spool_command(name)
         elif (pipeline := self.pipeline) is not None:
-            self._background.run(lambda: pipeline.spool_command(name))
+            # The pipeline's own background, as in the worker: its close waits for the
+            # command before it closes the spool, and before the summary is taken.
+            pipeline.background.run(lambda: pipeline.spool_command(name))
 
     # -- the work --------------------------------------------------------------------
 

@@ -241,6 +241,44 @@ def test_parked_events_are_sent_again_by_fp_resend(
     failing.close()
 
 
+@pytest.mark.parametrize("name", ["resend", "discard"])
+def test_a_spool_command_just_before_shutdown_finishes_and_is_counted(
+    start: Callable[..., Tap],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+) -> None:
+    """In mitmproxy's process the command ran on the addon's own background, which
+    shutdown joined only after the spool was closed and the summary taken: a command
+    still under way failed on the closed spool and went uncounted (found by a worker
+    hunt). The worker's pipeline always waited for it."""
+    from fp_core import delivery as delivery_module
+    from fp_core.webhook import Outgoing
+
+    state = tmp_path / "state"
+    spool = Spool(str(state))
+    spool.add([Outgoing(f"rid-{i}", b"{}") for i in range(50)])
+    spool.close()
+    with sqlite3.connect(state / SPOOL_FILE) as conn:
+        conn.execute("UPDATE events SET parked = 1, parked_at = ?", (time.time(),))
+    conn.close()
+    original = getattr(delivery_module.Delivery, name)
+
+    def slowly(self: Any) -> int:
+        time.sleep(0.5)  # the spool busy a moment (the writer's transaction, a slow disk)
+        return int(original(self))
+
+    monkeypatch.setattr(delivery_module.Delivery, name, slowly)
+    caplog.set_level(logging.INFO)
+    tap = start(fp_webhook_url="http://127.0.0.1:9/hook", fp_drain_timeout=0)
+    tap.tctx.command(getattr(tap.addon, f"{name}_command"))
+    tap.addon.done()
+    counted = "resent" if name == "resend" else "discarded"
+    assert stats(tap)["webhook"].get(counted) == 50
+    assert "closed database" not in caplog.text
+
+
 def test_parked_events_are_deleted_by_fp_discard(
     start: Callable[..., Tap], tmp_path: Path, secret: str, caplog: pytest.LogCaptureFixture
 ) -> None:
