@@ -61,13 +61,12 @@ from typing import Any, NamedTuple, TextIO
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fp_core.envelope import parse_open_response
-from fp_core.errors import KeyConfigError
 from fp_core.events import Api
 from fp_core.generate import generate_event, new_request_id, open_response_body
 from fp_core.hostile import hostile_response
-from fp_core.keys import KEY_SIZE, DecryptionKey, read_key_file
+from fp_core.keys import KEY_SIZE, DecryptionKey
 from fp_core.sealed import HEADER, NONCE_SIZE, deflate_raw, seal_event, seal_raw
-from scripts.harness import stop_on_signals
+from scripts.harness import sealing_key, stop_on_signals
 
 #: Cases that answer with an open response (a sealed result, valid or broken).
 OPEN_CASES = (
@@ -639,18 +638,13 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the stand-in until SIGTERM or SIGINT; 0 on a clean stop, 2 on a bad setup."""
     args = _parse_args(argv)
-    try:
-        keys = read_key_file(args.keys_file)
-    except KeyConfigError as error:
-        print(f"endpoint: {error}", file=sys.stderr)
-        return 2
-    if not keys:
-        print(f"endpoint: no key in {args.keys_file}", file=sys.stderr)
+    key = sealing_key(args.keys_file, "endpoint")
+    if key is None:
         return 2
     try:
         tls = _tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
         log = AnswerLog(args.log) if args.log else None
-        config = ServerConfig(keys[0], args.api, args.delay_ms / 1000, log)
+        config = ServerConfig(key, args.api, args.delay_ms / 1000, log)
         server = StandInServer((args.host, args.port), config, tls)
     except (OSError, ssl.SSLError) as error:
         print(f"endpoint: cannot start: {error}", file=sys.stderr)

@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fp_core.keys import DecryptionKey
+from fp_core.errors import KeyConfigError
+from fp_core.keys import DecryptionKey, read_key_file
 from fp_core.writer import open_private
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +59,20 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return stop
+
+
+def sealing_key(keys_file: str, prog: str) -> DecryptionKey | None:
+    """The first key of a stand-in's key file; None (after saying why on stderr) when
+    there is none to seal with."""
+    try:
+        keys = read_key_file(keys_file)
+    except KeyConfigError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return None
+    if not keys:
+        print(f"{prog}: no key in {keys_file}", file=sys.stderr)
+        return None
+    return keys[0]
 
 
 def addon_summary(output: str) -> dict[str, Any]:

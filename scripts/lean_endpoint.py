@@ -42,11 +42,11 @@ from typing import Any, NamedTuple, cast
 # `python scripts/lean_endpoint.py` puts scripts/ on sys.path, not the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fp_core.errors import KeyConfigError
 from fp_core.events import Api
 from fp_core.generate import generate_event, iso_from_ms, new_request_id, open_response_body
-from fp_core.keys import DecryptionKey, read_key_file
+from fp_core.keys import DecryptionKey
 from fp_core.sealed import deflate_raw, seal_raw
+from scripts.harness import sealing_key
 
 #: The header the full stand-in sets too: the outer request id of the answer.
 REQUEST_ID_HEADER = "X-Stand-In-Request-Id"
@@ -252,16 +252,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run until SIGTERM or SIGINT; 0 on a clean stop, 2 on a bad setup."""
     args = _parse_args(argv)
-    try:
-        keys = read_key_file(args.keys_file)
-    except KeyConfigError as error:
-        print(f"lean_endpoint: {error}", file=sys.stderr)
-        return 2
-    if not keys:
-        print(f"lean_endpoint: no key in {args.keys_file}", file=sys.stderr)
+    key = sealing_key(args.keys_file, "lean_endpoint")
+    if key is None:
         return 2
     try:
-        asyncio.run(serve(LeanStandIn(keys[0], args.pool), args.host, args.port))
+        asyncio.run(serve(LeanStandIn(key, args.pool), args.host, args.port))
     except OSError as error:
         print(f"lean_endpoint: cannot start: {error}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,16 @@ def key() -> DecryptionKey:
 @pytest.fixture
 def other_key() -> DecryptionKey:
     return DecryptionKey.generate()
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path, key: DecryptionKey) -> Path:
+    """A key file (mode 0600 from the start) holding ``key``, after a comment line."""
+    path = tmp_path / "keys.txt"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(f"# test key\n{key.to_base64()}\n")
+    return path
 
 
 @pytest.fixture

@@ -376,15 +376,6 @@ def test_a_failure_while_building_answers_500_and_keeps_serving(
 # --- the real process ---------------------------------------------------------------
 
 
-@pytest.fixture
-def keys_file(tmp_path: Path, key: DecryptionKey) -> Path:
-    path = tmp_path / "keys.txt"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(f"# test key\n{key.to_base64()}\n")
-    return path
-
-
 @contextmanager
 def running(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """Start the endpoint; yield it and its base URL; always stop it."""

@@ -106,15 +106,6 @@ def test_http_answers_and_refusals(key: DecryptionKey) -> None:
 # --- the real process ---------------------------------------------------------------
 
 
-@pytest.fixture
-def keys_file(tmp_path: Path, key: DecryptionKey) -> Path:
-    path = tmp_path / "keys.txt"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(f"{key.to_base64()}\n")
-    return path
-
-
 @contextmanager
 def running(keys_file: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     proc = subprocess.Popen(
