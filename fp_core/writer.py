@@ -118,19 +118,20 @@ class JsonlSink:
             self._handle.flush()
             return
         self._follow_path()
-        lines = [(dumps(r) + "\n").encode("utf-8") for r in records]
-        start = b"\n" if self._torn else b""
+        lines = [dumps(r) + "\n" for r in records]
+        start = "\n" if self._torn else ""
         # Straight to the file, not through a buffer: a failed write leaves nothing
         # behind to come out later (after the batch was counted as failed).
         self._torn = True
-        done = _write_all(self._handle.fileno(), start + b"".join(lines))
+        done = _write_all(self._handle.fileno(), (start + "".join(lines)).encode("utf-8"))
         if done is not None:  # failed part-way: the whole lines written count as written
             written, exc = done
             whole, boundary = 0, len(start)
             for line in lines:
-                if boundary + len(line) > written:
+                size = len(line.encode("utf-8"))
+                if boundary + size > written:
                     break
-                boundary += len(line)
+                boundary += size
                 whole += 1
             self._torn = written != boundary
             raise PartialWrite(whole, exc) from exc
