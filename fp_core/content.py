@@ -4,11 +4,14 @@ mitmproxy's own decoder inflates without limit, so a tiny gzip/br/zstd bomb coul
 exhaust the proxy's memory the moment an addon asks for the decoded body. This one
 stops as soon as the output would exceed the cap. ``br`` and ``zstd`` use the modules
 mitmproxy itself depends on (``brotli``; ``compression.zstd`` or ``backports.zstd``);
-they are imported lazily, so fp_core itself needs only the standard library.
+they are imported lazily, so fp_core itself needs only the standard library. The
+libraries of mitmproxy 12.0-12.2 (Brotli 1.1, ``zstandard``) cannot cap their output:
+with them the input goes in small steps, and a bomb costs at most one step's output.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import zlib
 from collections.abc import Callable
@@ -90,6 +93,14 @@ def _deflate(data: bytes, limit: int) -> bytes:
         return _zlib(data, limit, -zlib.MAX_WBITS)
 
 
+#: Input fed per call to a decoder that cannot cap its output (Brotli 1.1, zstandard):
+#: what one call returns is then bounded by what so few bytes can describe. Brotli: at
+#: most a 16 MiB meta-block per 3 bytes or so (an encoder's 64 MiB bomb gives 16 MiB per
+#: 16-byte step); zstd: a 128 KiB block per 4 bytes (2 MiB per 64-byte step).
+BROTLI_STEP = 16
+ZSTD_STEP = 64
+
+
 def _brotli(data: bytes, limit: int) -> bytes:
     try:
         import brotli  # type: ignore[import-untyped,unused-ignore]
@@ -97,10 +108,35 @@ def _brotli(data: bytes, limit: int) -> bytes:
         raise ContentError("unsupported_encoding", "brotli is not installed") from None
     decompressor = brotli.Decompressor()
     try:
-        out: bytes = decompressor.process(data, output_buffer_limit=limit + 1)
+        if hasattr(decompressor, "can_accept_more_data"):  # Brotli 1.2+: capped in C
+            out: bytes = decompressor.process(data, output_buffer_limit=limit + 1)
+        else:
+            # Brotli 1.1 (mitmproxy 12.0-12.2) decodes all it is given: in small steps.
+            out = bytes(_in_steps(decompressor.process, data, limit, BROTLI_STEP)[0])
     except brotli.error:
         raise ContentError("undecodable", "body is not valid brotli data") from None
     return _complete(out, limit, decompressor.is_finished(), "brotli")
+
+
+def _in_steps(
+    decode: Callable[[bytes], bytes],
+    data: bytes,
+    limit: int,
+    step: int,
+    ended: Callable[[], bool] = lambda: False,
+) -> tuple[bytearray, int]:
+    """``decode`` fed ``step`` bytes at a time until the output passes ``limit`` or
+    ``ended()`` (a zstd frame's end); the output, and how many bytes were fed."""
+    out = bytearray()
+    fed = 0
+    while fed < len(data) and len(out) <= limit and not ended():
+        out += decode(data[fed : fed + step])
+        fed += step
+    return out, min(fed, len(data))
+
+
+def _eof(frame: Any) -> bool:
+    return bool(frame.eof)
 
 
 def _zstd_module() -> Any:
@@ -110,12 +146,14 @@ def _zstd_module() -> Any:
         try:
             from backports import zstd  # type: ignore[import-not-found,no-redef,unused-ignore]
         except ImportError:
-            raise ContentError("unsupported_encoding", "no zstd module is installed") from None
+            return None
     return zstd
 
 
 def _zstd(data: bytes, limit: int) -> bytes:
     zstd = _zstd_module()
+    if zstd is None:
+        return _zstandard(data, limit)
     out = bytearray()
     # A zstd body may be several frames; the content is all of them joined (RFC 8878).
     while data:
@@ -126,6 +164,30 @@ def _zstd(data: bytes, limit: int) -> bytes:
             raise ContentError("undecodable", "body is not valid zstd data") from None
         _complete(out, limit, decompressor.eof, "zstd")
         data = decompressor.unused_data
+    return bytes(out)
+
+
+def _zstandard(data: bytes, limit: int) -> bytes:
+    """The same with the ``zstandard`` package (mitmproxy 12.0-12.2), whose decoder
+    cannot cap its output: the input goes in small steps."""
+    try:
+        import zstandard  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        raise ContentError("unsupported_encoding", "no zstd module is installed") from None
+    out = bytearray()
+    # Several frames, as above: a frame's decoder stops at its end.
+    while data:
+        frame = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            got, fed = _in_steps(
+                frame.decompress, data, limit - len(out), ZSTD_STEP, functools.partial(_eof, frame)
+            )
+        except zstandard.ZstdError:
+            raise ContentError("undecodable", "body is not valid zstd data") from None
+        out += got
+        _complete(out, limit, frame.eof, "zstd")
+        # The rest: what the frame's last step left over, and what was never fed.
+        data = frame.unused_data + data[fed:]
     return bytes(out)
 
 

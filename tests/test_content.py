@@ -417,3 +417,149 @@ def test_a_limit_meant_as_none_still_decodes(limit: int) -> None:
     assert decode_content(enc_gzip(PAYLOAD), "gzip", limit) == PAYLOAD
     assert decode_content(zlib.compress(PAYLOAD), "deflate", limit) == PAYLOAD
     assert decode_content(brotli.compress(PAYLOAD), "br", limit) == PAYLOAD
+
+
+# -- the libraries of mitmproxy 12.0-12.2: Brotli 1.1 and zstandard ---------------------
+# mitmproxy 12.0-12.2 bring Brotli 1.1 (process(data) only, no output cap) and the
+# "zstandard" package (a decompressobj with no output cap); 12.3 brings Brotli 1.2 and
+# backports.zstd. These stand-ins, built on the libraries installed here, have the old
+# APIs, and record the most one call returned. Brotli 1.2's keyword raised TypeError
+# there: every br response was an internal error, every zstd one skipped (found by a
+# protocols hunt; checked by hand with mitmproxy 12.0.1 too).
+
+
+class OldDecoders:
+    """The largest output one call of a stand-in returned."""
+
+    def __init__(self) -> None:
+        self.largest_call = 0
+
+    def saw(self, out: bytes) -> bytes:
+        self.largest_call = max(self.largest_call, len(out))
+        return out
+
+
+@pytest.fixture
+def brotli_1_1(monkeypatch: pytest.MonkeyPatch) -> OldDecoders:
+    import sys
+    import types
+
+    calls = OldDecoders()
+
+    class Decompressor:
+        """Brotli 1.1's: all the output for what it is given, in one call."""
+
+        def __init__(self) -> None:
+            self._inner = brotli.Decompressor()
+
+        def process(self, data: bytes, /) -> bytes:
+            out = self._inner.process(data, output_buffer_limit=2**40)
+            while not self._inner.is_finished() and not self._inner.can_accept_more_data():
+                out += self._inner.process(b"", output_buffer_limit=2**40)
+            return calls.saw(out)
+
+        def is_finished(self) -> bool:
+            return bool(self._inner.is_finished())
+
+    module = types.ModuleType("brotli")
+    module.Decompressor = Decompressor  # type: ignore[attr-defined]
+    module.error = brotli.error  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "brotli", module)
+    return calls
+
+
+@pytest.fixture
+def zstandard_only(monkeypatch: pytest.MonkeyPatch) -> OldDecoders:
+    import sys
+    import types
+
+    from fp_core import content
+
+    calls = OldDecoders()
+
+    class ZstdError(Exception):
+        pass
+
+    class Frame:
+        """zstandard's decompressobj: one frame, all the output for what it is given."""
+
+        def __init__(self) -> None:
+            self._inner = zstd.ZstdDecompressor()
+
+        def decompress(self, data: bytes) -> bytes:
+            try:
+                return calls.saw(self._inner.decompress(data))
+            except zstd.ZstdError as exc:
+                raise ZstdError(str(exc)) from None
+
+        @property
+        def eof(self) -> bool:
+            return bool(self._inner.eof)
+
+        @property
+        def unused_data(self) -> bytes:
+            return bytes(self._inner.unused_data)
+
+    class ZstdDecompressor:
+        def decompressobj(self) -> Frame:
+            return Frame()
+
+    module = types.ModuleType("zstandard")
+    module.ZstdDecompressor = ZstdDecompressor  # type: ignore[attr-defined]
+    module.ZstdError = ZstdError  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "zstandard", module)
+    monkeypatch.setattr(content, "_zstd_module", lambda: None)  # as without backports.zstd
+    return calls
+
+
+@pytest.mark.parametrize("payload", [b"", b"x", PAYLOAD, PAYLOAD * 40])
+def test_old_brotli_round_trips(brotli_1_1: OldDecoders, payload: bytes) -> None:
+    assert decode_content(enc_br(payload), "br", len(payload)) == payload
+    if payload:
+        assert reason_of(enc_br(payload), "br", len(payload) - 1) == "too_big"
+
+
+def test_old_brotli_refuses_broken_data(brotli_1_1: OldDecoders) -> None:
+    data = enc_br(PAYLOAD * 40)
+    assert reason_of(data[: len(data) // 2], "br", 10**6) == "undecodable"  # truncated
+    assert reason_of(b"\xff" * 64, "br", 10**6) == "undecodable"
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_zstandard_round_trips_frame_by_frame(zstandard_only: OldDecoders, frames: int) -> None:
+    parts = [PAYLOAD[i::frames] for i in range(frames)]
+    data = b"".join(enc_zstd(part) for part in parts)
+    whole = b"".join(parts)
+    assert decode_content(data, "zstd", len(whole)) == whole
+    assert reason_of(data, "zstd", len(whole) - 1) == "too_big"
+    assert reason_of(data[:-3], "zstd", 10**6) == "undecodable"  # the last frame truncated
+    assert reason_of(b"\x28\xb5\x2f\xfd" + b"\xff" * 40, "zstd", 10**6) == "undecodable"
+
+
+@pytest.mark.parametrize(
+    ("case", "largest"), [("br", 16 * MIB), ("zstd", 2 * MIB)], ids=["brotli-1.1", "zstandard"]
+)
+def test_old_libraries_stop_a_bomb_within_one_step(
+    brotli_1_1: OldDecoders, zstandard_only: OldDecoders, case: str, largest: int
+) -> None:
+    """No output cap in these libraries: the input goes in small steps, so a bomb costs
+    one step's output (an encoder's bomb: 16 MiB per brotli step, 2 MiB per zstd step)
+    instead of all 64 MiB."""
+    calls = brotli_1_1 if case == "br" else zstandard_only
+    tracemalloc.start()
+    try:
+        assert reason_of(bomb(case), case, BOMB_LIMIT) == "too_big"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 0 < calls.largest_call <= largest
+    assert peak < largest + 8 * BOMB_LIMIT, f"peak {peak} bytes"  # all 64 MiB: unbounded
+
+
+def test_zstd_without_any_zstd_module_is_unsupported(
+    zstandard_only: OldDecoders, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    assert reason_of(enc_zstd(PAYLOAD), "zstd", 10**6) == "unsupported_encoding"
