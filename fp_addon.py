@@ -12,6 +12,7 @@ every option, the record format and the commands.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import copy
@@ -357,6 +358,8 @@ class FingerprintTap:
         self._carried: dict[str, Any] = {}
         self._warnings = Throttle()
         self._final: dict[str, Any] | None = None
+        #: Open responses mitmproxy finished after the summary (see _after_summary).
+        self._late = 0
         #: The files whose content is in use (this process's own watches).
         self._watches = Watches()
         #: The webhook secret in use (None: none, or the pipeline refuses the options).
@@ -1029,6 +1032,8 @@ class FingerprintTap:
                 self._show(flow, record, late=late)
             else:
                 _forget(flow)
+        elif self._final is not None:
+            self._after_summary(flow)
         else:
             # Neither a worker nor a pipeline: the worker died and the fallback could not
             # start (logged then). Counted, until an option change starts one.
@@ -1036,6 +1041,29 @@ class FingerprintTap:
         if held is not None and not held.done():
             held.set_result(None)
         return False
+
+    def _after_summary(self, flow: http.HTTPFlow) -> None:
+        """An open response mitmproxy finished after fp-tap's done hook: at shutdown it
+        completes flows still on their way (a body framed by the connection's end) when
+        it cancels its connections, after the addons' done hooks. The outputs are closed
+        and mitmproxy's log is gone: counted as dropped in the final counters, and said
+        on stderr, once, and in all at exit."""
+        assert self._final is not None
+        self._final["dropped"] = self._final.get("dropped", 0) + 1
+        self._late += 1
+        if self._late == 1:
+            sys.stderr.write(
+                f"fp-tap: an open response mitmproxy finished after fp-tap's summary (flow "
+                f"{flow.id}) was not inspected or written; counted as dropped\n"
+            )
+            atexit.register(self._say_late)
+
+    def _say_late(self) -> None:
+        if self._late > 1:
+            sys.stderr.write(
+                f"fp-tap: {self._late} open responses mitmproxy finished after fp-tap's "
+                "summary were not inspected or written; counted as dropped\n"
+            )
 
     def _drop_unanswered(self, worker: WorkerClient) -> int:
         """Count as dropped, and let go (held ones included), the responses ``worker``

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -456,3 +457,88 @@ def test_sqlite_rows_older_than_fp_sqlite_keep_are_deleted_as_it_runs(
     summary = summary_of(proxy.output())
     assert summary["written"] == {"sqlite": 4}
     assert summary["store"]["pruned"] >= 3
+
+
+class UntilCloseUpstream:
+    """Answers one request with a fresh open response framed by the end of the
+    connection (HTTP/1.0, no Content-Length), and keeps the connection open until closed:
+    mitmproxy has the whole body but the response ends only with the connection."""
+
+    def __init__(self, key: Any) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from scripts.endpoint import build_response
+
+        self.release = threading.Event()
+        self.sent = threading.Event()
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, headers, body, _ = build_response("ok", "v4", "identity", None, None, key)
+                self.send_response(status)
+                for name, value in headers.items():
+                    if name.lower() != "content-length":
+                        self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+                upstream.sent.set()
+                upstream.release.wait(60)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_open_response_mitmproxy_finishes_after_the_summary_is_said_and_counted(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """At shutdown mitmproxy cancels its connections after the addons' done hooks, which
+    finishes a response whose end is the connection's: fp-tap's hook then runs with its
+    outputs closed. Such a response was counted where nobody would see it (found by a
+    hunt); now it is said on stderr."""
+    import threading
+
+    upstream = UntilCloseUpstream(keys.key)
+    jsonl = tmp_path / "events.jsonl"
+    proxy = start_mitmdump(
+        tmp_path,
+        MitmdumpConfig(
+            mode=f"reverse:http://127.0.0.1:{upstream.port}",
+            options={"fp_keys_file": str(keys.file), "fp_jsonl": str(jsonl)},
+        ),
+    )
+    try:
+        replies: list[Any] = []
+
+        def ask() -> None:
+            with contextlib.suppress(OSError):  # the client may see the proxy go first
+                replies.append(fetch(f"http://127.0.0.1:{proxy.port}/agent"))
+
+        client = threading.Thread(target=ask)
+        client.start()
+        assert upstream.sent.wait(60)
+        time.sleep(0.5)  # mitmdump has the body, and waits for the connection to end
+        os.kill(proxy.proc.pid, signal.SIGTERM)
+        assert proxy.wait_exit(60) == 0
+        client.join(60)
+    finally:
+        proxy.kill()
+        upstream.close()
+    after = proxy.output().split("fp-tap summary:")[-1]
+    assert "<< HTTP/1.0 200 OK" in after, "precondition: finished after fp-tap's done hook"
+    assert read_jsonl(jsonl) == []
+    assert "fp-tap: an open response mitmproxy finished after fp-tap's summary" in after
+    assert "counted as dropped" in after
