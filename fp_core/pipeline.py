@@ -306,7 +306,7 @@ class Pipeline:
             config, secret_watch = delivery_config(opts, kept)
             if config is None:
                 delivery, retired = None, self.delivery
-            elif delivery is None or delivery.spool.state_dir != state_dir(opts):
+            elif delivery is None or not _same_dir(delivery.spool.state_dir, state_dir(opts)):
                 delivery, retired = _open_delivery(state_dir(opts), config, self.stats), delivery
             else:
                 delivery.configure(config)
@@ -528,6 +528,17 @@ def _file_sinks(opts: Any, stats: Stats) -> list[Sink]:
             sink.close()
         raise
     return sinks
+
+
+def _same_dir(running: str, wanted: str) -> bool:
+    """Whether ``wanted`` names the directory in use (another path to it, a symlink,
+    is no change: a second spool there would wait for its own lock)."""
+    if running == wanted:
+        return True
+    try:
+        return os.path.samefile(running, wanted)
+    except OSError:
+        return False
 
 
 def _store_of(writer: RecordWriter | None) -> SqliteStore | None:

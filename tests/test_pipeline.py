@@ -403,6 +403,32 @@ def test_records_held_for_a_store_the_change_moved_elsewhere_are_given_up_on_clo
     assert pipeline.stats.group("store")["lost"] == 1
 
 
+def test_fp_state_dir_changed_to_another_path_of_the_same_directory_is_no_change(
+    tmp_path: Path,
+) -> None:
+    """A symlink to the directory in use: a second spool was opened there, waited 5 s for
+    the lock this tap holds itself, and the change was refused as "in use by another
+    fp-tap" (found by a sharing hunt)."""
+    state, alias = tmp_path / "state", tmp_path / "alias"
+    state.mkdir(mode=0o700)
+    alias.symlink_to(state)
+    url = "http://127.0.0.1:9/hook"
+    pipeline = Pipeline()
+    try:
+        pipeline.configure(opts(fp_webhook_url=url, fp_state_dir=str(state)), OPTIONS, [KEY])
+        delivery = pipeline.delivery
+        began = time.monotonic()
+        pipeline.configure(opts(fp_webhook_url=url, fp_state_dir=str(alias)), {"fp_state_dir"})
+        assert time.monotonic() - began < 2
+        assert pipeline.delivery is delivery
+        other = tmp_path / "other"
+        pipeline.configure(opts(fp_webhook_url=url, fp_state_dir=str(other)), {"fp_state_dir"})
+        assert pipeline.delivery is not delivery  # a real change still moves the spool
+        assert (other / "webhook-spool.sqlite3").exists()
+    finally:
+        pipeline.close(0)
+
+
 def test_webhook_events_the_spool_never_took_are_lost_when_it_closes(tmp_path: Path) -> None:
     import sqlite3
 
