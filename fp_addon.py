@@ -358,6 +358,7 @@ class FingerprintTap:
         self._carried: dict[str, Any] = {}
         self._warnings = Throttle()
         self._final: dict[str, Any] | None = None
+        self._exports: concurrent.futures.ThreadPoolExecutor | None = None
         #: Open responses mitmproxy finished after the summary (see _after_summary).
         self._late = 0
         #: The files whose content is in use (this process's own watches).
@@ -732,6 +733,9 @@ class FingerprintTap:
         self._final = self.snapshot()  # what fp.stats says from now on
         self.worker = self.pipeline = None
         self._background.join()
+        if self._exports is not None:
+            self._exports.shutdown(wait=True)
+            self._exports = None
         log.info("fp-tap summary: %s", json.dumps(self._final, sort_keys=True), extra=OWN_LINE)
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
@@ -758,7 +762,11 @@ class FingerprintTap:
                 return
             log.info("fp.export: wrote %d record(s) to %s", len(records), path)
 
-        self._background.run(write)
+        # One at a time, in the order asked: two exports to one path at once ended with
+        # the earlier one's records, or both torn together.
+        if self._exports is None:
+            self._exports = concurrent.futures.ThreadPoolExecutor(1, "fp-tap-export")
+        self._exports.submit(write)
 
     @command.command("fp.resend")
     def resend_command(self) -> None:

@@ -219,6 +219,7 @@ class RecordWriter:
         self._stopping = threading.Event()
         self._closed = False
         self._warnings = Throttle()
+        self._sink_warnings: dict[str, Throttle] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -294,12 +295,15 @@ class RecordWriter:
                 if written:
                     self.stats.incr_group("written", sink.name, written)
                 self.stats.incr_group("sink_errors", sink.name, len(batch) - written)
-                log.warning(
-                    "fp-tap: %s sink failed to write %d records: %s",
-                    sink.name,
-                    len(batch) - written,
-                    exc,
-                )
+                # A full disk fails every batch: one line per sink per throttle period.
+                if self._sink_warnings.setdefault(sink.name, Throttle()).ready():
+                    log.warning(
+                        "fp-tap: %s sink failed to write %d records: %s (%d so far)",
+                        sink.name,
+                        len(batch) - written,
+                        exc,
+                        self.stats.group("sink_errors").get(sink.name, 0),
+                    )
             else:
                 self.stats.incr_group("written", sink.name, len(batch))
 
@@ -309,7 +313,10 @@ class RecordWriter:
                 try:
                     sink.retry_held()
                 except Exception as exc:
-                    log.warning("fp-tap: %s sink failed to retry held records: %s", sink.name, exc)
+                    if self._sink_warnings.setdefault(sink.name, Throttle()).ready():
+                        log.warning(
+                            "fp-tap: %s sink failed to retry held records: %s", sink.name, exc
+                        )
 
     def _close_sinks(self) -> None:
         for sink in self.sinks:

@@ -27,7 +27,7 @@ from mitmproxy.net import encoding
 from mitmproxy.test import taddons, tflow, tutils
 
 import fp_addon
-from fp_core import seal_event
+from fp_core import jsontext, seal_event
 from fp_core.generate import generate_event, open_response_body
 from fp_core.hostile import hostile_response
 from fp_core.keys import ENV_VAR, DecryptionKey
@@ -1384,3 +1384,26 @@ def test_a_clients_header_value_cannot_rewrite_fp_taps_own_lines(
     (summary,) = [r.getMessage() for r in caplog.records if "fp-tap summary" in r.getMessage()]
     assert summary == f"fp-tap summary: {tap.stats_command()}"  # the JSON fp.stats returns
     assert json.loads(summary.split(": ", 1)[1])["verdicts"] == {"suspicious": 1}
+
+
+def test_exports_to_one_path_run_in_the_order_asked(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each export wrote on a thread of its own: the earlier, larger one often finished
+    last, or both wrote into the one truncated file (found by a long-running hunt)."""
+    tap, _ = addon
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "export.jsonl"
+    many = [run(tap, make_flow(fp_body("v4")[0])) for _ in range(40)]
+    one = [run(tap, make_flow(fp_body("v3")[0]))]
+    expected = [json.loads(jsontext.dumps(tap.record_for(one[0])))]
+    for n in range(1, 11):
+        tap.export_command(many, out)
+        tap.export_command(one, out)
+        deadline = time.monotonic() + 15
+        while sum("fp.export: wrote" in r.getMessage() for r in caplog.records) < 2 * n:
+            assert time.monotonic() < deadline, "both exports"
+            time.sleep(0.01)
+        assert [json.loads(line) for line in out.read_text().splitlines()] == expected

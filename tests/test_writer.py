@@ -637,3 +637,27 @@ def test_records_written_after_a_real_full_disk_stay_readable(tmp_path: Path) ->
     assert ids[:3] == ["r0", "r1", "r2"]
     assert ids[-3:] == ["r100", "r101", "r102"]
     assert len(ids) == written  # every record counted as written is readable, no other
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_sink_failing_every_batch_is_warned_about_once_per_period(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A full disk fails every batch: one WARNING each, up to 20 lines a second, where
+    every other repeated failure warns once per 10 s (found by a long-running hunt)."""
+    caplog.set_level(logging.WARNING, logger="fp_core.writer")
+    stats = Stats()
+    writer = RecordWriter([JsonlSink("/dev/full")], stats)  # every write: ENOSPC
+    writer.start()
+    try:
+        for n in range(1, 11):
+            writer.submit(record(n))
+            deadline = time.monotonic() + PATIENCE
+            while stats.group("sink_errors").get("jsonl") != n:
+                assert time.monotonic() < deadline, f"batch {n} to fail"
+                time.sleep(0.01)
+    finally:
+        writer.close()
+    warnings = [r.getMessage() for r in caplog.records if "jsonl sink failed" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "(1 so far)" in warnings[0]
