@@ -768,6 +768,11 @@ class FingerprintTap:
             self._exports = concurrent.futures.ThreadPoolExecutor(1, "fp-tap-export")
         self._exports.submit(write)
 
+    def _join_exports(self) -> None:
+        """Wait for the exports asked so far."""
+        if self._exports is not None:
+            self._exports.submit(lambda: None).result()
+
     @command.command("fp.resend")
     def resend_command(self) -> None:
         """Send the parked webhook events again (in the background; see fp.stats)."""

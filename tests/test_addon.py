@@ -1148,7 +1148,7 @@ def test_flows_read_back_from_a_file_are_annotated_once(
 
 def export(tap: fp_addon.FingerprintTap, flow: http.HTTPFlow, out: Path) -> dict[str, Any]:
     tap.export_command([flow], str(out))
-    tap._background.join()
+    tap._join_exports()
     (record,) = [json.loads(x) for x in out.read_text().splitlines()]
     return record
 
@@ -1198,7 +1198,7 @@ def test_an_export_that_cannot_be_written_says_so(
     flow = run(tap, make_flow(fp_body()[0]))
     out = tmp_path / "no-such-dir" / "x.jsonl"
     tap.export_command([flow], str(out))
-    tap._background.join()
+    tap._join_exports()
     (warning,) = [r for r in caplog.records if r.getMessage().startswith("fp.export")]
     assert warning.levelno == logging.WARNING
     assert warning.getMessage() == f"fp.export: cannot write {out}: No such file or directory"

@@ -150,7 +150,8 @@ async def test_a_held_response_a_dead_worker_never_answered_is_let_go_and_counte
         stats: dict[str, Any] = json.loads(tap.stats_command())
         assert (stats["responses"], stats["dropped"]) == (1, 1)
         assert "open_responses" not in stats
-    assert "the worker process exited" in caplog.text
+        assert stats["errors"] == {"worker_exit": 1}
+    assert "the worker process stopped (exit code -9) while writing out" in caplog.text
 
 
 @on_loop
