@@ -279,12 +279,13 @@ class Pipeline:
         if self._closed:
             return
         self._closed = True
+        # Writers retired by a change of options finish first: they may still be writing
+        # into the spool of the delivery closed last, and hand what their store holds to
+        # this writer's (same file), which then gives it its close's patience.
+        self.background.join()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-        # Writers retired by a change of options may still be writing into the spool of
-        # the delivery closed next: they finish first.
-        self.background.join()
         if self.delivery is not None:
             # Kept (closed): its spool's last gauges stay in snapshot().
             self.delivery.close(drain=drain)

@@ -290,24 +290,15 @@ class SqliteStore:
             if os.path.samefile(self.path, successor.path):
                 self._successor = successor
 
-    def _take_handed(self, rows: list[tuple[Any, ...]]) -> None:
+    def _take_handed(self, rows: list[tuple[Any, ...]]) -> bool:
+        """Take rows a predecessor still holds; False when this store (and whatever
+        replaced it) is closed: the giver then gives them its own patience."""
         with self._handed_lock:
             if not self._closed:
                 self._handed += rows
-                return
+                return True
         # Closed meanwhile (retirements run side by side): on to what replaced it.
-        self._give_up_or_hand_on(rows)
-
-    def _give_up_or_hand_on(self, rows: list[tuple[Any, ...]]) -> None:
-        if not rows:
-            return
-        if self._successor is not None:
-            self._successor._take_handed(rows)
-            return
-        self.stats.incr_group("store", "lost", len(rows))
-        log.warning(
-            "fp-tap: %d record(s) could not be written to %s before closing", len(rows), self.path
-        )
+        return self._successor is not None and self._successor._take_handed(rows)
 
     def _adopt_handed(self) -> None:
         """The handed-over rows go before this store's own: they were written first."""
@@ -368,14 +359,23 @@ class SqliteStore:
         self._adopt_handed()
         successor = self._successor
         # One try at once; then a successor on the same file takes what is left (it
-        # retries as this one would), else up to CLOSE_PATIENCE more.
-        deadline = self._clock() + (0 if successor is not None else CLOSE_PATIENCE)
+        # retries as this one would); else (none, or closed already) CLOSE_PATIENCE more.
+        handed = self._held and successor is not None and not self._flush()
+        if handed and successor is not None and successor._take_handed(self._held):
+            self._held = []
+        deadline = self._clock() + CLOSE_PATIENCE
         while self._held and not self._flush() and self._clock() < deadline:
             time.sleep(0.1)
         with self._handed_lock:
             self._closed = True
             left, self._held, self._handed = self._held + self._handed, [], []
-        self._give_up_or_hand_on(left)
+        if left and not (successor is not None and successor._take_handed(left)):
+            self.stats.incr_group("store", "lost", len(left))
+            log.warning(
+                "fp-tap: %d record(s) could not be written to %s before closing",
+                len(left),
+                self.path,
+            )
         self._conn.close()
 
     def _flush(self) -> bool:

@@ -228,7 +228,7 @@ class Handler(BaseHTTPRequestHandler):
 def _event_id(body: bytes) -> str | None:
     try:
         event = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to read
         return None
     if not isinstance(event, dict):
         return None

@@ -563,3 +563,29 @@ def test_zstd_without_any_zstd_module_is_unsupported(
 
     monkeypatch.setitem(sys.modules, "zstandard", None)
     assert reason_of(enc_zstd(PAYLOAD), "zstd", 10**6) == "unsupported_encoding"
+
+
+#: An empty zstd frame (what a zstd encoder makes of b""), and an empty skippable one.
+EMPTY_ZSTD_FRAME = bytes.fromhex("28b52ffd2000010000")
+SKIPPABLE_ZSTD_FRAME = bytes.fromhex("502a4d1800000000")
+
+
+@pytest.mark.parametrize(
+    "frame", [EMPTY_ZSTD_FRAME, SKIPPABLE_ZSTD_FRAME], ids=["empty", "skippable"]
+)
+@pytest.mark.parametrize("library", ["zstd", "zstandard"])
+def test_a_zstd_body_may_hold_16_frames_at_most(
+    frame: bytes, library: str, request: pytest.FixtureRequest
+) -> None:
+    """Each frame costs a decoder and a copy of the rest of the body: 1 MiB of empty
+    frames, which decode to nothing, held the event loop for 4 s (found by a hunt)."""
+    from fp_core.content import MAX_ZSTD_FRAMES
+
+    if library == "zstandard":
+        request.getfixturevalue("zstandard_only")
+    payload = enc_zstd(PAYLOAD)
+    assert decode_content(frame * (MAX_ZSTD_FRAMES - 1) + payload, "zstd", MIB) == PAYLOAD
+    with pytest.raises(ContentError, match=f"more than {MAX_ZSTD_FRAMES} zstd frames") as info:
+        decode_content(frame * MAX_ZSTD_FRAMES + payload, "zstd", MIB)
+    assert info.value.reason == "undecodable"
+    assert reason_of(frame * (MIB // len(frame)), "zstd", MIB) == "undecodable"

@@ -60,8 +60,16 @@ def ask(port: int, raw: bytes) -> bytes:
         (b'Content-Length: 34\r\n\r\n{"products":{"botd":{"data":[1]}}}', b"401"),
         (b"Content-Length: abc\r\n\r\n{}", b"400"),
         (b"Content-Length: -1\r\n\r\n{}", b"400"),
+        (b"Content-Length: 100000\r\n\r\n" + b"[" * 100_000, b"401"),
     ],
-    ids=["products-int", "products-list", "data-list", "length-not-a-number", "length-negative"],
+    ids=[
+        "products-int",
+        "products-list",
+        "data-list",
+        "length-not-a-number",
+        "length-negative",
+        "nested-too-deeply",
+    ],
 )
 def test_every_post_is_answered_and_logged(raw: bytes, status: bytes) -> None:
     """Bad bodies and lengths got no answer (a traceback and a dropped connection, or a
