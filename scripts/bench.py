@@ -129,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets += _report_growth(growth_rows, fits)
     if "proxy" in only or "memory" in only:
         with bench_proxy.Bench(args.out, args.endpoint) as bench:
-            print(f"\n(load generator: {bench.loadgen.name}; endpoint: {args.endpoint} stand-in)")
+            endpoint = ENDPOINT_NAMES[args.endpoint]
+            print(f"\n(load generator: {bench.loadgen.name}; endpoint: the {endpoint})")
             if "proxy" in only:
                 print("\n== 3. proxy overhead (mitmdump reverse proxy, stand-in endpoint)")
                 if args.pin:
@@ -297,6 +298,10 @@ def _report_growth(
     return targets
 
 
+#: How the report names each stand-in (``bench_proxy.ENDPOINTS``).
+ENDPOINT_NAMES = {"lean": "lean stand-in", "stand-in": "full stand-in"}
+
+
 def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
     print(
         f"({plan.proxy_rounds} rounds; in each, every scenario next to no addon: "
@@ -344,7 +349,7 @@ def _report_proxy(proxy: bench_proxy.ProxyResults, plan: Plan) -> list[Target]:
     )
     if proxy.endpoint_direct is not None:
         print(
-            f"{proxy.endpoint} stand-in endpoint without a proxy: "
+            f"the {ENDPOINT_NAMES[proxy.endpoint]} without a proxy: "
             f"{proxy.endpoint_direct.show()} req/s @8"
         )
     for name in proxy.skipped:

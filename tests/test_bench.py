@@ -109,7 +109,7 @@ def test_proxy_throughput_counts_only_scenarios_that_did_all_their_work(
         # Not fp-tap (the empty addon): measured, never a target, whatever its numbers.
         proxy_row(bench_proxy.CEILING, 0.5, open_responses=0, fp_tap=False),
     ]
-    results = bench_proxy.ProxyResults("wrk", rows, [], None)
+    results = bench_proxy.ProxyResults("wrk", rows, [], Spread.of([1500.0]), "stand-in")
     targets = {name: (met, said) for name, met, said in bench._report_proxy(results, bench.QUICK)}
     throughput = {
         name.split(": ")[0].removeprefix("proxy "): (met, said)
@@ -129,6 +129,7 @@ def test_proxy_throughput_counts_only_scenarios_that_did_all_their_work(
     assert "sink_errors.jsonl=3" in throughput["sink failed"][1]
     printed = capsys.readouterr().out
     assert "sink_errors.jsonl=3" in printed  # the table's addon errors column
+    assert "the full stand-in without a proxy: 1,500" in printed
     assert not any(bench_proxy.CEILING in name for name in targets)
     ceiling = next(line for line in printed.splitlines() if bench_proxy.CEILING in line)
     assert "0.500" in ceiling  # in the table all the same
