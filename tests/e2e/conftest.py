@@ -8,7 +8,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -37,8 +37,13 @@ def endpoint(tmp_path: Path, keys: Keys) -> Iterator[Service]:
     service.kill()
 
 
-def reverse_tap(workdir: Path, endpoint: Service, **options: str | int | bool) -> Service:
-    """mitmdump with the addon, as a reverse proxy in front of the stand-in endpoint."""
+class Upstream(Protocol):
+    port: int
+
+
+def reverse_tap(workdir: Path, endpoint: Upstream, **options: str | int | bool) -> Service:
+    """mitmdump with the addon, as a reverse proxy in front of the stand-in endpoint (or
+    any server on 127.0.0.1 with a ``port``)."""
     config = MitmdumpConfig(mode=f"reverse:http://127.0.0.1:{endpoint.port}", options=options)
     return start_mitmdump(workdir, config)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.harness import MitmdumpConfig, Service, start_mitmdump
-from tests.e2e.conftest import Keys, fetch, read_jsonl
+from scripts.harness import Service
+from tests.e2e.conftest import Keys, fetch, read_jsonl, reverse_tap
 from tests.e2e.test_mitmdump import summary_of
 
 pytestmark = pytest.mark.e2e
@@ -22,13 +22,7 @@ ENCODINGS = ("identity", "gzip", "br", "zstd")
 
 def test_hostile_batch(tmp_path: Path, keys: Keys, endpoint: Service) -> None:
     jsonl = tmp_path / "events.jsonl"
-    proxy = start_mitmdump(
-        tmp_path,
-        MitmdumpConfig(
-            mode=f"reverse:http://127.0.0.1:{endpoint.port}",
-            options={"fp_keys_file": str(keys.file), "fp_jsonl": str(jsonl)},
-        ),
-    )
+    proxy = reverse_tap(tmp_path, endpoint, fp_keys_file=str(keys.file), fp_jsonl=str(jsonl))
     expected: Counter[str] = Counter()
     received: list[str] = []
     try:

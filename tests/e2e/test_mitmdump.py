@@ -513,13 +513,7 @@ def test_an_open_response_mitmproxy_finishes_after_the_summary_is_said_and_count
 
     upstream = UntilCloseUpstream(keys.key)
     jsonl = tmp_path / "events.jsonl"
-    proxy = start_mitmdump(
-        tmp_path,
-        MitmdumpConfig(
-            mode=f"reverse:http://127.0.0.1:{upstream.port}",
-            options={"fp_keys_file": str(keys.file), "fp_jsonl": str(jsonl)},
-        ),
-    )
+    proxy = reverse_tap(tmp_path, upstream, fp_keys_file=str(keys.file), fp_jsonl=str(jsonl))
     try:
         replies: list[Any] = []
 
