@@ -29,14 +29,15 @@ class CheckConfig:
 
 
 def normalize_origin(url: str) -> str | None:
-    """``scheme://host[:port]`` in lower case, default port dropped; None if not a URL."""
+    """``scheme://host[:port]`` in lower case, default port dropped, the host as a browser
+    writes it (punycode, compressed IPv6); None if not a URL."""
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError:
         return None
     scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
+    host = _canonical_host((parts.hostname or "").lower())
     if not scheme or not host:
         return None
     if ":" in host:
@@ -46,13 +47,38 @@ def normalize_origin(url: str) -> str | None:
     return f"{scheme}://{host}:{port}"
 
 
+def _canonical_host(host: str) -> str:
+    if ":" in host:  # an IPv6 literal: browsers write it compressed
+        try:
+            return ipaddress.IPv6Address(host.split("%", 1)[0]).compressed
+        except ValueError:
+            return host
+    if not host.isascii():  # a browser's URL holds the punycode form
+        try:
+            return host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return host
+    return host
+
+
+#: What a configured origin's host may hold: a DNS name (punycode), or an IPv6 literal.
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-")
+
+
 def parse_origins(values: Iterable[str]) -> frozenset[str]:
-    """Normalise configured origins; raises ValueError naming the first bad one."""
+    """Normalise configured origins; raises ValueError naming the first bad one (one that
+    no event's URL could ever match, such as two origins in one value)."""
     out = set()
     for value in values:
         origin = normalize_origin(value)
         if origin is None:
             raise ValueError(f"not an origin (scheme://host[:port]): {value!r}")
+        host = origin.split("://", 1)[1].rsplit(":", 1)[0] if "[" not in origin else ""
+        if host and not _HOST_CHARS.issuperset(host):
+            raise ValueError(
+                f"not an origin (scheme://host[:port], one per value: repeat "
+                f"--set fp_origins=... for several): {value!r}"
+            )
         out.add(origin)
     return frozenset(out)
 
@@ -80,14 +106,26 @@ def comparable_client_ip(header_ip: str | None, peer_ip: str | None) -> str | No
     connection's address, unless it is not a global address (then the tap sits behind
     something else and the browser's address is unknown).
     """
-    header = _ip(header_ip)
-    if header is not None:
-        return str(header)
+    if header_ip is not None and header_ip.strip():
+        # Sent: the tap is behind the proxy integration, whose own address is the
+        # connection's. A list (the header sent twice, which mitmproxy joins) or an
+        # address with a port gives its first address; anything else is unknown.
+        header = _ip(_first_address(header_ip))
+        return None if header is None else str(header)
     peer = _ip(peer_ip)
     # Loopback, private, shared (CGNAT) and reserved addresses are not the browser's.
     if peer is None or not peer.is_global:
         return None
     return str(peer)
+
+
+def _first_address(value: str) -> str:
+    first = value.split(",", 1)[0].strip()
+    if first.startswith("["):  # [IPv6] or [IPv6]:port
+        return first[1:].split("]", 1)[0]
+    if first.count(":") == 1:  # IPv4:port
+        return first.split(":", 1)[0]
+    return first
 
 
 def evaluate(

@@ -1407,3 +1407,21 @@ def test_exports_to_one_path_run_in_the_order_asked(
             assert time.monotonic() < deadline, "both exports"
             time.sleep(0.01)
         assert [json.loads(line) for line in out.read_text().splitlines()] == expected
+
+
+def test_the_client_ip_header_sent_twice_is_still_the_visitors(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    """mitmproxy joins the two lines ("a, a"); the connection is the integration's own
+    public address. It was compared instead: a false ip_mismatch (found by a hunt)."""
+    tap, _ = addon
+    visitor = "81.2.69.142"
+    flow = make_flow(
+        fp_body(ip=visitor)[0],
+        request_headers=[(b"FPJS-Proxy-Client-IP", visitor.encode())] * 2,
+    )
+    flow.client_conn.peername = ("8.8.8.8", 40000)
+    run(tap, flow)
+    record = flow.metadata["fp"]
+    assert record["checks"]["ip_match"] is True
+    assert record["verdict"] == "trusted"

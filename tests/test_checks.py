@@ -42,6 +42,9 @@ CHECK_KEYS = {"id_match", "fresh", "age_ms", "duplicate", "replayed", "ip_match"
         ("https://[2001:DB8::1]/", "https://[2001:db8::1]"),
         ("https://[2001:db8::1]:443", "https://[2001:db8::1]"),
         ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        # As a browser writes them (found by an origin hunt): punycode, compressed IPv6.
+        ("https://Bücher.example/cart", "https://xn--bcher-kva.example"),
+        ("https://[2001:0db8:0:0:0:0:0:1]:8443", "https://[2001:db8::1]:8443"),
     ],
 )
 def test_normalize_origin(url: str, origin: str) -> None:
@@ -90,6 +93,29 @@ def test_parse_origins_names_the_bad_one() -> None:
     assert "also bad" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://shop.example.com,https://www.shop.example.com",  # two in one --set
+        "https://shop.example.com, https://www.shop.example.com",
+        "https://*.shop.example.com",  # no wildcards
+        "https://shop example.com",
+    ],
+)
+def test_parse_origins_refuses_what_no_url_could_match(value: str) -> None:
+    """Accepted, these marked every event from the site origin_mismatch (found by an
+    origin hunt)."""
+    with pytest.raises(ValueError, match="one per value: repeat --set fp_origins") as info:
+        parse_origins([value])
+    assert repr(value) in str(info.value)
+
+
+def test_configured_origins_match_the_urls_browsers_report() -> None:
+    configured = parse_origins(["https://bücher.example", "https://[2001:0db8::0:1]:8443"])
+    assert normalize_origin("https://xn--bcher-kva.example/cart") in configured
+    assert normalize_origin("https://[2001:db8::1]:8443/") in configured
+
+
 # -- comparable_client_ip ---------------------------------------------------------------
 
 
@@ -109,10 +135,18 @@ def test_parse_origins_names_the_bad_one() -> None:
         ("", "1.1.1.1", "1.1.1.1"),
         (None, "::ffff:1.1.1.1", "1.1.1.1"),
         (None, "2606:4700:4700::1111", "2606:4700:4700::1111"),
-        # Garbage in the header falls back to the peer.
-        ("garbage", "1.1.1.1", "1.1.1.1"),
-        ("8.8.4.4, 10.0.0.1", "1.1.1.1", "1.1.1.1"),
-        ("999.1.1.1", "1.1.1.1", "1.1.1.1"),
+        # A header sent is the integration's word: never replaced by the connection's
+        # address, which is the integration's own (it used to be: a false ip_mismatch,
+        # found by an origin hunt). A list (the header twice, joined) or an address
+        # with a port gives its first address; anything else is unknown.
+        ("garbage", "1.1.1.1", None),
+        ("999.1.1.1", "1.1.1.1", None),
+        ("8.8.4.4, 10.0.0.1", "1.1.1.1", "8.8.4.4"),
+        ("8.8.4.4, 8.8.4.4", "1.1.1.1", "8.8.4.4"),
+        ("8.8.4.4:51234", "1.1.1.1", "8.8.4.4"),
+        ("[2001:4860:4860::8888]:443", "1.1.1.1", "2001:4860:4860::8888"),
+        ("[2001:4860:4860::8888]", None, "2001:4860:4860::8888"),
+        ("  ", "1.1.1.1", "1.1.1.1"),  # blank: not sent
         # Loopback, private and link-local peers say nothing about the browser.
         (None, "127.0.0.1", None),
         (None, "::1", None),
