@@ -154,6 +154,12 @@ _V4_PLAIN = tuple(name for name, _ in BOOLEAN_SIGNALS if name not in ("tor", "ip
 _V3_SIGNAL_PRODUCTS = frozenset(v3_name for _, v3_name in BOOLEAN_SIGNALS)
 
 
+#: The largest time a JavaScript Date holds (ms from the epoch, either way): a timestamp
+#: beyond it is no time at all, and its age would be a number of thousands of digits
+#: that no JSON encoder, SQLite column or saved flow takes.
+MAX_TIME_MS = 8_640_000_000_000_000
+
+
 def _summarize_v4(event: dict[str, Any], event_id: str, timestamp: int) -> dict[str, Any]:
     get = event.get
     ident = get("identification")
@@ -181,7 +187,7 @@ def _summarize_v4(event: dict[str, Any], event_id: str, timestamp: int) -> dict[
         "bot_type": v if isinstance(v := get("bot_type"), str) else None,
         "ip": v if isinstance(v := get("ip_address"), str) else None,
         "url": v if isinstance(v := get("url"), str) else None,
-        "timestamp": timestamp,
+        "timestamp": timestamp if -MAX_TIME_MS <= timestamp <= MAX_TIME_MS else None,
         "replayed": v if (v := get("replayed")) is True or v is False else None,
         "linked_id": v if isinstance(v := get("linked_id"), str) else None,
         "suspect_score": v if type(v := get("suspect_score")) in _JSON_NUMBER else None,
@@ -205,7 +211,7 @@ def _summarize_v3(products: dict[str, Any]) -> dict[str, Any]:
         bot = _ABSENT
     iget, bget = ident.get, botd.get
     timestamp = iget("timestamp")
-    if not _is_int(timestamp):
+    if not (_is_int(timestamp) and -MAX_TIME_MS <= timestamp <= MAX_TIME_MS):
         timestamp = _iso_to_ms(iget("time")) or _iso_to_ms(bget("time"))
     signals: dict[str, bool] = {}
     if not _V3_SIGNAL_PRODUCTS.isdisjoint(products):

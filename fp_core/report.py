@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NamedTuple
 
 from fp_core.errors import FpError
+from fp_core.loglines import printable
 from fp_core.sqlite_files import SqliteFileError
 from fp_core.store import open_store
 
@@ -237,7 +238,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"fp-tap report: {source['path']} ({source['format']})",
         f"records:    {report['records']} ({report['unsealed']} unsealed, "
         f"{report['errors']} errors)",
-        f"time range: {report['first'] or '-'} .. {report['last'] or '-'}",
+        f"time range: {printable(report['first'] or '-')} .. {printable(report['last'] or '-')}",
         "",
         _counts("verdicts", report["verdicts"]),
         _counts("bot results", report["bots"]),
@@ -252,15 +253,17 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"unreadable lines:     {report['unreadable_lines']}")
     if report["top_visitors"]:
         lines += ["", "top visitors:"]
-        width = max(len(v["visitor_id"]) for v in report["top_visitors"])
+        # Escaped: a visitor id comes from the event, and must not print lines (or
+        # terminal escapes) of its own.
+        shown = [(printable(v["visitor_id"]), v) for v in report["top_visitors"]]
+        width = max(len(text) for text, _ in shown)
         lines += [
-            f"  {v['visitor_id']:<{width}}  {v['records']:>6} record(s), "
-            f"{v['suspicious']} suspicious"
-            for v in report["top_visitors"]
+            f"  {text:<{width}}  {v['records']:>6} record(s), {v['suspicious']} suspicious"
+            for text, v in shown
         ]
     return "\n".join(lines) + "\n"
 
 
 def _counts(title: str, counts: dict[str, int]) -> str:
-    body = ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
+    body = ", ".join(f"{printable(k)} {v}" for k, v in counts.items()) or "-"
     return f"{title + ':':<13} {body}"

@@ -20,6 +20,7 @@ from _pytest.logging import LogCaptureHandler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mitmproxy import contentviews, exceptions, http
+from mitmproxy import io as mitmio
 from mitmproxy.addons.errorcheck import ErrorCheckHandler
 from mitmproxy.addons.termlog import TermLogHandler
 from mitmproxy.log import LegacyLogEvents, MitmFormatter
@@ -1425,3 +1426,19 @@ def test_the_client_ip_header_sent_twice_is_still_the_visitors(
     record = flow.metadata["fp"]
     assert record["checks"]["ip_match"] is True
     assert record["verdict"] == "trusted"
+
+
+def test_an_event_whose_timestamp_has_thousands_of_digits_leaves_a_savable_flow(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its age, on the flow, could not be saved with -w, and the record line's text of it
+    was an internal error (found by a fuzz hunt)."""
+    tap, _ = addon
+    caplog.set_level(logging.INFO)
+    sealed = seal_event({"event_id": "huge", "timestamp": -(10**4299)}, KEY)
+    flow = run(tap, make_flow(json.dumps({"event_id": "huge", "sealed_result": sealed}).encode()))
+    assert flow.metadata["fp"]["ok"] is True
+    assert flow.metadata["fp"]["checks"]["age_ms"] is None
+    mitmio.FlowWriter(io.BytesIO()).add(flow)  # what -w does with every flow
+    assert "errors" not in tap.snapshot()
+    assert any(" huge " in r.getMessage() for r in caplog.records)  # its record line

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 from fp_core.events import (
     BOOLEAN_SIGNALS,
     BOT_RESULTS,
+    MAX_TIME_MS,
     Api,
     _iso_to_ms,
     event_api,
@@ -187,7 +189,7 @@ def reference_summary(event: object) -> dict[str, object]:
             "bot_type": _text(_at(event, "bot_type")),
             "ip": _text(_at(event, "ip_address")),
             "url": _text(_at(event, "url")),
-            "timestamp": _at(event, "timestamp"),
+            "timestamp": _time(_at(event, "timestamp")),
             "replayed": _flag(_at(event, "replayed")),
             "linked_id": _text(_at(event, "linked_id")),
             "suspect_score": _num(_at(event, "suspect_score")),
@@ -198,8 +200,8 @@ def reference_summary(event: object) -> dict[str, object]:
         for name, product in BOOLEAN_SIGNALS:
             if (flag := _flag(_at(event, "products", product, "data", "result"))) is not None:
                 signals[name] = flag
-        timestamp = _at(ident, "timestamp")
-        if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+        timestamp = _time(_at(ident, "timestamp"))
+        if timestamp is None:
             timestamp = _iso_to_ms(_at(ident, "time")) or _iso_to_ms(_at(botd, "time"))
         result = _at(botd, "bot", "result")
         fields = {
@@ -219,6 +221,13 @@ def reference_summary(event: object) -> dict[str, object]:
     empty = dict.fromkeys(("request_id", "visitor_id", "visitor_found", "confidence", "bot"))
     empty |= dict.fromkeys(("bot_type", "ip", "url", "timestamp", "replayed", "linked_id"))
     return {"api": api, **empty, "suspect_score": None, **fields, "signals": signals}
+
+
+def _time(value: object) -> int | None:
+    """A timestamp: an integer a JavaScript Date can hold."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_TIME_MS:
+        return value
+    return None
 
 
 #: Every place the summary reads, as paths from the event's root.
@@ -338,3 +347,21 @@ def test_an_iso_time_is_read_to_the_exact_millisecond(ms: int) -> None:
     text = datetime.fromtimestamp(ms // 1000, UTC).isoformat().replace("+00:00", "")
     text += f".{ms % 1000:03d}Z"
     assert _iso_to_ms(text) == ms
+
+
+@pytest.mark.parametrize("api", ["v4", "v3"])
+@pytest.mark.parametrize("timestamp", [MAX_TIME_MS + 1, -MAX_TIME_MS - 1, -(10**4299)])
+def test_a_timestamp_no_date_can_hold_reads_as_absent(api: Api, timestamp: int) -> None:
+    """Its age would be a number no JSON encoder, SQLite column or saved flow takes: a
+    4,300-digit one lost whole record batches (found by a fuzz hunt)."""
+    if api == "v4":
+        event: dict[str, Any] = {"event_id": "e", "timestamp": timestamp}
+    else:
+        event = {"products": {"identification": {"data": {"timestamp": timestamp}}}}
+    assert summarize(event)["timestamp"] is None
+    edge = dict(event)
+    if api == "v4":
+        edge["timestamp"] = -MAX_TIME_MS
+    else:
+        edge = {"products": {"identification": {"data": {"timestamp": MAX_TIME_MS}}}}
+    assert summarize(edge)["timestamp"] in (MAX_TIME_MS, -MAX_TIME_MS)

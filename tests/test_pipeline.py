@@ -487,3 +487,40 @@ def test_webhook_events_the_spool_never_took_are_lost_when_it_closes(tmp_path: P
         shell.execute("ROLLBACK")
         shell.close()
     assert pipeline.stats.group("webhook")["lost"] == 1
+
+
+def test_an_event_with_a_timestamp_of_thousands_of_digits_is_written_with_its_batch(
+    tmp_path: Path,
+) -> None:
+    """Authenticated (it takes the key), so the tap accepts it; its age had 4,301 digits,
+    which no sink could encode: the whole batch was lost in JSONL, SQLite and the
+    webhook spool (found by a fuzz hunt)."""
+    from fp_core.sealed import seal_event
+
+    def body(request_id: str, timestamp: int) -> bytes:
+        sealed = seal_event({"event_id": request_id, "timestamp": timestamp}, KEY)
+        return json.dumps({"event_id": request_id, "sealed_result": sealed}).encode()
+
+    now = int(time.time() * 1000)
+    jsonl, db = tmp_path / "out.jsonl", tmp_path / "store.db"
+    pipeline = Pipeline()
+    hook = {"fp_webhook_url": "http://127.0.0.1:9/hook", "fp_state_dir": str(tmp_path / "s")}
+    pipeline.configure(opts(fp_jsonl=str(jsonl), fp_sqlite=str(db), **hook), OPTIONS, [KEY])
+    try:
+        assert pipeline.inspect(info(body("before", now), 1)) is not None
+        huge = pipeline.inspect(info(body("huge", -(10**4299) - 1), 2))
+        assert pipeline.inspect(info(body("after", now), 3)) is not None
+    finally:
+        pipeline.close(0)
+    assert huge is not None
+    assert huge["ok"] is True
+    assert (huge["summary"]["timestamp"], huge["checks"]["age_ms"]) == (None, None)
+    assert huge["checks"]["fresh"] is None
+    assert "sink_errors" not in pipeline.snapshot()
+    assert [json.loads(line)["request_id"] for line in jsonl.read_text().splitlines()] == [
+        "before",
+        "huge",
+        "after",
+    ]
+    assert len(list(read_records(str(db)))) == 3
+    assert pipeline.stats.group("webhook")["spooled"] == 3

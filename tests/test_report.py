@@ -224,3 +224,22 @@ def test_lines_shorter_than_the_format_check_are_all_read(tmp_path: Path) -> Non
     path.write_bytes(b'{}\n[]\n{"a":\n1}\n{"request_id":"r1","ok":true}\n{"b"')
     report = build_report(str(path))
     assert (report["records"], report["unreadable_lines"]) == (2, 3)
+
+
+def test_the_human_report_escapes_what_records_say(tmp_path: Path) -> None:
+    """A visitor id comes from the event: a line break in it forged a report line, and
+    an escape sequence reached the analyst's terminal (found by a fuzz hunt)."""
+    forged = "v1\nid mismatches:        0\x1b]0;pwned\x07"
+    recs = records()
+    recs[0]["summary"]["visitor_id"] = forged
+    recs[0]["time"] = "2026\n-01"
+    path = tmp_path / "events.jsonl"
+    write_jsonl(path, recs)
+    report = build_report(str(path))
+    text = format_report(report)
+    assert "\x1b" not in text
+    assert [line for line in text.splitlines() if line.startswith("id mismatches:")] == [
+        f"id mismatches:        {report['id_mismatches']}"
+    ]
+    assert "v1\\nid mismatches:" in text  # escaped, on the visitor's own line
+    assert any(v["visitor_id"] == forged for v in report["top_visitors"])  # --json as is
