@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,14 +56,23 @@ def _canonical_host(host: str) -> str:
             return host
     if not host.isascii():  # a browser's URL holds the punycode form
         try:
-            return host.encode("idna").decode("ascii")
+            return ".".join(_punycode(label) for label in host.split("."))
         except UnicodeError:
             return host
     return host
 
 
+def _punycode(label: str) -> str:
+    """A label as browsers write it (WHATWG URL: UTS #46 without the transitional
+    mapping): Python's "idna" codec is IDNA 2003, which turns "ß" into "ss" and "ς" into
+    "σ", another site's name."""
+    if label.isascii():
+        return label
+    return "xn--" + unicodedata.normalize("NFC", label.lower()).encode("punycode").decode()
+
+
 #: What a configured origin's host may hold: a DNS name (punycode), or an IPv6 literal.
-_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-")
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
 
 
 def parse_origins(values: Iterable[str]) -> frozenset[str]:

@@ -44,7 +44,9 @@ def _unechoed(message: str) -> str:
     value may well be a key): only what looks like an option name is repeated."""
     prefix = "unrecognized arguments: "
     if not message.startswith(prefix):
-        return message
+        # "invalid choice: '<a key>'", "ignored explicit argument '<a key>'", ...: the
+        # quoted values go, but for the names this parser itself offers.
+        return _QUOTED.sub(_named_or_hidden, message)
     words = (word.split("=", 1)[0] for word in message[len(prefix) :].split())
     # An option's name, not a URL-safe base64 key that happens to start with "-".
     names = [word for word in words if _OPTION_NAME.fullmatch(word)]
@@ -52,6 +54,14 @@ def _unechoed(message: str) -> str:
 
 
 _OPTION_NAME = re.compile(r"--?[A-Za-z][A-Za-z0-9-]{0,30}")
+_QUOTED = re.compile(r"'([^']*)'")
+#: Quoted words an error may repeat: the subcommands (argparse lists them as choices).
+_COMMANDS = frozenset({"unseal", "seal", "keygen", "generate", "report"})
+
+
+def _named_or_hidden(match: re.Match[str]) -> str:
+    word = match.group(1)
+    return match.group(0) if word in _COMMANDS or _OPTION_NAME.fullmatch(word) else "(value)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +130,10 @@ def main(
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
     inp = stdin if stdin is not None else sys.stdin.buffer
+    if stdout is None and hasattr(sys.stdout, "reconfigure"):
+        # JSON is UTF-8 (RFC 8259), whatever the locale: an event's text is not refused
+        # by a Latin-1 terminal or a Windows pipe.
+        sys.stdout.reconfigure(encoding="utf-8")
     out = stdout if stdout is not None else sys.stdout
     try:
         if args.command == "unseal":
@@ -211,7 +225,7 @@ def _report(args: argparse.Namespace, out: IO[str]) -> int:
         raise ReportError("--top cannot be negative")
     report = build_report(args.path, top=args.top)
     if args.json:
-        print(json.dumps(report, indent=2, ensure_ascii=False), file=out)
+        print(encodable(json.dumps(report, indent=2, ensure_ascii=False)), file=out)
     else:
         out.write(format_report(report))
     return 0

@@ -133,7 +133,8 @@ def parse_key_file(text: str, source: str) -> list[DecryptionKey]:
 def read_key_file(path: str | os.PathLike[str]) -> list[DecryptionKey]:
     """Read a key file; an unreadable file is a :class:`KeyConfigError`."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # utf-8-sig: a byte order mark (Notepad, PowerShell 5) is no part of the key.
+        text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
         raise KeyConfigError(f"key file {os.fspath(path)}: cannot read ({reason})") from None

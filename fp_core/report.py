@@ -17,8 +17,6 @@ from typing import Any, BinaryIO, NamedTuple
 
 from fp_core.errors import FpError
 from fp_core.loglines import printable
-from fp_core.sqlite_files import SqliteFileError
-from fp_core.store import open_store
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 TOP_VISITORS = 10
@@ -147,6 +145,10 @@ def _open(path: str) -> BinaryIO:
 
 def sqlite_facts(path: str) -> Iterator[Fact]:
     """Facts from a store, in one read transaction (a consistent snapshot)."""
+    # Here, not at the top: a JSONL report (and the CLI) needs no sqlite3, which some
+    # Pythons lack (the README: only fp_sqlite and the webhook spool need it).
+    from fp_core.store import open_store
+
     with closing(open_store(path)) as conn:
         rows = conn.execute(
             "SELECT time, request_id, ok, verdict, error_kind, bot, visitor_id, checks "
@@ -214,7 +216,7 @@ def build_report(path: str, top: int = TOP_VISITORS) -> dict[str, Any]:
         try:
             for fact in facts:
                 tally.add(fact)
-        except SqliteFileError as exc:
+        except FpError as exc:  # the store's file (SqliteFileError)
             raise ReportError(exc.message) from None
         except OSError as exc:
             raise ReportError(f"{path}: cannot read ({exc.strerror or exc})") from None

@@ -133,7 +133,9 @@ class FileWatch[T]:
 
     def _text(self, data: bytes) -> str:
         try:
-            return data.decode("utf-8")
+            # utf-8-sig: a byte order mark (Notepad, PowerShell 5) is no part of a key
+            # or of the webhook secret (which would sign every delivery wrong).
+            return data.decode("utf-8-sig")
         except UnicodeDecodeError:
             raise self._error(f"{self.what} {self.path}: cannot read (not UTF-8)") from None
 

@@ -72,8 +72,12 @@ def unseal_event(
 
     The header is checked before any key. Keys are tried in order; the first one that
     authenticates and inflates wins. The inflated JSON may not exceed ``max_size`` bytes.
-    Raises only :class:`~fp_core.errors.UnsealError` subclasses.
+    Raises only :class:`~fp_core.errors.UnsealError` subclasses for what ``sealed`` holds;
+    a ``max_size`` that is not a non-negative int is the caller's ``ValueError``.
     """
+    if type(max_size) is not int or max_size < 0:
+        # zlib reads a limit of 0 or less as "none": a bomb would inflate in full.
+        raise ValueError(f"max_size must be a non-negative int, not {max_size!r}")
     data = _sealed_bytes(sealed)
     if not data.startswith(HEADER):
         raise InvalidHeader(f"sealed data does not start with {HEADER.hex()}")

@@ -44,6 +44,10 @@ CHECK_KEYS = {"id_match", "fresh", "age_ms", "duplicate", "replayed", "ip_match"
         ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
         # As a browser writes them (found by an origin hunt): punycode, compressed IPv6.
         ("https://Bücher.example/cart", "https://xn--bcher-kva.example"),
+        # Not IDNA 2003's "ss" and plain sigma: browsers keep sharp s and final sigma
+        # (found by a README hunt).
+        ("https://straße.de/checkout", "https://xn--strae-oqa.de"),
+        ("https://ς.example", "https://xn--3xa.example"),
         ("https://[2001:0db8:0:0:0:0:0:1]:8443", "https://[2001:db8::1]:8443"),
     ],
 )
@@ -111,7 +115,10 @@ def test_parse_origins_refuses_what_no_url_could_match(value: str) -> None:
 
 
 def test_configured_origins_match_the_urls_browsers_report() -> None:
-    configured = parse_origins(["https://bücher.example", "https://[2001:0db8::0:1]:8443"])
+    configured = parse_origins(
+        ["https://bücher.example", "https://[2001:0db8::0:1]:8443", "https://my_shop.example"]
+    )
+    assert normalize_origin("https://my_shop.example/login") in configured
     assert normalize_origin("https://xn--bcher-kva.example/cart") in configured
     assert normalize_origin("https://[2001:db8::1]:8443/") in configured
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,12 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(
-    args: list[str], stdin: bytes = b"", env: dict[str, str] | None = None
+    args: list[str],
+    stdin: bytes = b"",
+    env: dict[str, str] | None = None,
+    prelude: str | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    base = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    """``python -m fp_core ARGS`` in a fresh interpreter (``prelude`` runs first)."""
+    base = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "PYTHONIOENCODING")}
     base["PYTHONPATH"] = str(ROOT)
+    command = [sys.executable, "-m", "fp_core"]
+    if prelude is not None:
+        run_module = "import runpy; runpy.run_module('fp_core', run_name='__main__')"
+        command = [
+            sys.executable,
+            "-c",
+            f"{prelude}\nimport sys; sys.argv[0] = 'fp_core'\n{run_module}",
+        ]
     return subprocess.run(
-        [sys.executable, "-m", "fp_core", *args],
+        [*command, *args],
         input=stdin,
         capture_output=True,
         env={**base, **(env or {})},
@@ -144,7 +157,8 @@ def test_a_mistyped_option_neither_abbreviates_nor_echoes_its_value(
 
 
 def test_a_url_safe_key_starting_with_a_dash_is_not_taken_for_an_option_name() -> None:
-    key = "-" + DecryptionKey.generate().to_base64().replace("+", "-").replace("/", "_")[1:]
+    # "-Q...": not "-h...", which argparse takes for -h (help, exit 0): 1 key in 64.
+    key = "-Q" + DecryptionKey.generate().to_base64().replace("+", "-").replace("/", "_")[2:]
     out = run(["unseal", "--key", key])
     assert out.returncode == 64
     assert key.encode() not in out.stderr
@@ -188,3 +202,71 @@ def test_seal_refuses_what_unseal_would_refuse(
     event = b'{"event_id": "a", "timestamp": 1, "score": ' + value + b"}"
     out = run(["seal", "--keys-file", str(keyfile[0])], event)
     assert (out.returncode, out.stderr) == (64, b"error: usage: stdin is not JSON\n")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        lambda key: ["--key", key, "unseal"],  # before the subcommand: "invalid choice"
+        lambda key: ["--keys", key, "unseal"],
+        lambda key: ["unseal", "--pretty=" + key],  # "ignored explicit argument"
+    ],
+    ids=["--key-before-subcommand", "--keys-before-subcommand", "--pretty=value"],
+)
+def test_no_usage_error_repeats_a_value(argv: Any) -> None:
+    """argparse's other messages quote the value: a key on the terminal (found by an API
+    hunt)."""
+    key = DecryptionKey.generate().to_base64()
+    done = run(argv(key))
+    assert done.returncode == 64
+    assert (key.encode() in done.stdout + done.stderr) is False  # never printed, even here
+    assert b"error: usage:" in done.stderr
+
+
+def test_unseal_prints_utf_8_whatever_the_locale(keyfile: tuple[Path, DecryptionKey]) -> None:
+    """A stdout in cp1252 (a Windows pipe) or Latin-1 ended in a traceback (found by an
+    API hunt). JSON is UTF-8."""
+    path, key = keyfile
+    event = {"event_id": "1700000000000.abcdef", "timestamp": 1, "url": "https://例え.jp/Łódź"}
+    done = run(
+        ["unseal", "--keys-file", str(path)],
+        seal_event(event, key).encode(),
+        env={"PYTHONIOENCODING": "cp1252"},
+    )
+    assert done.returncode == 0, done.stderr[-300:]
+    assert json.loads(done.stdout.decode("utf-8")) == event
+
+
+def test_report_json_writes_a_lone_surrogate_as_its_escape(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b'{"ok": true, "summary": {"visitor_id": "v\\udfff"}}\n')
+    done = run(["report", "--json", str(path)])
+    assert done.returncode == 0, done.stderr[-300:]
+    assert json.loads(done.stdout)["top_visitors"][0]["visitor_id"] == "v\udfff"
+
+
+NO_SQLITE = """
+import sys
+class NoSqlite:  # as a Python built without it
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("sqlite3", "_sqlite3"):
+            raise ModuleNotFoundError("No module named '_sqlite3'")
+sys.meta_path.insert(0, NoSqlite())
+"""
+
+
+def test_the_cli_needs_no_sqlite3_but_for_a_store(keyfile: tuple[Path, DecryptionKey]) -> None:
+    """Every subcommand died at import on a Python without sqlite3 (found by an API
+    hunt); only fp_sqlite and the webhook spool need it."""
+    path, key = keyfile
+    event = {"event_id": "1700000000000.abcdef", "timestamp": 1}
+    done = run(
+        ["unseal", "--keys-file", str(path)], seal_event(event, key).encode(), prelude=NO_SQLITE
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    assert json.loads(done.stdout) == event
+    assert run(["keygen"], prelude=NO_SQLITE).returncode == 0
+    jsonl = path.parent / "events.jsonl"
+    jsonl.write_text('{"ok": true, "summary": {"visitor_id": "v1"}}\n')
+    report = run(["report", "--json", str(jsonl)], prelude=NO_SQLITE)
+    assert json.loads(report.stdout)["records"] == 1

@@ -140,3 +140,12 @@ def test_key_file_permissions(tmp_path: Path) -> None:
 def test_decode_base64_lenient_rejects_non_ascii() -> None:
     with pytest.raises(ValueError, match="ASCII"):
         decode_base64_lenient("AAAA\u00e9")
+
+
+def test_a_key_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Notepad and PowerShell 5 save UTF-8 with one: the key was refused as "not valid
+    base64" (found by an API hunt)."""
+    key = DecryptionKey.generate()
+    path = tmp_path / "keys.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + key.to_base64().encode() + b"\r\n")
+    assert load_keys(str(path), environ={}) == [key]

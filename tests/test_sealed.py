@@ -5,6 +5,7 @@ import json
 import math
 import tracemalloc
 import zlib
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
@@ -348,3 +349,13 @@ def test_json_parsing_agrees_with_json_loads(text: str) -> None:
             parse_event_text(text)
     else:
         assert parse_event_text(text) == expected
+
+
+@pytest.mark.parametrize("max_size", [-1, 2.5, None, "5"])
+def test_a_max_size_that_is_not_a_non_negative_int_is_refused(max_size: Any) -> None:
+    """zlib reads a limit of 0 or less as "none": -1 inflated a bomb in full (found by an
+    API hunt)."""
+    key = DecryptionKey.generate()
+    sealed = seal_event({"event_id": "e", "timestamp": 1}, key)
+    with pytest.raises(ValueError, match="max_size must be a non-negative int"):
+        unseal_event(sealed, [key], max_size=max_size)

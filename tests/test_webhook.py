@@ -742,3 +742,16 @@ def test_an_event_refused_after_another_ones_103_stays_in_the_spool(
     finally:
         reopened.close()
     assert left == ["B"]
+
+
+def test_a_secret_file_with_a_byte_order_mark_signs_with_the_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """U+FEFF is no whitespace: every delivery was signed with it, and refused by the
+    receiver, with nothing logged (found by an API hunt)."""
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
+    path = tmp_path / "webhook.secret"
+    path.write_bytes(b"\xef\xbb\xbf" + b"s3cret-for-tests\r\n")
+    secret, _ = load_secret_watched(str(path))
+    assert secret is not None
+    assert secret.sign(b"{}") == sign(b"{}", b"s3cret-for-tests")
