@@ -56,19 +56,26 @@ def _canonical_host(host: str) -> str:
             return host
     if not host.isascii():  # a browser's URL holds the punycode form
         try:
-            return ".".join(_punycode(label) for label in host.split("."))
+            return ".".join(_punycode(label) for label in host.translate(_DOTS).split("."))
         except UnicodeError:
             return host
     return host
 
 
+#: The full stops a browser reads as a label's end (UTS #46).
+_DOTS = {0x3002: ".", 0xFF0E: ".", 0xFF61: "."}
+
+
 def _punycode(label: str) -> str:
     """A label as browsers write it (WHATWG URL: UTS #46 without the transitional
-    mapping): Python's "idna" codec is IDNA 2003, which turns "ß" into "ss" and "ς" into
-    "σ", another site's name."""
+    mapping): Python's "idna" codec is IDNA 2003, which turns "ß" into "ss" and a final
+    sigma into a plain one: another site's name."""
+    # NFKC as UTS #46 maps (fullwidth letters are ASCII ones), lower case not casefold
+    # (which would turn "ß" into "ss" too).
+    label = unicodedata.normalize("NFKC", label).lower()
     if label.isascii():
         return label
-    return "xn--" + unicodedata.normalize("NFC", label.lower()).encode("punycode").decode()
+    return "xn--" + unicodedata.normalize("NFC", label).encode("punycode").decode()
 
 
 #: What a configured origin's host may hold: a DNS name (punycode), or an IPv6 literal.

@@ -133,7 +133,9 @@ def main(
     if stdout is None and hasattr(sys.stdout, "reconfigure"):
         # JSON is UTF-8 (RFC 8259), whatever the locale: an event's text is not refused
         # by a Latin-1 terminal or a Windows pipe.
-        sys.stdout.reconfigure(encoding="utf-8")
+        # backslashreplace: what is not text (a file name's undecodable bytes) is shown
+        # as escapes, not a traceback.
+        sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")
     out = stdout if stdout is not None else sys.stdout
     try:
         if args.command == "unseal":

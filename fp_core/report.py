@@ -237,7 +237,7 @@ def format_report(report: dict[str, Any]) -> str:
     """The human-readable report."""
     source = report["source"]
     lines = [
-        f"fp-tap report: {source['path']} ({source['format']})",
+        f"fp-tap report: {printable(source['path'])} ({source['format']})",
         f"records:    {report['records']} ({report['unsealed']} unsealed, "
         f"{report['errors']} errors)",
         f"time range: {printable(report['first'] or '-')} .. {printable(report['last'] or '-')}",

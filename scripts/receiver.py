@@ -340,10 +340,12 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until SIGTERM or SIGINT; 0 on a clean stop, 2 on a bad setup."""
     args = _parse_args(argv)
-    secret = os.environ.get(SECRET_ENV_VAR) or None
+    # Read as the tap reads it: surrounding whitespace and a byte order mark are no part
+    # of the secret.
+    secret = os.environ.get(SECRET_ENV_VAR, "").strip() or None
     if args.secret_file:
         try:
-            secret = Path(args.secret_file).read_text(encoding="utf-8").strip()
+            secret = Path(args.secret_file).read_text(encoding="utf-8-sig").strip()
         except (OSError, UnicodeDecodeError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
             print(f"receiver: cannot read {args.secret_file}: {why}", file=sys.stderr)

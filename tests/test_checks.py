@@ -48,6 +48,9 @@ CHECK_KEYS = {"id_match", "fresh", "age_ms", "duplicate", "replayed", "ip_match"
         # (found by a README hunt).
         ("https://straße.de/checkout", "https://xn--strae-oqa.de"),
         ("https://ς.example", "https://xn--3xa.example"),
+        # Fullwidth letters and ideographic full stops, mapped as UTS #46 maps them.
+        ("https://\uff53\uff48\uff4f\uff50.example", "https://shop.example"),
+        ("https://shop\u3002example", "https://shop.example"),
         ("https://[2001:0db8:0:0:0:0:0:1]:8443", "https://[2001:db8::1]:8443"),
     ],
 )

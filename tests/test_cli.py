@@ -270,3 +270,23 @@ def test_the_cli_needs_no_sqlite3_but_for_a_store(keyfile: tuple[Path, Decryptio
     jsonl.write_text('{"ok": true, "summary": {"visitor_id": "v1"}}\n')
     report = run(["report", "--json", str(jsonl)], prelude=NO_SQLITE)
     assert json.loads(report.stdout)["records"] == 1
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
+def test_report_of_a_file_whose_name_is_not_utf_8(tmp_path: Path, locale: str) -> None:
+    """A Latin-1 name (old shares): with stdout made UTF-8, the name's undecodable byte
+    ended the report in a traceback (a regression of mine, found by a hunt)."""
+    name = os.fsdecode(b"caf\xe9.jsonl")
+    (tmp_path / name).write_bytes(b'{"ok": true, "summary": {"visitor_id": "v1"}}\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8")}
+    done = subprocess.run(
+        [sys.executable, "-m", "fp_core", "report", name],
+        cwd=tmp_path,
+        env={**env, "LC_ALL": locale, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-400:]
+    assert b"fp-tap report: caf\\udce9.jsonl (jsonl)" in done.stdout
+    assert b"records:    1 (1 unsealed, 0 errors)" in done.stdout

@@ -165,3 +165,19 @@ def test_a_secret_file_it_cannot_read_is_a_bad_setup(tmp_path: Path) -> None:
     assert (
         result.stderr == f"receiver: cannot read {tmp_path / 'none'}: No such file or directory\n"
     )
+
+
+def test_a_secret_file_is_read_as_the_tap_reads_it(tmp_path: Path) -> None:
+    """A byte order mark and surrounding whitespace are no part of the secret: the tap
+    ignored the mark, this receiver did not, and answered 401 to every delivery."""
+    from fp_core.rotation import secret_file_watch
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(b"\xef\xbb\xbfreceiver-secret\n")
+    body = b'{"event_id":"e-1"}'
+    signature = secret_file_watch(secret_file).load().sign(body)
+    service, url = start_receiver(tmp_path, args=["--secret-file", str(secret_file)])
+    try:
+        assert post(url, body, {"FPJS-Event-Signature": signature}) == 200
+    finally:
+        service.stop(signal.SIGTERM)
