@@ -85,6 +85,8 @@ OWN_LINE = {"fp_own": True}
 MARK_SUSPICIOUS = ":warning:"
 MARK_ERROR = ":x:"
 METADATA_KEY = "fp"
+#: Whether the flow's mark is fp-tap's (True) or its user's (False), saved with the flow.
+MARKED_KEY = "fp_marked"
 #: Seconds to wait for the worker process to take a configuration with outputs.
 WORKER_TIMEOUT = 60.0
 #: Seconds an option change or shutdown waits for a dead worker's replacement to be made
@@ -754,10 +756,18 @@ class FingerprintTap:
         records = [r for f in flows if (r := self.record_for(f)) is not None]
 
         def write() -> None:
+            # The command has returned: the log is where anything goes wrong shows.
+            try:
+                # Encoded before the file is opened (and emptied): a record that cannot
+                # be (a flow file's odd metadata) costs nothing already there.
+                text = "".join(dumps(r) + "\n" for r in records)
+            except (TypeError, ValueError) as exc:
+                log.warning("fp.export: cannot write %s: a record is not JSON (%s)", path, exc)
+                return
             try:
                 with open_private(str(path), "w") as handle:
-                    handle.write("".join(dumps(r) + "\n" for r in records))
-            except OSError as exc:  # the command has returned: the log is where it shows
+                    handle.write(text)
+            except OSError as exc:
                 log.warning("fp.export: cannot write %s: %s", path, exc.strerror or exc)
                 return
             log.info("fp.export: wrote %d record(s) to %s", len(records), path)
@@ -844,7 +854,7 @@ class FingerprintTap:
                 if record is not None:
                     self._show(flow, record, late=held is None)
                 else:
-                    _forget(flow)
+                    self._forget(flow, late=held is None)
             except Exception as exc:  # one bad answer must not stop the rest, nor hold
                 self.stats.incr_group("errors", "internal")
                 log.warning("fp-tap: internal error on flow %s: %s", flow.id, type(exc).__name__)
@@ -1044,7 +1054,7 @@ class FingerprintTap:
             if record is not None:
                 self._show(flow, record, late=late)
             else:
-                _forget(flow)
+                self._forget(flow, late=late)
         elif self._final is not None:
             self._after_summary(flow)
         else:
@@ -1107,6 +1117,14 @@ class FingerprintTap:
         if late and self._has_view:
             ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
+    def _forget(self, flow: http.HTTPFlow, late: bool) -> None:
+        """Not an open response after all: any annotation of an earlier one goes, and the
+        UI hears of it when the hook has returned already (as with _show)."""
+        if METADATA_KEY in flow.metadata:
+            _forget(flow)
+            if late and self._has_view:
+                ctx.master.addons.trigger(hooks.UpdateHook([flow]))
+
     def _response_info(self, flow: http.HTTPFlow, count: bool) -> ResponseInfo | None:
         response = flow.response
         assert response is not None
@@ -1147,7 +1165,7 @@ class FingerprintTap:
         info = self._response_info(flow, count=False)
         record = self.tap.inspect(info, remember=False) if info else None
         stored = flow.metadata.get(METADATA_KEY)
-        if record is not None and isinstance(stored, dict):
+        if record is not None and isinstance(stored, dict) and _same_response(stored, record):
             if stored.get("ok") is True and record["ok"] is True:
                 kept: tuple[str, ...] = ("checks", "verdict", "reasons")
             else:
@@ -1166,6 +1184,19 @@ class FingerprintTap:
         if record is not None and not self.include_event:
             record.pop("event", None)  # the tap keeps it for the webhook only
         return record
+
+
+def _same_response(stored: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether the flow's annotation is about the response read now: an edited response
+    (mitmweb, the console's editor) is exported as it reads now, not with the verdict of
+    the one it replaced."""
+    if stored.get("request_id") != record["request_id"]:
+        return False
+    if stored.get("ok") is True and record["ok"] is True:  # both unsealed: the same event?
+        then, now = stored.get("summary"), record.get("summary")
+        if isinstance(then, dict) and isinstance(now, dict):
+            return bool(then.get("request_id") == now.get("request_id"))
+    return True
 
 
 class _NotRecords(logging.Filter):
@@ -1237,12 +1268,7 @@ class FingerprintView(contentviews.Contentview):
         ]
         stored = metadata.flow.metadata.get(METADATA_KEY) if metadata.flow else None
         if isinstance(stored, dict):
-            reasons = ", ".join(stored.get("reasons") or [])
-            lines.append(
-                f"# verdict: {stored.get('verdict')}" + (f" ({reasons})" if reasons else "")
-            )
-            checks = stored.get("checks") or {}
-            lines.append("# checks: " + " ".join(f"{k}={json.dumps(v)}" for k, v in checks.items()))
+            lines += _verdict_lines(stored, opened.request_id)
         try:
             event = unseal_event(
                 opened.sealed, self.addon.keys, max_size=self.addon.tap.config.max_event
@@ -1259,6 +1285,26 @@ class FingerprintView(contentviews.Contentview):
         # highlighter could not take the text.
         pretty = encodable(json.dumps(event, indent=2, ensure_ascii=False))
         return "\n".join(lines) + "\n" + pretty
+
+
+def _verdict_lines(stored: dict[str, Any], request_id: str) -> list[str]:
+    """The view's lines for the annotation on the flow: only if it is this response's
+    (an edited response keeps the old one's until inspected again), and only what reads
+    as an annotation (a flow file's metadata may hold anything)."""
+    if stored.get("request_id") != request_id:
+        return ["# verdict: (the annotation is for an earlier version of this response)"]
+    reasons, checks = stored.get("reasons"), stored.get("checks")
+    if not (
+        isinstance(reasons, list)
+        and all(isinstance(r, str) for r in reasons)
+        and isinstance(checks, dict)
+    ):
+        return ["# verdict: (unreadable annotation)"]
+    said = f" ({', '.join(reasons)})" if reasons else ""
+    return [
+        printable(f"# verdict: {stored.get('verdict')}{said}"),
+        printable("# checks: " + " ".join(f"{k}={json.dumps(v)}" for k, v in checks.items())),
+    ]
 
 
 def _options() -> Any:
@@ -1383,8 +1429,11 @@ def _annotate(flow: http.HTTPFlow, record: dict[str, Any]) -> None:
     flow.metadata[METADATA_KEY] = metadata_of(record)
     comment = _comment(record)
     flow.comment = f"{flow.comment}\n{comment}" if flow.comment else comment
-    if not flow.marked:
+    # Whose mark it is, saved with the flow: a user's stays through any re-inspection.
+    ours = not flow.marked and bool(_mark(record))
+    if ours:
         flow.marked = _mark(record)
+    flow.metadata[MARKED_KEY] = ours
 
 
 def _forget(flow: http.HTTPFlow) -> None:
@@ -1404,7 +1453,10 @@ def _unannotate(flow: http.HTTPFlow, previous: dict[str, Any]) -> None:
     if comment in lines:  # the last such line: a user may have written after it
         del lines[len(lines) - 1 - lines[::-1].index(comment)]
         flow.comment = "\n".join(lines)
-    if mark and flow.marked == mark:
+    # Flows annotated before fp-tap said whose the mark is: fp-tap's if it is the one
+    # it gives.
+    ours = flow.metadata.pop(MARKED_KEY, None)
+    if mark and flow.marked == mark and ours is not False:
         flow.marked = ""
 
 

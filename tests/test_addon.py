@@ -108,6 +108,7 @@ def state(flow: http.HTTPFlow) -> dict[str, Any]:
     """Everything about the flow except what the addon may set."""
     s = copy.deepcopy(flow.get_state())
     s["metadata"].pop("fp", None)
+    s["metadata"].pop("fp_marked", None)
     s.pop("comment")
     s.pop("marked")
     return s
@@ -1442,3 +1443,144 @@ def test_an_event_whose_timestamp_has_thousands_of_digits_leaves_a_savable_flow(
     mitmio.FlowWriter(io.BytesIO()).add(flow)  # what -w does with every flow
     assert "errors" not in tap.snapshot()
     assert any(" huge " in r.getMessage() for r in caplog.records)  # its record line
+
+
+# -- found by an interactive hunt ----------------------------------------------------
+
+
+def _splice_outer_id(body: bytes, new_id: str) -> str:
+    """The open response with another outer request id (what a user types into the
+    response editor of mitmweb or the console; or the very splice id_match exists for)."""
+    obj = json.loads(body)
+    obj["event_id"] = new_id
+    return json.dumps(obj)
+
+
+def test_export_of_an_edited_response_does_not_claim_the_old_verdict(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], tmp_path: Path
+) -> None:
+    """A flow captured trusted; its response is then edited (mitmweb's PUT /flows/<id>
+    or the console's editor: flow.backup(), then the new body; no hook runs again) so
+    that its outer request id no longer matches the sealed event's. fp.export re-reads
+    the body and writes its request id and summary, but the checks and verdict of the
+    old body: "trusted, id_match=true" next to a request_id that differs from
+    summary.request_id -- a record that contradicts itself, the very splice id_match is
+    there to catch."""
+    tap, tctx = addon
+    interactive(tap, tctx)
+    body, _ = fp_body()
+    flow = run(tap, make_flow(body))
+    assert flow.metadata["fp"]["verdict"] == "trusted"
+    flow.backup()
+    assert flow.response is not None
+    flow.response.text = _splice_outer_id(body, "spliced-by-the-user")
+
+    record = export(tap, flow, tmp_path / "export.jsonl")
+    assert record["request_id"] == "spliced-by-the-user"
+    consistent = record["checks"]["id_match"] is (
+        record["request_id"] == record["summary"]["request_id"]
+    )
+    assert consistent, (
+        f"exported verdict={record['verdict']} id_match={record['checks']['id_match']} "
+        f"for request_id={record['request_id']!r} whose event says "
+        f"{record['summary']['request_id']!r}"
+    )
+
+
+def test_the_content_view_of_an_edited_response_does_not_show_the_old_verdict(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    """The same edited flow in the fingerprint view: its first line names the new
+    request id, the next two the old body's verdict and checks (trusted, id_match=true),
+    then the event whose id differs."""
+    tap, tctx = addon
+    interactive(tap, tctx)
+    body, event = fp_body()
+    flow = run(tap, make_flow(body))
+    flow.backup()
+    assert flow.response is not None
+    flow.response.text = _splice_outer_id(body, "spliced-by-the-user")
+
+    text = contentviews.prettify_message(response(flow), flow).text
+    assert "request id spliced-by-the-user" in text
+    assert event["event_id"] in text  # the event, with its own id
+    assert "id_match=true" not in text, text.split("\n{", 1)[0]
+    assert "# verdict: trusted" not in text, text.split("\n{", 1)[0]
+
+
+def test_a_warning_mark_the_user_set_survives_replays(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+) -> None:
+    """README, Marks: "a flow you marked yourself keeps your mark". A flow captured
+    trusted (no mark); the user marks it :warning: themselves (console:
+    `flow.mark @focus :warning:`, or mitmweb's marker menu). A client replay answered
+    suspicious keeps that mark (it is the user's). A second replay answered trusted
+    removes it: _unannotate takes any mark equal to the one fp-tap would have given the
+    previous verdict for fp-tap's own."""
+    tap, _ = addon
+    flow = run(tap, make_flow(fp_body()[0]))
+    assert flow.metadata["fp"]["verdict"] == "trusted"
+    assert flow.marked == ""
+    flow.marked = fp_addon.MARK_SUSPICIOUS  # the user's own
+    flow.response = make_flow(fp_body(bot="bad")[0]).response  # a replay's answer
+    run(tap, flow)
+    assert flow.metadata["fp"]["verdict"] == "suspicious"
+    assert flow.marked == fp_addon.MARK_SUSPICIOUS
+    flow.response = make_flow(fp_body()[0]).response  # another replay's answer
+    run(tap, flow)
+    assert flow.metadata["fp"]["verdict"] == "trusted"
+    assert flow.marked == fp_addon.MARK_SUSPICIOUS, "the user's own mark was removed"
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"verdict": "trusted", "reasons": [], "checks": ["id_match"]},
+        {"verdict": "suspicious", "reasons": 5, "checks": {}},
+        {"verdict": "trusted", "reasons": [None], "checks": {}},
+    ],
+    ids=["checks-a-list", "reasons-a-number", "reasons-with-null"],
+)
+def test_the_view_of_a_flow_with_odd_fp_metadata_still_shows_the_event(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], stored: dict[str, Any]
+) -> None:
+    """Flows loaded without the hooks (the console's `view.flows.load`, which keeps
+    flow.metadata as the file has it; a file from another tool or version, or one made
+    to) can carry a metadata["fp"] of another shape. _unannotate tolerates that
+    ("metadata from an older or odd file"); FingerprintView.prettify does not: it
+    raises (AttributeError / TypeError), and mitmproxy falls back to the raw view, so the
+    unsealed event, which the keys in memory do open, is not shown at all."""
+    tap, tctx = addon
+    interactive(tap, tctx)
+    body, event = fp_body()
+    flow = make_flow(body)
+    flow.metadata["fp"] = stored
+    meta = contentviews.Metadata(flow=flow, http_message=flow.response)
+    text = tap.view.prettify(body, meta)
+    assert event["event_id"] in text
+    result = contentviews.prettify_message(response(flow), flow)
+    assert result.view_name == "fingerprint"
+
+
+def test_an_export_of_a_flow_with_odd_fp_metadata_says_what_went_wrong(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same kind of flow (metadata["fp"] as a flow file had it; tnetstring, the
+    format of flow files, holds bytes as readily as str) in fp.export: record_for copies
+    the stored fields into the record, the JSON encoding fails in the export thread with
+    a TypeError, which nothing catches or logs -- the file is left created and empty and
+    no line says anything (README: a path that cannot be written is a WARNING line; an
+    export otherwise says "wrote N record(s)")."""
+    tap, tctx = addon
+    interactive(tap, tctx)
+    good = run(tap, make_flow(fp_body()[0]))
+    odd = make_flow(fp_body()[0])
+    odd.metadata["fp"] = {"ok": False, "verdict": b"error", "reasons": [b"no_keys"]}
+    out = tmp_path / "export.jsonl"
+    caplog.set_level("INFO", logger="fp_addon")
+    tap.export_command([good, odd], str(out))
+    tap._join_exports()
+    said = [r.getMessage() for r in caplog.records if "fp.export" in r.getMessage()]
+    assert said, f"fp.export said nothing; the file holds {out.stat().st_size} bytes"

@@ -32,7 +32,7 @@ from fp_core.keys import ENV_VAR
 from fp_core.webhook import SECRET_ENV_VAR
 from fp_core.worker import WorkerClient
 from tests.e2e.conftest import secret_forms
-from tests.test_addon import KEY, fp_body, hostile_bodies, make_flow, state
+from tests.test_addon import KEY, fp_body, hostile_bodies, interactive, make_flow, state
 from tests.test_addon import run as run_through
 
 
@@ -830,3 +830,51 @@ async def test_a_worker_that_dies_while_writing_out_at_shutdown_is_an_error_and_
     assert summary["errors"] == {"worker_exit": 1}
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("worker process stopped (exit code -9) while writing out" in m for m in errors)
+
+
+class _Updates:
+    """Records the flows mitmproxy's UIs are told to redraw (the update hook)."""
+
+    def __init__(self) -> None:
+        self.flows: list[http.HTTPFlow] = []
+
+    def update(self, flows: list[http.HTTPFlow]) -> None:
+        self.flows.extend(flows)
+
+
+@on_loop
+async def test_a_replay_the_worker_finds_no_open_response_in_updates_the_ui(
+    keyfile: Path,
+) -> None:
+    """README: a flow inspected again and "answered by anything but an open response
+    loses fp-tap's comment, mark and metadata["fp"]". With the worker (the default), a
+    body that passes the cheap test (a JSON object naming sealed_result) but is no open
+    response is dropped by the worker a moment after the response hook returned. The
+    addon then strips the comment and mark off the flow (_forget) but, unlike for a
+    record (_show), never triggers the update hook: mitmweb and the console keep showing
+    the old "fp suspicious" comment and ⚠ mark (and a view filtered on them keeps the
+    flow) until something else redraws it."""
+    with tap_with(keyfile) as (tap, tctx):
+        interactive(tap, tctx)
+        updates = _Updates()
+        tctx.master.addons.add(updates)
+        await started(tap)
+        assert tap.worker is not None
+        flow = make_flow(fp_body(bot="bad")[0])
+        tap.response(flow)
+        await until(lambda: "fp" in flow.metadata, "the first annotation")
+        assert flow.marked == fp_addon.MARK_SUSPICIOUS
+        await until(lambda: flow in updates.flows, "the UI told of the annotation")
+        updates.flows.clear()
+
+        # The client replay's answer: JSON that mentions sealed_result, no open response.
+        flow.response = make_flow(b'{"event_id": "x", "sealed_result": null}').response
+        tap.response(flow)
+        await until(lambda: "fp" not in flow.metadata, "the old annotation dropped")
+        assert flow.comment == ""
+        assert flow.marked == ""
+        await asyncio.sleep(0.2)
+        assert flow in updates.flows, (
+            "the comment and mark were removed from the flow, but the UI was not told"
+        )
+        tap.done()
