@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: The dispatcher looks at the spool at least this often even when nobody wakes it.
 IDLE_WAIT = 1.0
+#: The longest wait the platform takes (threading.TIMEOUT_MAX, less room for the rest).
+MAX_WAIT = threading.TIMEOUT_MAX - 3600
 #: With ``keep_parked``, the dispatcher deletes expired parked events this often at
 #: most (or every keep/2 seconds if that is shorter), so many per transaction: a backlog
 #: goes in steps between rounds of delivery.
@@ -147,6 +149,8 @@ class Delivery:
             self.config.ca_file,
         ):
             self._sender = self._sender_factory(config)
+        if config.keep_parked != self.config.keep_parked:
+            self._next_expiry = 0.0  # at the new pace from now, not the old one's turn
         self.config = config
         self._add_workers()
         self.wake()
@@ -182,11 +186,13 @@ class Delivery:
         Events still pending (or in flight: a receiver's late answer is not waited for)
         stay in the spool for the next start. True when nothing was left.
         """
-        self._deadline = time.monotonic() + max(drain, 0.0)
+        # A drain meant as "as long as it takes" must still fit the platform's waits.
+        drain = min(max(drain, 0.0), MAX_WAIT)
+        self._deadline = time.monotonic() + drain
         self._stopping.set()
         self.wake()
         if self._thread.ident is not None:
-            self._thread.join(max(drain, 0.0) + IDLE_WAIT + 5)
+            self._thread.join(drain + IDLE_WAIT + 5)
         for _ in self._workers:
             self._jobs.put(None)
         # The writers are closed by now, each after one last try (WebhookSink.close): what
@@ -225,6 +231,8 @@ class Delivery:
                 if self._stopping.is_set() and time.monotonic() >= self._deadline:
                     break
                 wait = IDLE_WAIT
+            if self._stopping.is_set():  # the drain ends at its deadline, not after a nap
+                wait = min(wait, max(self._deadline - time.monotonic(), 0.01))
             self._wake.wait(wait)
         try:
             self._settle()

@@ -414,7 +414,8 @@ class HttpPoster:
         self.host = parts.hostname or ""
         self.port = parts.port
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self.timeout = timeout
+        # A timeout meant as "none" must still fit a socket's (about 9.2e9 s).
+        self.timeout = min(timeout, threading.TIMEOUT_MAX / 2)
         self._tls = tls_context(ca_file) if parts.scheme == "https" else None
         self._local = threading.local()
 

@@ -394,7 +394,7 @@ class WorkerClient:
                 raise WorkerExited("the worker process exited")
             if left <= 0:
                 raise ConfigError(f"the worker process did not answer in {timeout:.0f} s")
-            self.poll(left)
+            self.poll(min(left, 3600.0))  # a drain meant as "for ever" fits select()
         return self._replies.pop(seq)
 
     def _on_readable(self) -> None:

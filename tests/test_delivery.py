@@ -405,3 +405,50 @@ def test_a_failing_spool_is_counted_and_delivery_carries_on(
     delivery.wake()
     wait_until(lambda: delivery.spool.pending == 0, "delivery despite the errors")
     assert webhook(rig.stats)["spool_errors"] == 2
+
+
+# -- found by a delivery hunt --------------------------------------------------------
+
+
+def test_keep_parked_lowered_at_run_time_applies_at_its_own_pace(rig: Rig) -> None:
+    """The next expiry check stayed where the old keep put it (up to 60 s ahead)."""
+    delivery = rig.start(Sender(lambda n: DOWN), config(give_up=0.1, keep_parked=3600))
+    time.sleep(0.2)  # the first check ran (nothing to expire) and set the next one 60 s on
+    delivery.configure(config(give_up=0.1, keep_parked=0.3))
+    delivery.spool.add(items(1))
+    delivery.wake()
+    wait_until(lambda: webhook(rig.stats).get("expired") == 1, "expiry at the new pace")
+
+
+def test_a_drain_meant_as_for_ever_still_closes(rig: Rig) -> None:
+    """A drain of 10**10 s overflowed Thread.join (OverflowError out of close, and of the
+    addon's done())."""
+    delivery = rig.start(Sender())
+    delivery.spool.add(items(1))
+    delivery.wake()
+    wait_until(lambda: webhook(rig.stats).get("sent") == 1, "delivery")
+    assert delivery.close(drain=10**10) is True
+
+
+def test_the_dispatcher_never_sleeps_past_the_drains_end(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It slept up to a second past the deadline (IDLE_WAIT) when an attempt started in
+    the drain; every wait after close() is now within what is left of the drain."""
+    sender = Sender(lambda n: PostResult(500, "http_500"))
+    delivery = rig.start(sender, config(concurrency=1))
+    waits: list[tuple[float, float]] = []
+    real_wait = delivery._wake.wait
+
+    def wait(timeout: float | None = None) -> bool:
+        if delivery._stopping.is_set():
+            waits.append((timeout or 0.0, delivery._deadline - time.monotonic()))
+        return real_wait(timeout)
+
+    monkeypatch.setattr(delivery._wake, "wait", wait)
+    delivery.spool.add(items(1))
+    delivery.wake()
+    wait_until(lambda: len(sender.calls) >= 1, "a first attempt")
+    delivery.close(drain=0.5)
+    assert waits, "the dispatcher waited during the drain"
+    assert all(timeout <= max(left, 0.01) + 0.005 for timeout, left in waits), waits

@@ -755,3 +755,15 @@ def test_a_secret_file_with_a_byte_order_mark_signs_with_the_secret(
     secret, _ = load_secret_watched(str(path))
     assert secret is not None
     assert secret.sign(b"{}") == sign(b"{}", b"s3cret-for-tests")
+
+
+def test_a_timeout_meant_as_none_still_fits_a_socket(raw_servers: list[RawServer]) -> None:
+    """10**10 s overflowed socket.settimeout: every attempt an internal failure (found by
+    a delivery hunt)."""
+    server = RawServer(lambda n, conn: conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n"))
+    raw_servers.append(server)
+    poster = HttpPoster(server.url, timeout=float(10**10))
+    try:
+        assert (poster.post(b"{}", {}).status, poster.post(b"{}", {}).error) == (204, None)
+    finally:
+        poster.close_local()
