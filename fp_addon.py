@@ -361,6 +361,8 @@ class FingerprintTap:
         self._warnings = Throttle()
         self._final: dict[str, Any] | None = None
         self._exports: concurrent.futures.ThreadPoolExecutor | None = None
+        #: The fp_worker value the pipeline was started for (None: not started yet).
+        self._worker_on: bool | None = None
         #: Open responses mitmproxy finished after the summary (see _after_summary).
         self._late = 0
         #: The files whose content is in use (this process's own watches).
@@ -482,7 +484,10 @@ class FingerprintTap:
             self._scrub_webhook_secret(opts)
         queue_size = self.queue_size = positive(opts, "fp_queue_size")
         nothing = self.pipeline is None and self.worker is None and self._replacing is None
-        if "fp_worker" in updated or nothing:
+        # A switch, not the same value set again (mitmproxy's options.load sets every
+        # option it reads): a new pipeline starts a new replay memory.
+        switched = "fp_worker" in updated and bool(opts.fp_worker) != self._worker_on
+        if switched or nothing:
             self._start_pipeline(opts, keys_just_read=read_keys)
         elif names := updated & PIPELINE_OPTIONS:
             # A dead worker's replacement is waited for, then takes the change: other
@@ -597,6 +602,7 @@ class FingerprintTap:
         """Run the pipeline where ``fp_worker`` says, retiring the one running before
         (its queued records written out, undelivered events left in the spool).
         ``keys_just_read``: this process read the key file in this configuration."""
+        self._worker_on = bool(opts.fp_worker)
         self._stop_pipeline(drain=0)
         self._worker_wanted = False
         if opts.fp_worker and getattr(sys, "frozen", False):
@@ -849,10 +855,10 @@ class FingerprintTap:
         for context, record in records:
             if context is None:
                 continue
-            flow, held = context
+            flow, held, log_trusted = context
             try:
                 if record is not None:
-                    self._show(flow, record, late=held is None)
+                    self._show(flow, record, late=held is None, log_trusted=log_trusted)
                 else:
                     self._forget(flow, late=held is None)
             except Exception as exc:  # one bad answer must not stop the rest, nor hold
@@ -1046,7 +1052,8 @@ class FingerprintTap:
         the worker's answer (else it is released here)."""
         worker, pipeline = self.worker, self.pipeline
         if worker is not None:
-            if worker.submit(info, (flow, held)):
+            # With the fp_log_trusted of when the response came, as in this process.
+            if worker.submit(info, (flow, held, self.log_trusted)):
                 return True
             self._dropped(1)
         elif pipeline is not None:
@@ -1094,7 +1101,7 @@ class FingerprintTap:
         lost = worker.take_pending()
         if lost:
             self.stats.incr("dropped", len(lost))
-        for _, held in lost:
+        for _, held, _ in lost:
             if held is not None and not held.done():
                 held.set_result(None)
         return len(lost)
@@ -1110,9 +1117,17 @@ class FingerprintTap:
                 self.stats.get("dropped"),
             )
 
-    def _show(self, flow: http.HTTPFlow, record: dict[str, Any], late: bool = False) -> None:
+    def _show(
+        self,
+        flow: http.HTTPFlow,
+        record: dict[str, Any],
+        late: bool = False,
+        log_trusted: bool | None = None,
+    ) -> None:
         _annotate(flow, record)
-        if self.log_trusted or record["verdict"] != "trusted":
+        if log_trusted is None:
+            log_trusted = self.log_trusted
+        if log_trusted or record["verdict"] != "trusted":
             _log_record(record, self._lines)
         if late and self._has_view:
             ctx.master.addons.trigger(hooks.UpdateHook([flow]))

@@ -332,14 +332,14 @@ def test_a_pipeline_made_while_the_files_are_refused_keeps_what_is_in_use(
     process, without reading the files."""
     monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
     path = tmp_path / "webhook.secret"
-    with webhook_addon(keyfile, path, "secret-in-use") as (tap, tctx):
+    with webhook_addon(keyfile, path, "secret-in-use", fp_worker=True) as (tap, tctx):
+        assert tap.worker is not None
         rotate(keyfile, NEW.to_base64()[:30])
         rotate(path, "")
         assert asyncio.run(tap.reload_files()) == []
-        old_pipeline = tap.pipeline
-        tctx.configure(tap, fp_worker=False)  # a new pipeline, as after a worker died
+        tctx.configure(tap, fp_worker=False)  # a new pipeline in this process
+        assert tap.worker is None
         assert tap.pipeline is not None
-        assert tap.pipeline is not old_pipeline
         assert verdict_for(tap, KEY) == "trusted", "the keys in use"
         delivery = tap.delivery
         assert delivery is not None
@@ -515,7 +515,8 @@ def test_a_worker_refused_at_a_script_load_leaves_the_work_in_process(
     with taddons.context(tap) as tctx:
         out = tmp_path / "out.jsonl"
         tctx.configure(tap, fp_keys_file=str(keyfile), fp_worker=False, fp_jsonl=str(out))
-        tctx.options.update_defer(fp_worker=True)  # the value, without telling the addon
+        tctx.options.update(fp_worker=True)
+        tap.done()  # the script unloaded; the reloaded one is a new addon
         start = WorkerClient.start
 
         def rotated_first(client: WorkerClient) -> None:
@@ -523,11 +524,12 @@ def test_a_worker_refused_at_a_script_load_leaves_the_work_in_process(
             start(client)
 
         monkeypatch.setattr(WorkerClient, "start", rotated_first)
-        tap.configure(set(tctx.options.keys()))
-        assert tap.worker is None
-        assert tap.pipeline is not None
-        assert verdict_for(tap, KEY) == "trusted", "the keys this process read"
-        tap.done()
+        reloaded = fp_addon.FingerprintTap()
+        reloaded.configure(set(tctx.options.keys()))  # every option, as the loader does
+        assert reloaded.worker is None
+        assert reloaded.pipeline is not None
+        assert verdict_for(reloaded, KEY) == "trusted", "the keys this process read"
+        reloaded.done()
     assert "changed while being read" in caplog.text
     assert "fp-tap: unsealing in mitmproxy's process" in caplog.text
 

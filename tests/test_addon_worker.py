@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mitmproxy import exceptions, http
+from mitmproxy import exceptions, http, optmanager
 from mitmproxy.addons import save
 from mitmproxy.log import LogEntry
 from mitmproxy.test import taddons
@@ -174,7 +174,7 @@ async def test_an_answer_that_cannot_be_shown_still_releases_its_held_response(
         loop = asyncio.get_running_loop()
         helds = [loop.create_future(), loop.create_future()]
         record = {"verdict": "trusted", "ok": True}
-        tap._on_records([((broken, helds[0]), record), ((fine, helds[1]), None)])
+        tap._on_records([((broken, helds[0], True), record), ((fine, helds[1], True), None)])
         assert [h.done() for h in helds] == [True, True]
         assert tap.stats.group("errors") == {"internal": 1}
         # And end to end: the worker's answers for two held flows, the first broken.
@@ -878,3 +878,106 @@ async def test_a_replay_the_worker_finds_no_open_response_in_updates_the_ui(
             "the comment and mark were removed from the flow, but the UI was not told"
         )
         tap.done()
+
+
+# -- found by an options hunt ---------------------------------------------------------
+
+
+async def through_hooks(tap: fp_addon.FingerprintTap, flow: http.HTTPFlow) -> http.HTTPFlow:
+    """Run one response through the tap and wait for its annotation (either mode)."""
+    tap.responseheaders(flow)
+    held = tap.response(flow)
+    if held is not None:
+        await asyncio.wait_for(held, 30)
+    await until(lambda: "fp" in flow.metadata, "the annotation", 30)
+    return flow
+
+
+MODES = [pytest.param(True, id="worker"), pytest.param(False, id="in-process")]
+
+
+@pytest.mark.parametrize("worker", MODES)
+def test_setting_fp_worker_to_its_current_value_keeps_the_replay_memory(
+    keyfile: Path, worker: bool
+) -> None:
+    """`:set fp_worker=<current value>` (or `options.load` of a saved options file, which
+    re-sets every option it lists) is no switch: README says only *switching* fp_worker
+    (or a worker's replacement) starts a new replay memory; "a change of any other option
+    keeps it". Re-setting the same value must not forget the request ids seen, or a
+    replayed sealed result is judged trusted."""
+
+    @on_loop
+    async def go() -> None:
+        with tap_with(keyfile, fp_worker=worker, fp_hold=True) as (tap, tctx):
+            await started(tap)
+            body = fp_body()[0]
+            first = await through_hooks(tap, make_flow(body))
+            assert first.metadata["fp"]["verdict"] == "trusted"
+            again = await through_hooks(tap, make_flow(body))
+            assert again.metadata["fp"]["verdict"] == "suspicious", "control: a duplicate"
+            tctx.configure(tap, fp_worker=worker)  # the value it already has
+            await until(lambda: tap.worker is not None or tap.pipeline is not None, "pipeline")
+            replayed = await through_hooks(tap, make_flow(body))
+            tap.done()
+            assert replayed.metadata["fp"]["verdict"] == "suspicious", (
+                "a replay after re-setting fp_worker to its own value: "
+                f"{replayed.metadata['fp']['verdict']}"
+            )
+
+    go()
+
+
+def test_loading_a_saved_options_file_keeps_the_replay_memory(
+    keyfile: Path, tmp_path: Path
+) -> None:
+    """mitmproxy's `options.save` / `options.load` (console and mitmweb command bar):
+    loading the file a user just saved changes nothing, yet it re-sets every option in it,
+    fp_worker=false included, which makes a new in-process pipeline with an empty replay
+    memory: the next replay of a sealed result already seen is judged trusted."""
+    saved = tmp_path / "options.yaml"
+
+    @on_loop
+    async def go() -> None:
+        with tap_with(keyfile, fp_worker=False) as (tap, tctx):
+            await started(tap)
+            body = fp_body()[0]
+            assert (await through_hooks(tap, make_flow(body))).metadata["fp"][
+                "verdict"
+            ] == "trusted"
+            optmanager.save(tctx.options, str(saved), defaults=False)
+            assert "fp_worker: false" in saved.read_text()
+            optmanager.load_paths(tctx.options, str(saved))  # what `options.load` does
+            replayed = await through_hooks(tap, make_flow(body))
+            tap.done()
+            assert replayed.metadata["fp"]["verdict"] == "suspicious", (
+                f"a replay after options.load of unchanged options: {replayed.metadata['fp']}"
+            )
+
+    go()
+
+
+@pytest.mark.parametrize("switch_to", [False, True], ids=["turned-off", "turned-on"])
+def test_fp_log_trusted_applies_by_response_not_by_answer(
+    keyfile: Path, caplog: pytest.LogCaptureFixture, switch_to: bool
+) -> None:
+    """With the worker, fp_log_trusted is read when the worker's answer comes back, not
+    when the response came: a trusted response that came while it was true loses its
+    INFO line if it is switched off before the answer (and one that came while it was
+    false gets a line if switched on). In-process, and for every other option (fp_max_age,
+    fp_filter, ...), the value in force when the response came decides."""
+    caplog.set_level(logging.INFO)
+
+    @on_loop
+    async def go() -> None:
+        with tap_with(keyfile, fp_worker=True, fp_log_trusted=not switch_to) as (tap, tctx):
+            await started(tap)
+            flow = make_flow(fp_body()[0])
+            assert tap.response(flow) is None  # not held: answered a moment later
+            tctx.configure(tap, fp_log_trusted=switch_to)  # before the answer
+            await until(lambda: "fp" in flow.metadata, "the answer")
+            tap.done()
+        logged = [r.getMessage() for r in caplog.records if " trusted " in r.getMessage()]
+        expected = 1 if not switch_to else 0  # as fp_log_trusted was when it came
+        assert len(logged) == expected, logged
+
+    go()
