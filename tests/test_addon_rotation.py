@@ -333,7 +333,8 @@ def test_a_pipeline_made_while_the_files_are_refused_keeps_what_is_in_use(
     monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
     path = tmp_path / "webhook.secret"
     with webhook_addon(keyfile, path, "secret-in-use", fp_worker=True) as (tap, tctx):
-        assert tap.worker is not None
+        worker = tap.worker
+        assert worker is not None
         rotate(keyfile, NEW.to_base64()[:30])
         rotate(path, "")
         assert asyncio.run(tap.reload_files()) == []
