@@ -38,6 +38,7 @@ from mitmproxy.net.http import url
 from fp_core.content import ContentError, decode_content
 from fp_core.envelope import might_be_open_response, parse_open_response
 from fp_core.errors import ConfigError, FpError, UnsealError
+from fp_core.events import inner_request_id
 from fp_core.jsontext import dumps, encodable
 from fp_core.keys import ENV_VAR, DecryptionKey, describe_keys, too_open_warning, with_env_keys
 from fp_core.loglines import DirectLines, printable
@@ -838,7 +839,8 @@ class FingerprintTap:
         info = self._response_info(flow, count=True)
         if info is None:
             if METADATA_KEY in flow.metadata:  # most traffic: no call at all
-                _forget(flow)  # inspected before (a replay), answered now by something else
+                # Inspected before (a replay), answered now by something else.
+                self._drop_annotation(flow, late=False)
             return None
         if self._worker_wanted:
             self._start_wanted()
@@ -860,7 +862,7 @@ class FingerprintTap:
                 if record is not None:
                     self._show(flow, record, late=held is None, log_trusted=log_trusted)
                 else:
-                    self._forget(flow, late=held is None)
+                    self._drop_annotation(flow, late=held is None)
             except Exception as exc:  # one bad answer must not stop the rest, nor hold
                 self.stats.incr_group("errors", "internal")
                 log.warning("fp-tap: internal error on flow %s: %s", flow.id, type(exc).__name__)
@@ -1061,7 +1063,7 @@ class FingerprintTap:
             if record is not None:
                 self._show(flow, record, late=late)
             else:
-                self._forget(flow, late=late)
+                self._drop_annotation(flow, late=late)
         elif self._final is not None:
             self._after_summary(flow)
         else:
@@ -1132,7 +1134,7 @@ class FingerprintTap:
         if late and self._has_view:
             ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
-    def _forget(self, flow: http.HTTPFlow, late: bool) -> None:
+    def _drop_annotation(self, flow: http.HTTPFlow, late: bool) -> None:
         """Not an open response after all: any annotation of an earlier one goes, and the
         UI hears of it when the hook has returned already (as with _show)."""
         if METADATA_KEY in flow.metadata:
@@ -1180,7 +1182,12 @@ class FingerprintTap:
         info = self._response_info(flow, count=False)
         record = self.tap.inspect(info, remember=False) if info else None
         stored = flow.metadata.get(METADATA_KEY)
-        if record is not None and isinstance(stored, dict) and _same_response(stored, record):
+        inner = record["summary"]["request_id"] if record is not None and record["ok"] else None
+        if (
+            record is not None
+            and isinstance(stored, dict)
+            and _same_response(stored, record["request_id"], inner)
+        ):
             if stored.get("ok") is True and record["ok"] is True:
                 kept: tuple[str, ...] = ("checks", "verdict", "reasons")
             else:
@@ -1201,16 +1208,16 @@ class FingerprintTap:
         return record
 
 
-def _same_response(stored: dict[str, Any], record: dict[str, Any]) -> bool:
-    """Whether the flow's annotation is about the response read now: an edited response
-    (mitmweb, the console's editor) is exported as it reads now, not with the verdict of
-    the one it replaced."""
-    if stored.get("request_id") != record["request_id"]:
+def _same_response(stored: dict[str, Any], request_id: str, inner_id: str | None) -> bool:
+    """Whether the flow's annotation is about the response read now (outer id, and the
+    sealed id when both were unsealed): an edited response (mitmweb, the console's
+    editor) shows and exports as it reads now, not with the verdict of the one it
+    replaced."""
+    if stored.get("request_id") != request_id:
         return False
-    if stored.get("ok") is True and record["ok"] is True:  # both unsealed: the same event?
-        then, now = stored.get("summary"), record.get("summary")
-        if isinstance(then, dict) and isinstance(now, dict):
-            return bool(then.get("request_id") == now.get("request_id"))
+    then = stored.get("summary")
+    if inner_id is not None and stored.get("ok") is True and isinstance(then, dict):
+        return bool(then.get("request_id") == inner_id)
     return True
 
 
@@ -1282,19 +1289,21 @@ class FingerprintView(contentviews.Contentview):
             f"# Fingerprint open response ({opened.api}), request id {printable(opened.request_id)}"
         ]
         stored = metadata.flow.metadata.get(METADATA_KEY) if metadata.flow else None
-        if isinstance(stored, dict):
-            lines += _verdict_lines(stored, opened.request_id)
         try:
             event = unseal_event(
                 opened.sealed, self.addon.keys, max_size=self.addon.tap.config.max_event
             )
         except UnsealError as exc:
+            if isinstance(stored, dict):
+                lines += _verdict_lines(stored, opened.request_id, None)
             lines.append(f"# cannot unseal: {exc}")
             try:
                 outer = json.dumps(json.loads(data), indent=2)
             except ValueError:  # what the agent reads, Python's json does not (a BOM, ...)
                 outer = data.decode("utf-8", "replace")
             return "\n".join(lines) + "\n" + outer
+        if isinstance(stored, dict):
+            lines += _verdict_lines(stored, opened.request_id, inner_request_id(event))
         lines.append(f"# unsealed with key {event.key_id} (#{event.key_index + 1})")
         # A lone surrogate in the event (a "\ud800" escape) has no UTF-8 form: the UIs'
         # highlighter could not take the text.
@@ -1302,11 +1311,11 @@ class FingerprintView(contentviews.Contentview):
         return "\n".join(lines) + "\n" + pretty
 
 
-def _verdict_lines(stored: dict[str, Any], request_id: str) -> list[str]:
+def _verdict_lines(stored: dict[str, Any], request_id: str, inner_id: str | None) -> list[str]:
     """The view's lines for the annotation on the flow: only if it is this response's
     (an edited response keeps the old one's until inspected again), and only what reads
     as an annotation (a flow file's metadata may hold anything)."""
-    if stored.get("request_id") != request_id:
+    if not _same_response(stored, request_id, inner_id):
         return ["# verdict: (the annotation is for an earlier version of this response)"]
     reasons, checks = stored.get("reasons"), stored.get("checks")
     if not (

@@ -11,7 +11,6 @@ with them the input goes in small steps, and a bomb costs at most one step's out
 
 from __future__ import annotations
 
-import functools
 import sys
 import zlib
 from collections.abc import Callable
@@ -138,10 +137,6 @@ def _in_steps(
     return out, min(fed, len(data))
 
 
-def _eof(frame: Any) -> bool:
-    return bool(frame.eof)
-
-
 def _zstd_module() -> Any:
     try:
         from compression import zstd  # type: ignore[import-not-found,unused-ignore]
@@ -153,56 +148,54 @@ def _zstd_module() -> Any:
     return zstd
 
 
+#: One zstd frame's decoder: (body, room) -> (output, the body's rest, whether it ended).
+_Frame = Callable[[bytes, int], tuple[bytes | bytearray, bytes, bool]]
+
+
 def _zstd(data: bytes, limit: int) -> bytes:
-    zstd = _zstd_module()
-    if zstd is None:
-        return _zstandard(data, limit)
+    frame = _zstd_frame()
     out = bytearray()
     # A zstd body may be several frames; the content is all of them joined (RFC 8878).
-    for frame in range(MAX_ZSTD_FRAMES + 1):
+    for _ in range(MAX_ZSTD_FRAMES):
+        got, data, ended = frame(data, limit - len(out))
+        out += got
+        _complete(out, limit, ended, "zstd")
         if not data:
-            break
-        _count_frame(frame)
-        decompressor = zstd.ZstdDecompressor()
-        try:
-            out += decompressor.decompress(data, max_length=limit + 1 - len(out))
-        except zstd.ZstdError:
-            raise ContentError("undecodable", "body is not valid zstd data") from None
-        _complete(out, limit, decompressor.eof, "zstd")
-        data = decompressor.unused_data
-    return bytes(out)
+            return bytes(out)
+    raise ContentError("undecodable", f"more than {MAX_ZSTD_FRAMES} zstd frames")
 
 
-def _count_frame(number: int) -> None:
-    if number == MAX_ZSTD_FRAMES:
-        raise ContentError("undecodable", f"more than {MAX_ZSTD_FRAMES} zstd frames")
+def _zstd_frame() -> _Frame:
+    """The frame decoder of the zstd module there is: the standard library's (or its
+    backport) caps its output; the ``zstandard`` package (mitmproxy 12.0-12.2) cannot,
+    so its input goes in small steps."""
+    zstd = _zstd_module()
+    if zstd is not None:
 
+        def stdlib(data: bytes, room: int) -> tuple[bytes, bytes, bool]:
+            decompressor = zstd.ZstdDecompressor()
+            try:
+                out = decompressor.decompress(data, max_length=room + 1)
+            except zstd.ZstdError:
+                raise ContentError("undecodable", "body is not valid zstd data") from None
+            return out, decompressor.unused_data, decompressor.eof
 
-def _zstandard(data: bytes, limit: int) -> bytes:
-    """The same with the ``zstandard`` package (mitmproxy 12.0-12.2), whose decoder
-    cannot cap its output: the input goes in small steps."""
+        return stdlib
     try:
         import zstandard  # type: ignore[import-not-found,import-untyped,unused-ignore]
     except ImportError:
         raise ContentError("unsupported_encoding", "no zstd module is installed") from None
-    out = bytearray()
-    # Several frames, as above: a frame's decoder stops at its end.
-    for number in range(MAX_ZSTD_FRAMES + 1):
-        if not data:
-            break
-        _count_frame(number)
+
+    def stepped(data: bytes, room: int) -> tuple[bytearray, bytes, bool]:
         frame = zstandard.ZstdDecompressor().decompressobj()
         try:
-            got, fed = _in_steps(
-                frame.decompress, data, limit - len(out), ZSTD_STEP, functools.partial(_eof, frame)
-            )
+            out, fed = _in_steps(frame.decompress, data, room, ZSTD_STEP, lambda: frame.eof)
         except zstandard.ZstdError:
             raise ContentError("undecodable", "body is not valid zstd data") from None
-        out += got
-        _complete(out, limit, frame.eof, "zstd")
         # The rest: what the frame's last step left over, and what was never fed.
-        data = frame.unused_data + data[fed:]
-    return bytes(out)
+        return out, frame.unused_data + data[fed:], bool(frame.eof)
+
+    return stepped
 
 
 _DECODERS: dict[str, Callable[[bytes, int], bytes]] = {

@@ -140,7 +140,11 @@ def _open(path: str) -> BinaryIO:
     try:
         return open(path, "rb")  # the caller closes it
     except OSError as exc:
-        raise ReportError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: str, exc: OSError) -> ReportError:
+    return ReportError(f"{path}: cannot read ({exc.strerror or exc})")
 
 
 def sqlite_facts(path: str) -> Iterator[Fact]:
@@ -207,7 +211,7 @@ def build_report(path: str, top: int = TOP_VISITORS) -> dict[str, Any]:
         try:
             head = handle.read(len(SQLITE_MAGIC))
         except OSError as exc:
-            raise ReportError(f"{path}: cannot read ({exc.strerror or exc})") from None
+            raise _unreadable(path, exc) from None
         fmt = "sqlite" if head == SQLITE_MAGIC else "jsonl"
         if fmt == "sqlite":
             facts = sqlite_facts(path)
@@ -219,7 +223,7 @@ def build_report(path: str, top: int = TOP_VISITORS) -> dict[str, Any]:
         except FpError as exc:  # the store's file (SqliteFileError)
             raise ReportError(exc.message) from None
         except OSError as exc:
-            raise ReportError(f"{path}: cannot read ({exc.strerror or exc})") from None
+            raise _unreadable(path, exc) from None
         except Exception as exc:  # a corrupt row: say so rather than print half a report
             what = f"{type(exc).__name__}: {exc}"
             raise ReportError(f"{path}: cannot read a record ({what})") from None

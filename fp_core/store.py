@@ -360,8 +360,12 @@ class SqliteStore:
         successor = self._successor
         # One try at once; then a successor on the same file takes what is left (it
         # retries as this one would); else (none, or closed already) CLOSE_PATIENCE more.
-        handed = self._held and successor is not None and not self._flush()
-        if handed and successor is not None and successor._take_handed(self._held):
+        if (
+            successor is not None
+            and self._held
+            and not self._flush()
+            and successor._take_handed(self._held)
+        ):
             self._held = []
         deadline = self._clock() + CLOSE_PATIENCE
         while self._held and not self._flush() and self._clock() < deadline:

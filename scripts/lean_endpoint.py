@@ -60,8 +60,6 @@ _SENTINEL_ID = "1000000000123.SENTNL"
 _SENTINEL_ISO = iso_from_ms(_SENTINEL_MS)
 _MARKS: dict[str | int, str] = {_SENTINEL_ID: "id", _SENTINEL_MS: "ms", _SENTINEL_ISO: "iso"}
 
-_Slot = tuple[dict[str, Any] | list[Any], str | int, str]
-
 
 class LeanStandIn:
     """Fresh open responses from a pool of pre-generated events (pure: no sockets)."""
@@ -83,7 +81,7 @@ class LeanStandIn:
             api, rng=self._rng, request_id=_SENTINEL_ID, timestamp_ms=_SENTINEL_MS
         )
         text = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
-        found = Counter(kind for _, _, kind in _slots(event, _MARKS))
+        found = Counter(_marks_in(event))
         # The id's text holds the time's digits: counted first, and out of the rest.
         ids = text.count(_SENTINEL_ID)
         counted = {
@@ -133,14 +131,13 @@ class LeanStandIn:
         return head + connection + b"\r\n" + body
 
 
-def _slots(obj: Any, marks: dict[str | int, str]) -> Iterator[_Slot]:
-    """Every place in ``obj`` holding one of ``marks``' values (a bool is never one)."""
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-    for name, value in items:
+def _marks_in(obj: Any) -> Iterator[str]:
+    """The kind of each sentinel ``obj`` holds, one per place (a bool is never one)."""
+    for value in obj.values() if isinstance(obj, dict) else obj:
         if isinstance(value, dict | list):
-            yield from _slots(value, marks)
-        elif type(value) in (str, int) and value in marks:
-            yield obj, name, marks[value]
+            yield from _marks_in(value)
+        elif type(value) in (str, int) and value in _MARKS:
+            yield _MARKS[value]
 
 
 def _plain(status: int, text: str, connection: bytes) -> bytes:

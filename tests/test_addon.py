@@ -1584,3 +1584,25 @@ def test_an_export_of_a_flow_with_odd_fp_metadata_says_what_went_wrong(
     tap._join_exports()
     said = [r.getMessage() for r in caplog.records if "fp.export" in r.getMessage()]
     assert said, f"fp.export said nothing; the file holds {out.stat().st_size} bytes"
+
+
+def test_a_response_whose_sealed_result_was_edited_is_shown_as_it_reads_now(
+    addon: tuple[fp_addon.FingerprintTap, taddons.context], tmp_path: Path
+) -> None:
+    """The outer id kept, another event sealed in: the annotation is the old event's."""
+    tap, tctx = addon
+    interactive(tap, tctx)
+    body, _ = fp_body()
+    flow = run(tap, make_flow(body))
+    outer = json.loads(body)
+    other = generate_event("v4")
+    outer["sealed_result"] = seal_event(other, KEY)
+    flow.backup()
+    assert flow.response is not None
+    flow.response.text = json.dumps(outer)
+    text = contentviews.prettify_message(response(flow), flow).text
+    assert "# verdict: (the annotation is for an earlier version of this response)" in text
+    record = export(tap, flow, tmp_path / "export.jsonl")
+    assert record["summary"]["request_id"] == other["event_id"]
+    assert record["checks"]["id_match"] is False
+    assert record["verdict"] == "suspicious"
