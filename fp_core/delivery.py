@@ -26,6 +26,7 @@ from fp_core.stats import Stats
 from fp_core.store import KEEP_FOREVER
 from fp_core.throttle import Throttle
 from fp_core.webhook import (
+    MAX_WAIT,
     HeldEvents,
     HttpPoster,
     PostResult,
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 
 #: The dispatcher looks at the spool at least this often even when nobody wakes it.
 IDLE_WAIT = 1.0
-#: The longest wait the platform takes (threading.TIMEOUT_MAX, less room for the rest).
-MAX_WAIT = threading.TIMEOUT_MAX - 3600
 #: With ``keep_parked``, the dispatcher deletes expired parked events this often at
 #: most (or every keep/2 seconds if that is shorter), so many per transaction: a backlog
 #: goes in steps between rounds of delivery.

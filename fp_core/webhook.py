@@ -368,6 +368,9 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
         raise WebhookConfigError(f"CA file {ca_file}: cannot load ({why})") from None
 
 
+#: The longest wait the platform takes (a socket's timeout, a thread's join), less room
+#: for what is added to it: a timeout or drain meant as "for ever" is cut to this.
+MAX_WAIT = threading.TIMEOUT_MAX - 3600
 #: Informational (1xx) answers skipped before a final one; more is a protocol error.
 MAX_INFORMATIONAL = 16
 _MAX_HEADER_LINES = 100
@@ -415,7 +418,7 @@ class HttpPoster:
         self.port = parts.port
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         # A timeout meant as "none" must still fit a socket's (about 9.2e9 s).
-        self.timeout = min(timeout, threading.TIMEOUT_MAX / 2)
+        self.timeout = min(timeout, MAX_WAIT)
         self._tls = tls_context(ca_file) if parts.scheme == "https" else None
         self._local = threading.local()
 
